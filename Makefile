@@ -1,0 +1,64 @@
+# D4IR: every target installs what it needs into .venv on first use (reinstalled when pyproject.toml changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+D4IR   := $(BIN)/d4ir
+
+# What a run is made of (the defaults are the embedded demo: data/demo, a tiny random SD, a demo teacher).
+TASK     ?= derain
+DEMO     ?= data/demo
+RUN      ?= runs/$(TASK)
+SD       ?= tiny
+DEGRADED ?= $(DEMO)/$(TASK)/web_degraded
+CLEAN    ?= $(DEMO)/$(TASK)/web_clean
+TEACHER  ?= $(RUN)/teacher/teacher.safetensors
+STUDENT  ?= half-airnet
+ARGS     ?=
+
+.PHONY: help install test lint demo data teacher prompts synth distill eval report clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: TASK=$(TASK) RUN=$(RUN) SD=$(SD) TEACHER=$(TEACHER) STUDENT=$(STUDENT)"
+	@echo "             DEGRADED=$(DEGRADED) CLEAN=$(CLEAN) ARGS='extra options for the stage'"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install d4ir with its dependencies
+
+test: $(STAMP)  ## run the test suite on the CPU
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check .
+
+data: $(STAMP)  ## build the embedded demo data (scikit-image photos, physical rain/haze/snow)
+	$(D4IR) data demo --out $(DEMO)
+
+teacher: data  ## train a teacher on the demo pairs of TASK
+	$(D4IR) teacher --arch airnet --pairs $(DEMO)/$(TASK)/original --val $(DEMO)/$(TASK)/test \
+		--out $(RUN)/teacher --preset demo $(ARGS)
+
+prompts: data  ## stage 1: train the prompt adapter on DEGRADED, write RUN/prompts
+	$(D4IR) prompts --degraded $(DEGRADED) --sd $(SD) --out $(RUN)/prompts --preset demo $(ARGS)
+
+synth: data  ## stage 2: synthesize degraded images from CLEAN with RUN/prompts into RUN/shards
+	$(D4IR) synth --clean $(CLEAN) --prompts $(RUN)/prompts --sd $(SD) --out $(RUN)/shards --preset demo $(ARGS)
+
+distill: data  ## stage 3: distill STUDENT from TEACHER on RUN/shards (with regeneration rounds)
+	$(D4IR) distill --run $(RUN) --teacher $(TEACHER) --student $(STUDENT) --sd $(SD) \
+		--degraded $(DEGRADED) --clean $(CLEAN) --val $(DEMO)/$(TASK)/test --preset demo $(ARGS)
+
+eval: $(STAMP)  ## evaluate RUN's student on the demo test pairs
+	$(D4IR) eval --model $(RUN)/students/$(STUDENT)/student.safetensors --pairs $(DEMO)/$(TASK)/test
+
+demo: $(STAMP)  ## the whole pipeline on the embedded demo, ending in runs/demo/report.md
+	$(D4IR) demo --data $(DEMO) --run runs/demo $(ARGS)
+
+clean:  ## remove runs and demo data (keeps .venv)
+	rm -rf runs $(DEMO)

@@ -1,0 +1,149 @@
+"""Atomic writes, hashing and weight files.
+
+Every file a stage hands to the next is written to a temporary name in the same folder, flushed to disk
+and renamed, so a killed run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT}
+
+
+class OutputFolderError(OSError):
+    """The output folder cannot take the file (unwritable, read-only or full)."""
+
+
+def _raise_folder_error(path: Path, err: OSError) -> None:
+    if err.errno in _DISK_ERRORS:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise OutputFolderError(err.errno, f"cannot write to {path.parent}: {why}") from err
+    raise err
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through `path.tmp`, fsync and rename; clean up the temporary on failure."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        _raise_folder_error(path, err)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line (logs such as train.jsonl; a torn last line is ignored by `read_jsonl`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file, skipping a torn (unparseable) line left by a killed writer."""
+    out = []
+    path = Path(path)
+    if not path.exists():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of a state dict: names, dtypes, shapes and bytes, in sorted key order (device independent)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _stem(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in {".safetensors", ".json"} else path
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    """Write a safetensors file through a temporary name (string metadata only)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        _raise_folder_error(path, err)
+
+
+def save_weights(
+    stem: str | Path, state_dict: dict[str, torch.Tensor], config: dict, metadata: dict | None = None
+) -> Path:
+    """Write `stem.safetensors` (weights) and `stem.json` (constructor config), both atomically.
+
+    Args:
+        stem: path without suffix (a `.safetensors` or `.json` suffix is stripped).
+        state_dict: tensors to store; made contiguous and moved to the CPU.
+        config: JSON-serialisable description that rebuilds the module (e.g. arch and kwargs).
+        metadata: optional string metadata stored inside the safetensors header.
+    Returns:
+        The path of the `.safetensors` file.
+    """
+    stem = _stem(stem)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    weights = stem.with_suffix(".safetensors")
+    atomic_save_safetensors(weights, tensors, metadata)
+    cfg = dict(config)
+    cfg["sha256"] = state_dict_sha256(tensors)
+    atomic_write_json(stem.with_suffix(".json"), cfg)
+    return weights
+
+
+def load_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a pair written by `save_weights`; a missing half is a clear `FileNotFoundError`."""
+    stem = _stem(path)
+    weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    for p in (weights, cfg):
+        if not p.exists():
+            raise FileNotFoundError(f"missing {p} (expected {stem}.safetensors and {stem}.json side by side)")
+    return load_file(str(weights), device=device), json.loads(cfg.read_text())
