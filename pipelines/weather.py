@@ -1,0 +1,382 @@
+"""Physical weather synthesis: rain, haze and snow on clean images.
+
+These models make the embedded demo data (``pipelines/demo_data.py``): the paired set a teacher is
+trained on, its test set, and the unpaired "web" degraded images. Every function takes a clean float
+image ``[H, W, 3]`` in [0, 1] and a ``np.random.Generator`` (all randomness comes from it, so equal
+seeds give equal images) and returns a degraded image of the same shape and dtype, still in [0, 1].
+
+Models (sizes are given for a 256-pixel shorter side and scale with the image, down to half of that):
+
+* haze: the atmospheric scattering model ``I = J t + A (1 - t)``, ``t = exp(-beta d)``, with RESIDE-like
+  ranges (beta in HAZE_BETA, gray airlight A in HAZE_AIRLIGHT). There is no real depth, so ``d`` is a
+  proxy (``haze_depth``): a vertical gradient (the top of a photo is usually far away), a smooth random
+  field (hills, buildings) and a brightness cue (bright, flat regions such as sky tend to be far), mixed
+  and mapped to HAZE_DEPTH units, which makes beta act like RESIDE's beta per unit of scene depth.
+* rain: layers of random seed points motion-blurred by an anti-aliased line kernel (random angle and
+  length) and thickened by a small Gaussian, screen-blended onto the image, so a rainy pixel is never
+  darker than its clean one. "light" is Rain100L-like (one sparse layer of thin streaks, one direction),
+  "heavy" is Rain100H-like (several dense layers in nearby directions plus a rain-accumulation veil).
+* snow: particle layers of several sizes (small far flakes, larger blurred near flakes) rendered as soft
+  discs with random opacity, alpha-composited in a near-white colour (Snow100K-like light/medium/heavy).
+
+Convolutions run as FFTs on a canvas padded by the kernel radius, so streaks and flakes enter from
+outside the frame and the circular wrap-around never reaches the visible image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+TASKS = ("derain", "dehaze", "desnow")
+
+HAZE_BETA = (0.04, 0.2)  # scattering coefficient per unit depth (RESIDE OTS range)
+HAZE_AIRLIGHT = (0.8, 1.0)  # global atmospheric light, gray (RESIDE OTS range)
+HAZE_DEPTH = (2.0, 12.0)  # depth proxy units: nearest and farthest point of a photo
+REFERENCE_SIDE = 256  # lengths and radii below are in pixels of a 256-pixel shorter side
+
+
+@dataclass(frozen=True)
+class RainLevel:
+    """Ranges for one rain level; each layer draws its own values.
+
+    Args:
+        layers: inclusive range of the number of streak layers.
+        coverage: per layer, streak seeds per pixel times streak length (about the fraction of pixels
+            a layer covers before overlaps), so longer streaks come fewer.
+        length: streak length as a fraction of the shorter image side.
+        thickness: Gaussian sigma across a streak, pixels at REFERENCE_SIDE (at least 0.5 px).
+        angle: base direction in degrees from vertical (one draw per image).
+        spread: each layer deviates from the base direction by up to this many degrees.
+        brightness: peak intensity of one streak before blending.
+        veil: strength of the rain-accumulation veil (screen-blended white), (0, 0) for none.
+    """
+
+    layers: tuple[int, int]
+    coverage: tuple[float, float]
+    length: tuple[float, float]
+    thickness: tuple[float, float]
+    angle: tuple[float, float]
+    spread: float
+    brightness: tuple[float, float]
+    veil: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class SnowLayer:
+    """One layer of snow flakes of one size.
+
+    Args:
+        density: flakes per pixel.
+        radius: flake radius range in pixels at REFERENCE_SIDE (one draw per layer, at least 0.5 px).
+        blur: Gaussian sigma range in pixels at REFERENCE_SIDE (defocus of near flakes).
+        opacity: per-flake opacity range.
+    """
+
+    density: float
+    radius: tuple[float, float]
+    blur: tuple[float, float]
+    opacity: tuple[float, float]
+
+
+RAIN_LEVELS: dict[str, RainLevel] = {
+    "light": RainLevel(layers=(1, 1), coverage=(0.04, 0.1), length=(0.06, 0.12), thickness=(0.5, 0.8),
+                       angle=(-20.0, 20.0), spread=0.0, brightness=(0.4, 0.8), veil=(0.0, 0.0)),
+    "heavy": RainLevel(layers=(3, 4), coverage=(0.06, 0.12), length=(0.12, 0.3), thickness=(0.8, 1.4),
+                       angle=(-30.0, 30.0), spread=12.0, brightness=(0.4, 0.8), veil=(0.04, 0.15)),
+}
+
+_SMALL = SnowLayer(density=0.004, radius=(0.8, 1.5), blur=(0.3, 0.5), opacity=(0.6, 1.0))
+_MEDIUM = SnowLayer(density=0.001, radius=(1.6, 3.0), blur=(0.4, 0.8), opacity=(0.6, 1.0))
+_LARGE = SnowLayer(density=0.0002, radius=(3.5, 6.0), blur=(0.8, 1.6), opacity=(0.5, 0.9))
+
+
+def _denser(layer: SnowLayer, factor: float) -> SnowLayer:
+    return SnowLayer(density=layer.density * factor, radius=layer.radius, blur=layer.blur,
+                     opacity=layer.opacity)
+
+
+SNOW_LEVELS: dict[str, tuple[SnowLayer, ...]] = {
+    "light": (_SMALL, _MEDIUM),
+    "medium": (_denser(_SMALL, 2.0), _denser(_MEDIUM, 2.0), _LARGE),
+    "heavy": (_denser(_SMALL, 4.0), _denser(_MEDIUM, 3.0), _denser(_LARGE, 2.0)),
+}
+SNOW_COLOR = (0.9, 1.0)  # gray level of the flakes
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _check_image(clean: np.ndarray) -> np.ndarray:
+    """Validate a clean image and return a float64 working copy [H, W, 3]."""
+    if not isinstance(clean, np.ndarray):
+        raise TypeError(f"clean must be a numpy array, got {type(clean).__name__}")
+    if clean.ndim != 3 or clean.shape[2] != 3 or clean.shape[0] < 1 or clean.shape[1] < 1:
+        raise ValueError(f"clean must have shape [H, W, 3], got {list(clean.shape)}")
+    if not np.issubdtype(clean.dtype, np.floating):
+        raise TypeError(f"clean must be a float image in [0, 1], got dtype {clean.dtype} "
+                        "(convert uint8 with arr / 255)")
+    img = clean.astype(np.float64)
+    if not np.isfinite(img).all() or img.min() < 0.0 or img.max() > 1.0:
+        raise ValueError("clean must hold finite values in [0, 1]")
+    return img
+
+
+def _finish(out: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return np.clip(out, 0.0, 1.0).astype(like.dtype)
+
+
+def _scale(h: int, w: int) -> float:
+    # sizes follow the image down to half the reference, so small crops keep visible streaks and flakes
+    return max(0.5, min(h, w) / REFERENCE_SIDE)
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 2-D Gaussian [k, k], k odd."""
+    r = max(1, math.ceil(3 * sigma))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-0.5 * (x / sigma) ** 2)
+    g /= g.sum()
+    return np.outer(g, g)
+
+
+def _line_kernel(length: float, angle_deg: float) -> np.ndarray:
+    """Anti-aliased line [k, k] through the centre, about 1 per pixel along it (not normalised).
+
+    The angle is measured from vertical, positive leaning right at the bottom.
+    """
+    r = math.ceil(length / 2) + 1
+    n = max(2, math.ceil(length * 4))  # 4 samples per pixel, bilinearly splatted
+    s = np.linspace(-length / 2, length / 2, n)
+    a = math.radians(angle_deg)
+    ys, xs = r + s * math.cos(a), r + s * math.sin(a)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    fy, fx = ys - y0, xs - x0
+    k = np.zeros((2 * r + 2, 2 * r + 2))
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)),
+                        (1, 1, fy * fx)):
+        np.add.at(k, (y0 + dy, x0 + dx), wgt)
+    k = k[: 2 * r + 1, : 2 * r + 1]
+    return k * (length / n)
+
+
+def _disc_kernel(radius: float) -> np.ndarray:
+    """Anti-aliased disc [k, k] with peak 1."""
+    r = math.ceil(radius) + 1
+    y, x = np.mgrid[-r : r + 1, -r : r + 1]
+    return np.clip(radius + 0.5 - np.hypot(y, x), 0.0, 1.0)
+
+
+def _fft_convolve(canvas: np.ndarray, kernels: Sequence[np.ndarray]) -> np.ndarray:
+    """Circular convolution of canvas [h, w] with each centred odd-sized kernel in turn."""
+    h, w = canvas.shape
+    spectrum = np.fft.rfft2(canvas)
+    for k in kernels:
+        kh, kw = k.shape
+        if kh > h or kw > w:
+            raise ValueError(f"kernel {k.shape} larger than canvas {canvas.shape}")
+        padded = np.zeros((h, w))
+        padded[:kh, :kw] = k
+        padded = np.roll(padded, (-(kh // 2), -(kw // 2)), axis=(0, 1))  # kernel centre at [0, 0]
+        spectrum = spectrum * np.fft.rfft2(padded)
+    return np.fft.irfft2(spectrum, s=(h, w))
+
+
+def _scatter(h: int, w: int, n: int, rng: np.random.Generator, amp: tuple[float, float]) -> np.ndarray:
+    """Canvas [h, w] with n impulses of random amplitude at random pixels."""
+    ys = rng.integers(0, h, size=n)
+    xs = rng.integers(0, w, size=n)
+    vals = rng.uniform(amp[0], amp[1], size=n)
+    return np.bincount(ys * w + xs, weights=vals, minlength=h * w).reshape(h, w)
+
+
+def _render_layer(h: int, w: int, n_per_px: float, rng: np.random.Generator, amp: tuple[float, float],
+                  kernels: Sequence[np.ndarray]) -> np.ndarray:
+    """Scatter impulses on a padded canvas, convolve, crop back to [h, w]."""
+    pad = sum(k.shape[0] // 2 for k in kernels) + 1
+    ch, cw = h + 2 * pad, w + 2 * pad
+    canvas = _scatter(ch, cw, round(n_per_px * ch * cw), rng, amp)
+    return _fft_convolve(canvas, kernels)[pad : pad + h, pad : pad + w]
+
+
+def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int = 4) -> np.ndarray:
+    """Smooth random field [h, w] in [0, 1]: a (cells+1)^2 random grid, smoothstep-interpolated."""
+    coarse = rng.random((cells + 1, cells + 1))
+    ys, xs = np.linspace(0, cells, h), np.linspace(0, cells, w)
+    y0 = np.minimum(np.floor(ys).astype(int), cells - 1)
+    x0 = np.minimum(np.floor(xs).astype(int), cells - 1)
+    fy, fx = ys - y0, xs - x0
+    fy, fx = (fy * fy * (3 - 2 * fy))[:, None], (fx * fx * (3 - 2 * fx))[None, :]
+    top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+    bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    span = float(x.max() - x.min())
+    return (x - x.min()) / span if span > 1e-12 else np.zeros_like(x)
+
+
+# ---------------------------------------------------------------- haze
+
+
+def haze_depth(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Depth proxy [H, W] in HAZE_DEPTH units for a clean image [H, W, 3] in [0, 1].
+
+    Mix of 0.55 vertical gradient (top far), 0.25 smooth random field and 0.20 blurred brightness
+    (bright regions far), rescaled to HAZE_DEPTH.
+
+    Args:
+        clean: float image [H, W, 3] in [0, 1].
+        rng: random generator for the smooth field.
+    """
+    img = _check_image(clean)
+    h, w = img.shape[:2]
+    vertical = np.broadcast_to(np.linspace(1.0, 0.0, h)[:, None], (h, w))
+    field = _smooth_field(rng, h, w)
+    sigma = max(1.0, 0.05 * min(h, w))
+    pad = math.ceil(3 * sigma)
+    lum = np.pad(img.mean(axis=2), pad, mode="reflect" if min(h, w) > pad else "edge")
+    lum = _fft_convolve(lum, [_gaussian_kernel(sigma)])[pad : pad + h, pad : pad + w]
+    proxy = _normalise(0.55 * vertical + 0.25 * field + 0.20 * _normalise(lum))
+    return HAZE_DEPTH[0] + (HAZE_DEPTH[1] - HAZE_DEPTH[0]) * proxy
+
+
+def add_haze(clean: np.ndarray, rng: np.random.Generator, *, beta: float | None = None,
+             airlight: float | Sequence[float] | None = None,
+             depth: float | np.ndarray | None = None) -> np.ndarray:
+    """Hazy image I = J t + A (1 - t), t = exp(-beta d).
+
+    beta and airlight are always drawn (then overridden when given), so fixing one of them leaves the
+    other draws, and the depth proxy, as they were for the same seed.
+
+    Args:
+        clean: float image [H, W, 3] in [0, 1] (J).
+        rng: random generator.
+        beta: scattering coefficient per unit depth, >= 0; None draws from HAZE_BETA.
+        airlight: A, a gray level or an RGB triple in [0, 1]; None draws a gray from HAZE_AIRLIGHT.
+        depth: d, a scalar or [H, W] array >= 0; None uses ``haze_depth``.
+    """
+    img = _check_image(clean)
+    h, w = img.shape[:2]
+    drawn_beta = rng.uniform(*HAZE_BETA)
+    drawn_airlight = rng.uniform(*HAZE_AIRLIGHT)
+    b = drawn_beta if beta is None else float(beta)
+    if not (math.isfinite(b) and b >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    a = np.asarray(drawn_airlight if airlight is None else airlight, dtype=np.float64)
+    if a.shape not in ((), (3,)) or not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ValueError(f"airlight must be a value or an RGB triple in [0, 1], got {airlight}")
+    if depth is None:
+        d = haze_depth(img, rng)
+    else:
+        d = np.asarray(depth, dtype=np.float64)
+        if d.shape not in ((), (h, w)) or not np.isfinite(d).all() or d.min() < 0:
+            raise ValueError(f"depth must be a scalar or an [H, W] = [{h}, {w}] array >= 0, "
+                             f"got shape {list(d.shape)}")
+    t = np.exp(-b * np.broadcast_to(d, (h, w)))[..., None]  # [H, W, 1] transmission
+    return _finish(img * t + a * (1.0 - t), clean)
+
+
+# ---------------------------------------------------------------- rain
+
+
+def rain_layer(h: int, w: int, rng: np.random.Generator, *, level: str = "light") -> np.ndarray:
+    """Streak intensity map [h, w] in [0, 1] (layers and veil screen-combined).
+
+    Args:
+        h, w: image size.
+        rng: random generator.
+        level: a key of RAIN_LEVELS.
+    """
+    if level not in RAIN_LEVELS:
+        raise ValueError(f"unknown rain level {level!r}; choose from {sorted(RAIN_LEVELS)}")
+    spec = RAIN_LEVELS[level]
+    scale = _scale(h, w)
+    base_angle = rng.uniform(*spec.angle)
+    clear = np.ones((h, w))  # product of (1 - layer): screen combination of the layers
+    for _ in range(int(rng.integers(spec.layers[0], spec.layers[1] + 1))):
+        angle = base_angle + rng.uniform(-spec.spread, spec.spread)
+        length = max(3.0, rng.uniform(*spec.length) * min(h, w))
+        sigma = max(0.5, rng.uniform(*spec.thickness) * scale)
+        density = rng.uniform(*spec.coverage) / length
+        streaks = _render_layer(h, w, density, rng, spec.brightness,
+                                [_line_kernel(length, angle), _gaussian_kernel(sigma)])
+        # the Gaussian spreads a 1-px line over ~sqrt(2 pi) sigma px; restore the streak's peak
+        streaks *= max(1.0, math.sqrt(2 * math.pi) * sigma)
+        clear *= 1.0 - np.clip(streaks, 0.0, 1.0)
+    clear *= 1.0 - rng.uniform(*spec.veil)
+    return 1.0 - clear
+
+
+def add_rain(clean: np.ndarray, rng: np.random.Generator, *, level: str = "light") -> np.ndarray:
+    """Rainy image: streaks screen-blended, J + S (1 - J), so never darker than J.
+
+    Args:
+        clean: float image [H, W, 3] in [0, 1].
+        rng: random generator.
+        level: "light" (Rain100L-like) or "heavy" (Rain100H-like).
+    """
+    img = _check_image(clean)
+    s = rain_layer(img.shape[0], img.shape[1], rng, level=level)[..., None]  # [H, W, 1]
+    # J + S(1 - J) rather than 1 - (1 - J)(1 - S): adding a non-negative term keeps out >= J exactly
+    return _finish(img + s * (1.0 - img), clean)
+
+
+# ---------------------------------------------------------------- snow
+
+
+def snow_mask(h: int, w: int, rng: np.random.Generator, *, level: str = "medium") -> np.ndarray:
+    """Snow coverage [h, w] in [0, 1] from the level's particle layers.
+
+    Args:
+        h, w: image size.
+        rng: random generator.
+        level: a key of SNOW_LEVELS.
+    """
+    if level not in SNOW_LEVELS:
+        raise ValueError(f"unknown snow level {level!r}; choose from {sorted(SNOW_LEVELS)}")
+    scale = _scale(h, w)
+    clear = np.ones((h, w))
+    for layer in SNOW_LEVELS[level]:
+        radius = max(0.5, rng.uniform(*layer.radius) * scale)
+        sigma = max(0.3, rng.uniform(*layer.blur) * scale)
+        flakes = _render_layer(h, w, layer.density, rng, layer.opacity,
+                               [_disc_kernel(radius), _gaussian_kernel(sigma)])
+        clear *= 1.0 - np.clip(flakes, 0.0, 1.0)
+    return 1.0 - clear
+
+
+def add_snow(clean: np.ndarray, rng: np.random.Generator, *, level: str = "medium") -> np.ndarray:
+    """Snowy image: near-white flakes alpha-composited, J (1 - M) + c M.
+
+    Args:
+        clean: float image [H, W, 3] in [0, 1].
+        rng: random generator.
+        level: "light", "medium" or "heavy" (Snow100K S/M/L-like).
+    """
+    img = _check_image(clean)
+    m = snow_mask(img.shape[0], img.shape[1], rng, level=level)[..., None]  # [H, W, 1]
+    color = rng.uniform(*SNOW_COLOR)
+    return _finish(img * (1.0 - m) + color * m, clean)
+
+
+# ---------------------------------------------------------------- by task
+
+DEGRADE: dict[str, Callable[..., np.ndarray]] = {"derain": add_rain, "dehaze": add_haze, "desnow": add_snow}
+
+
+def degrade(task: str, clean: np.ndarray, rng: np.random.Generator, **kwargs) -> np.ndarray:
+    """Apply the task's weather model; kwargs go to it (e.g. level="heavy", beta=0.1).
+
+    Args:
+        task: "derain", "dehaze" or "desnow".
+        clean: float image [H, W, 3] in [0, 1].
+        rng: random generator.
+    """
+    if task not in DEGRADE:
+        raise ValueError(f"unknown task {task!r}; choose from {list(DEGRADE)}")
+    return DEGRADE[task](clean, rng, **kwargs)

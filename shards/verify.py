@@ -1,0 +1,141 @@
+"""Checking a round folder: every problem with its shards named in one line each.
+
+Used by `d4ir shards verify` and before distillation starts. It reads every tar once (hash and parse).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from pathlib import Path
+
+from shards.io import sha256_file
+from shards.writer import MANIFEST_NAME, SIZES_NAME, shard_name, stats_name
+
+_TAR_RE = re.compile(r"^(\d{6,})\.tar$")
+_STATS_RE = re.compile(r"^(\d{6,})\.stats\.json$")
+
+
+def _load_json(path: Path, problems: list[str]) -> object | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        problems.append(f"{path.name}: unreadable ({err})")
+        return None
+
+
+def _count_samples(path: Path) -> int:
+    """Number of distinct sample keys in a tar; raises tarfile/OS errors for an unreadable one."""
+    keys = set()
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if info.isreg():
+                keys.add(info.name.partition(".")[0])
+    return len(keys)
+
+
+def _check_shard(directory: Path, index: int, stats: dict, problems: list[str]) -> None:
+    name = shard_name(index)
+    tar_path = directory / name
+    lacking = [k for k in ("bytes", "sha256", "count") if k not in stats]
+    if lacking:
+        problems.append(f"{stats_name(index)}: lacks {lacking} (not written by write_shard)")
+        return
+    if not tar_path.is_file():
+        problems.append(f"{name}: missing (its stats file exists)")
+        return
+    size = tar_path.stat().st_size
+    if size != stats["bytes"]:
+        kind = "truncated" if size < stats["bytes"] else "grown"
+        problems.append(f"{name}: {kind}: {size} bytes on disk, stats say {stats['bytes']}")
+        return
+    if sha256_file(tar_path) != stats["sha256"]:
+        problems.append(f"{name}: altered: sha256 differs from the one in its stats file")
+        return
+    try:
+        count = _count_samples(tar_path)
+    except (tarfile.TarError, OSError) as err:
+        problems.append(f"{name}: unreadable tar ({err})")
+        return
+    # Failed samples are recorded in stats but have no members in the tar.
+    if count != stats["count"]:
+        problems.append(f"{name}: holds {count} samples, stats say {stats['count']}")
+
+
+def _listed_shards(manifest: dict) -> set[str]:
+    names: set[str] = set()
+    listed = manifest.get("shards")
+    if isinstance(listed, (list, dict)):
+        names.update(str(n) for n in listed)
+    num = manifest.get("num_shards")
+    if isinstance(num, int) and num >= 0:
+        names.update(shard_name(i) for i in range(num))
+    return names
+
+
+def verify_shards(directory: str | Path) -> list[str]:
+    """Name every problem in a round folder; an empty list means the shards are complete and intact.
+
+    Checks: stats without tar (missing), tar without stats (unfinished), size mismatch (truncated), sha256
+    mismatch (altered), an unreadable tar or a sample count unlike the stats, shards listed in sizes.json or
+    in the manifest ("shards", "num_shards") but not finished, and leftover `.tmp` files.
+
+    Args:
+        directory: the round folder (e.g. runs/dehaze/shards/round-000).
+    Returns:
+        One line per problem, each starting with the file it is about.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return [f"{directory}: shard folder does not exist"]
+    problems: list[str] = []
+    names = sorted(p.name for p in directory.iterdir())
+
+    for name in names:
+        if name.endswith(".tmp"):
+            problems.append(f"{name}: leftover temporary file from an interrupted write")
+
+    finished: dict[str, dict] = {}
+    for name in names:
+        m = _STATS_RE.match(name)
+        if not m:
+            continue
+        stats = _load_json(directory / name, problems)
+        if not isinstance(stats, dict):
+            if stats is not None:
+                problems.append(f"{name}: not a JSON object")
+            continue
+        index = int(m.group(1))
+        before = len(problems)
+        _check_shard(directory, index, stats, problems)
+        if len(problems) == before:
+            finished[shard_name(index)] = stats
+
+    for name in names:
+        m = _TAR_RE.match(name)
+        if m and stats_name(int(m.group(1))) not in names:
+            problems.append(f"{name}: unfinished (no stats file); a rerun rewrites it")
+
+    # Shards with a tar or a stats file were judged above; the lists below only add vanished ones.
+    present = {n for n in names if _TAR_RE.match(n)}
+    present |= {shard_name(int(m.group(1))) for n in names if (m := _STATS_RE.match(n))}
+
+    sizes_path = directory / SIZES_NAME
+    if sizes_path.exists():
+        sizes = _load_json(sizes_path, problems)
+        if isinstance(sizes, dict):
+            for shard, count in sorted(sizes.items()):
+                if shard not in present:
+                    problems.append(f"{SIZES_NAME}: lists {shard}, which does not exist")
+                elif shard in finished and finished[shard]["count"] != count:
+                    have = finished[shard]["count"]
+                    problems.append(f"{SIZES_NAME}: gives {shard} {count} samples, its stats say {have}")
+
+    manifest_path = directory / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = _load_json(manifest_path, problems)
+        if isinstance(manifest, dict):
+            for shard in sorted(_listed_shards(manifest) - present):
+                problems.append(f"{MANIFEST_NAME}: lists {shard}, which does not exist")
+    return problems

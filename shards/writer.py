@@ -1,0 +1,335 @@
+"""The WebDataset shard writer: one reproducible tar per shard, a stats file as its completion marker.
+
+A shard is written as `NNNNNN.tar.tmp`, fsynced and renamed to `NNNNNN.tar`; only then is
+`NNNNNN.stats.json` written (atomically). A shard without its stats file does not exist: a rerun redoes it
+and skips finished ones (`shard_done`). Tar members carry a fixed mtime, owner and mode and are written in
+the given order, so equal inputs give byte-equal shards on any machine and at any time.
+
+Sample layout (what `write_shard` takes, one dict per sample):
+    {"__key__": "000000_000017", "input.png": <png bytes>, "json": {...}, ...}
+    every field not starting with "_" becomes the tar member `<key>.<field>`; bytes are stored as they are,
+    str as UTF-8, dict/list as JSON with sorted keys.
+    {"__key__": "...", "__error__": "why"} marks a sample that failed upstream: it is counted in the
+    stats' `failures`, nothing is written for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shards.io import OutputFolderError, atomic_write_json
+
+# Fixed tar header fields: the wall clock, the user and the umask must not leak into the bytes.
+TAR_MTIME = 0
+TAR_MODE = 0o444
+MANIFEST_NAME = "manifest.json"
+SIZES_NAME = "sizes.json"
+# errno values that mean "this folder cannot take the file", reported as OutputFolderError.
+_FOLDER_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
+# Core stats keys that `extra_stats` may not override.
+_CORE_STATS = ("shard", "index", "count", "failures", "sha256", "bytes")
+# A custom iterator that keeps raising would loop forever; stop after this many errors in a row.
+_MAX_CONSECUTIVE_ERRORS = 1000
+
+
+def shard_name(index: int) -> str:
+    """`000012.tar` for index 12."""
+    if not isinstance(index, int) or index < 0:
+        raise ValueError(f"shard index must be a non-negative int, got {index!r}")
+    return f"{index:06d}.tar"
+
+
+def stats_name(index: int) -> str:
+    """`000012.stats.json` for index 12 (the completion marker of shard 12)."""
+    return shard_name(index)[: -len(".tar")] + ".stats.json"
+
+
+def _folder_error(directory: Path, what: str, err: OSError) -> OutputFolderError:
+    why = os.strerror(err.errno) if err.errno else str(err)
+    return OutputFolderError(err.errno, f"cannot write {what} to output folder {directory}: {why}")
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts the bytes on their way to disk (saves re-reading the tar)."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def _encode_field(key: str, field: str, value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    raise TypeError(
+        f"sample {key!r} field {field!r}: expected bytes, str, dict or list, got {type(value).__name__}"
+    )
+
+
+def _check_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"sample __key__ must be a non-empty str, got {key!r}")
+    # webdataset groups members by the text before the first dot, so a dot would split the sample.
+    if "." in key:
+        raise ValueError(f"sample key {key!r} contains a dot; webdataset keys must not contain dots")
+    if "/" in key or "\\" in key:
+        raise ValueError(f"sample key {key!r} contains a path separator")
+    return key
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _next_samples(samples: Iterable[dict], failures: list[dict]) -> Iterator[dict]:
+    """Yield samples; an exception raised by the source is recorded as a failure instead of propagating.
+
+    A generator that raises is finished (its next call stops), so the shard ends there with what it has.
+    """
+    it = iter(samples)
+    position, errors_in_a_row = 0, 0
+    while True:
+        try:
+            sample = next(it)
+        except StopIteration:
+            return
+        except Exception as exn:  # the source's fault, not the writer's: count it, keep the shard
+            failures.append({"key": f"<source item {position}>", "error": f"{type(exn).__name__}: {exn}"})
+            position += 1
+            errors_in_a_row += 1
+            if errors_in_a_row >= _MAX_CONSECUTIVE_ERRORS:
+                failures.append({"key": None, "error": f"source gave {errors_in_a_row} errors in a row"})
+                return
+            continue
+        errors_in_a_row = 0
+        position += 1
+        yield sample
+
+
+def write_shard(
+    directory: str | Path, index: int, samples: Iterable[dict], *, extra_stats: dict | None = None
+) -> dict:
+    """Write shard `index` into `directory` and its stats file last; return the stats.
+
+    Args:
+        directory: the round folder (created if missing).
+        index: shard number; the files are `{index:06d}.tar` and `{index:06d}.stats.json`.
+        samples: iterable of sample dicts (module docstring); failures ({"__key__", "__error__"}) and
+            exceptions raised by the iterable are counted in `failures` and do not stop the shard.
+        extra_stats: JSON-serialisable values added to the stats (e.g. seconds, hashes); may not
+            override the core keys shard/index/count/failures/sha256/bytes.
+    Returns:
+        The stats dict: {"shard", "index", "count", "failures": [{"key", "error"}], "sha256", "bytes", ...}.
+    Raises:
+        ValueError: a key with a dot, a path separator, a duplicate key, or a sample without fields.
+        TypeError: a field value that is not bytes/str/dict/list.
+        OutputFolderError: the folder is unwritable, read-only or full; no `.tar` is left behind.
+    """
+    directory = Path(directory)
+    extra = dict(extra_stats or {})
+    clash = sorted(set(extra) & set(_CORE_STATS))
+    if clash:
+        raise ValueError(f"extra_stats may not override core stats keys {clash}")
+    name = shard_name(index)
+    tar_path, stats_path = directory / name, directory / stats_name(index)
+    tmp_path = directory / (name + ".tmp")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # An old stats file would mark the shard done while its tar is being replaced: drop it first.
+        stats_path.unlink(missing_ok=True)
+    except OSError as err:
+        if err.errno in _FOLDER_ERRNOS:
+            raise _folder_error(directory, name, err) from err
+        raise
+
+    failures: list[dict] = []
+    seen: set[str] = set()
+    count = 0
+    try:
+        with open(tmp_path, "wb") as f:
+            out = _HashingWriter(f)
+            # Stream mode ("w|") only ever calls write(), so the hashing wrapper sees every byte.
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for sample in _next_samples(samples, failures):
+                    if not isinstance(sample, dict):
+                        raise TypeError(f"shard {name}: a sample must be a dict, got {type(sample).__name__}")
+                    key = _check_key(sample.get("__key__"))
+                    if key in seen:
+                        raise ValueError(f"shard {name}: duplicate sample key {key!r}")
+                    seen.add(key)
+                    if "__error__" in sample:
+                        failures.append({"key": key, "error": str(sample["__error__"])})
+                        continue
+                    # Sorted fields: byte-equal output even if equal samples were built in another order.
+                    fields = sorted(k for k in sample if not k.startswith("_"))
+                    if not fields:
+                        raise ValueError(f"shard {name}: sample {key!r} has no fields to write")
+                    # Encode every field first so a bad one cannot leave half a sample in the tar.
+                    members = [(f"{key}.{k}", _encode_field(key, k, sample[k])) for k in fields]
+                    for member, data in members:
+                        _add_member(tar, member, data)
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, tar_path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno in _FOLDER_ERRNOS:
+            raise _folder_error(directory, name, err) from err
+        raise
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+    stats = {
+        "shard": name,
+        "index": index,
+        "count": count,
+        "failures": failures,
+        "sha256": out.sha.hexdigest(),
+        "bytes": out.size,
+        **extra,
+    }
+    try:
+        atomic_write_json(stats_path, stats)  # last: the completion marker
+    except BaseException:
+        # Without stats the tar does not count; remove it so a full disk leaves nothing behind.
+        tar_path.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def read_stats(directory: str | Path, index: int) -> dict | None:
+    """The stats of shard `index`, or None when missing or unreadable (an unfinished shard)."""
+    path = Path(directory) / stats_name(index)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def shard_done(directory: str | Path, index: int) -> bool:
+    """True when the stats file exists and the tar exists with the size the stats recorded."""
+    stats = read_stats(directory, index)
+    if not isinstance(stats, dict) or "bytes" not in stats:
+        return False
+    tar_path = Path(directory) / shard_name(index)
+    try:
+        return tar_path.stat().st_size == stats["bytes"]
+    except OSError:
+        return False
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> Path:
+    """Write `manifest.json` atomically (what made the shards: SD id/fingerprint, encoder hash, config,
+    counts).
+
+    Args:
+        directory: the round folder.
+        manifest: JSON-serialisable dict. `verify_shards` checks two optional keys: "shards" (list of
+            shard names, or {name: count}) and "num_shards" (int: shards 0..n-1 must exist).
+    """
+    if not isinstance(manifest, dict):
+        raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
+    path = Path(directory) / MANIFEST_NAME
+    atomic_write_json(path, manifest)
+    return path
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read `manifest.json`; a missing or corrupt file is a clear error naming it."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory} (the round was not finished)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return manifest
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+_ABSENT = object()
+
+
+def check_manifest(directory: str | Path, expected: dict) -> dict:
+    """Check that the shards were made by what the run asks for; return the manifest.
+
+    Args:
+        directory: the round folder holding manifest.json.
+        expected: the values that must match, possibly nested (compared leaf by leaf, e.g.
+            {"sd": {"model_id": ...}} is checked as "sd.model_id"); keys only in the manifest are ignored.
+    Raises:
+        ValueError: naming every mismatching key with the shards' value and the requested one.
+    """
+    manifest = read_manifest(directory)
+    have = _flatten(manifest)
+    problems = []
+    for key, want in _flatten(expected).items():
+        got = have.get(key, _ABSENT)
+        if got is _ABSENT:
+            # A nested expected value may be stored whole under a parent key; resolve it the slow way.
+            got = manifest
+            for part in key.split("."):
+                got = got.get(part, _ABSENT) if isinstance(got, dict) else _ABSENT
+        if got is _ABSENT:
+            problems.append(f"{key}: missing from the manifest, the run asks for {want!r}")
+        elif got != want:
+            problems.append(f"{key}: shards were made with {got!r}, the run asks for {want!r}")
+    if problems:
+        raise ValueError(
+            f"shards in {directory} do not match this run ({len(problems)} mismatching keys): "
+            + "; ".join(problems)
+        )
+    return manifest
+
+
+def write_sizes(directory: str | Path) -> dict[str, int]:
+    """Write `sizes.json` ({"000000.tar": count, ...}, open_clip style) from the finished shards' stats."""
+    directory = Path(directory)
+    sizes: dict[str, int] = {}
+    for stats_path in sorted(directory.glob("*.stats.json")):
+        index_text = stats_path.name[: -len(".stats.json")]
+        if not index_text.isdigit():
+            continue
+        index = int(index_text)
+        if shard_done(directory, index):
+            sizes[shard_name(index)] = int(read_stats(directory, index)["count"])
+    atomic_write_json(directory / SIZES_NAME, sizes)
+    return sizes
