@@ -1,0 +1,95 @@
+"""Scoring a model (or the degraded inputs themselves) on a paired set: eval.json and a paper-shaped table.
+
+Metrics: PSNR and SSIM on RGB and on Y (BT.601), data range 1, no border crop by default, per image and
+mean. The model runs with its official size policy (`distill.inference.restore`); under AirNet's "crop"
+policy the clean image is center-cropped the same way, as in AirNet's test.py. With a `reference` model
+(the teacher) the same metrics are also computed against the reference's output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shards.images import read_rgb, to_tensor
+from shards.io import atomic_write_json
+from shards.pairs import Pair
+
+from .data import match_sizes
+from .inference import restore
+from .metrics import psnr, ssim
+from .registry import count_parameters
+
+METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
+
+
+def _scores(out: torch.Tensor, target: torch.Tensor, border: int) -> dict[str, float]:
+    return {
+        "psnr": float(psnr(out, target, crop_border=border)[0]),
+        "ssim": float(ssim(out, target, crop_border=border)[0]),
+        "psnr_y": float(psnr(out, target, y_channel=True, crop_border=border)[0]),
+        "ssim_y": float(ssim(out, target, y_channel=True, crop_border=border)[0]),
+    }
+
+
+def _fit(target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Center-crop target [1,3,H,W] to out's size (AirNet's crop policy returns a cropped output)."""
+    h, w = out.shape[-2:]
+    top, left = (target.shape[-2] - h) // 2, (target.shape[-1] - w) // 2
+    return target[..., top : top + h, left : left + w]
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module | None, pairs: Sequence[Pair], *, device: str = "cpu", reference: nn.Module | None = None,
+    tile: int | None = None, border: int = 0, limit: int | None = None, progress: bool = True,
+) -> dict:
+    """Score `model` (None: the degraded input itself, "identity") on `pairs`.
+
+    Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
+    "seconds_per_image", "device"}.
+    """
+    from tqdm import tqdm
+
+    pairs = list(pairs)[:limit] if limit else list(pairs)
+    if not pairs:
+        raise ValueError("no pairs to evaluate")
+    rows, seconds = [], 0.0
+    for p in tqdm(pairs, desc="eval", disable=not progress, leave=False):
+        deg, cln = match_sizes(read_rgb(p.degraded, min_side=1), read_rgb(p.clean, min_side=1), p.name)
+        degraded, clean = to_tensor(deg)[None].to(device), to_tensor(cln)[None].to(device)
+        t0 = time.perf_counter()
+        out = degraded if model is None else restore(model, degraded, tile=tile)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        row = {"name": p.name, **_scores(out, _fit(clean, out), border)}
+        if reference is not None:
+            ref = restore(reference, degraded, tile=tile)
+            row.update({f"ref_{k}": v for k, v in _scores(out, _fit(ref, out), border).items()})
+        rows.append(row)
+    keys = [k for k in rows[0] if k != "name"]
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    return {"images": rows, "mean": mean, "params": count_parameters(model) if model is not None else 0,
+            "seconds_per_image": seconds / len(rows), "device": device, "count": len(rows)}
+
+
+def write_eval(path: Path, result: dict, **info) -> Path:
+    """eval.json: the result plus what was evaluated (model path, pairs folder, ...)."""
+    atomic_write_json(path, {**info, **result})
+    return path
+
+
+def format_table(rows: Sequence[tuple[str, str, dict]], y_channel: bool = False) -> str:
+    """A table shaped like the paper's: Type | Method | Params (M) | PSNR (dB) | SSIM (rows: type, method,
+    eval result)."""
+    p, s = ("psnr_y", "ssim_y") if y_channel else ("psnr", "ssim")
+    lines = ["| Type | Method | Params (M) | PSNR (dB) | SSIM |", "|---|---|---|---|---|"]
+    for kind, method, r in rows:
+        params = f"{r['params'] / 1e6:.2f}" if r.get("params") else "-"
+        lines.append(f"| {kind} | {method} | {params} | {r['mean'][p]:.2f} | {r['mean'][s]:.3f} |")
+    return "\n".join(lines)

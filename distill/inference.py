@@ -1,0 +1,166 @@
+"""Whole-image and tiled inference with each architecture's official size policy.
+
+* AirNet (official test.py): center-crop H and W to multiples of 16 and return the cropped result; the
+  clean image is cropped the same way with `crop_to_multiple` before scoring. `policy="pad"` instead
+  reflect-pads to a multiple of 16 and crops back, keeping the full image.
+* Restormer (official test.py): reflect-pad bottom/right to the next multiple of 8, crop back, clamp.
+
+Tiling: overlapping tiles blended with a trapezoid window that is zero in a dead margin of overlap//4 at
+each inner tile edge and ramps to one across the rest of the overlap. A network whose receptive-field
+radius is at most that margin gives exactly the whole-image result; wider networks get seam-free blends.
+Restormer's attention is global over each tile (channel attention over all pixels), so its tiled output
+is close to, but never exactly, the whole-image output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.airnet import AirNet
+from distill.restormer import Restormer
+
+POLICIES = ("crop", "pad", "none")
+# class -> (default policy, size multiple), from the official test scripts.
+_OFFICIAL: dict[type[nn.Module], tuple[str, int]] = {AirNet: ("crop", 16), Restormer: ("pad", 8)}
+
+
+def official_policy(model: nn.Module) -> tuple[str, int]:
+    """(policy, base) used by the model's official test script; ("none", 1) for other modules."""
+    for cls, policy in _OFFICIAL.items():
+        if isinstance(model, cls):
+            return policy
+    return "none", 1
+
+
+def crop_to_multiple(img: torch.Tensor, base: int) -> torch.Tensor:
+    """Center-crop [..., H, W] so H and W are multiples of `base`, as AirNet's `crop_img`.
+
+    Of the H % base surplus rows, (H % base)//2 go from the top and the rest from the bottom; same for W.
+    """
+    h, w = img.shape[-2:]
+    if h < base or w < base:
+        raise ValueError(f"image {h}x{w} is smaller than the crop multiple {base}")
+    ch, cw = h % base, w % base
+    return img[..., ch // 2 : h - ch + ch // 2, cw // 2 : w - cw + cw // 2]
+
+
+def pad_to_multiple(img: torch.Tensor, base: int) -> torch.Tensor:
+    """Pad [B,C,H,W] at the bottom/right to the next multiples of `base` (reflect, as Restormer's test).
+
+    Reflect padding needs the pad to be smaller than the side; tinier images are edge-replicated.
+    """
+    h, w = img.shape[-2:]
+    ph, pw = -h % base, -w % base
+    if ph == 0 and pw == 0:
+        return img
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(img, (0, pw, 0, ph), mode=mode)
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins along one axis: every `stride`, plus a last tile flush with the far edge."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, start: int, size: int, overlap: int, device, dtype) -> torch.Tensor:
+    """1-D window [length] for a tile at `start`: 0 within `overlap//4` px of an inner tile edge, a linear
+    ramp to 1 across the next overlap - 2*(overlap//4) px, 1 elsewhere and at image borders."""
+    margin = overlap // 4
+    ramp_len = max(overlap - 2 * margin, 1)
+    idx = torch.arange(length, device=device, dtype=dtype)
+    w = torch.ones(length, device=device, dtype=dtype)
+    if start > 0:  # inner edge on the low side
+        w = torch.minimum(w, ((idx - margin + 1) / (ramp_len + 1)).clamp(0, 1))
+    if start + length < size:  # inner edge on the high side
+        w = torch.minimum(w, ((length - idx - margin) / (ramp_len + 1)).clamp(0, 1))
+    return w
+
+
+def _tiled(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """Run `model` on overlapping tiles of x [B,C,H,W] and blend them into [B,C_out,H,W]."""
+    b, _, h, w = x.shape
+    stride = tile - overlap
+    out = weight = None
+    for y0 in _starts(h, tile, stride):
+        for x0 in _starts(w, tile, stride):
+            th, tw = min(tile, h), min(tile, w)
+            pred = model(x[..., y0 : y0 + th, x0 : x0 + tw])  # [B,C_out,th,tw]
+            if out is None:
+                out = x.new_zeros(b, pred.shape[1], h, w, dtype=pred.dtype)
+                weight = x.new_zeros(1, 1, h, w, dtype=pred.dtype)
+            wy = _ramp(th, y0, h, overlap, x.device, pred.dtype)
+            wx = _ramp(tw, x0, w, overlap, x.device, pred.dtype)
+            win = (wy[:, None] * wx[None, :])[None, None]  # [1,1,th,tw]
+            out[..., y0 : y0 + th, x0 : x0 + tw] += pred * win
+            weight[..., y0 : y0 + th, x0 : x0 + tw] += win
+    return out / weight
+
+
+@torch.no_grad()
+def restore(
+    model: nn.Module,
+    degraded: torch.Tensor,
+    *,
+    policy: str | None = None,
+    tile: int | None = None,
+    tile_overlap: int = 32,
+    clamp: bool = True,
+) -> torch.Tensor:
+    """Restore a degraded batch with the model's official size policy, optionally tile by tile.
+
+    Args:
+        model: AirNet, Restormer, or any module mapping [B,3,H,W] -> [B,3,H,W]; run in eval mode (its
+            previous mode is restored afterwards).
+        degraded: [B,3,H,W] (or [3,H,W]) in [0,1], on any device; the result comes back on its device.
+        policy: "crop" (center-crop to the size multiple; the output is the cropped size), "pad"
+            (reflect-pad bottom/right, crop back to H x W) or "none"; default: the official one.
+        tile: tile side in pixels (a multiple of the size multiple), or None for whole-image inference.
+        tile_overlap: overlap between neighbouring tiles in pixels (0 <= overlap < tile).
+        clamp: clamp the result to [0,1] like the official test scripts.
+    Returns:
+        restored [B,3,H',W'] (H',W' = H,W except under "crop").
+    """
+    squeeze = degraded.ndim == 3
+    if squeeze:
+        degraded = degraded[None]
+    if degraded.ndim != 4:
+        raise ValueError(f"restore expects degraded [B,3,H,W] or [3,H,W], got shape {tuple(degraded.shape)}")
+    default_policy, base = official_policy(model)
+    policy = default_policy if policy is None else policy
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if isinstance(model, Restormer) and policy == "none":
+        raise ValueError("Restormer needs H and W multiples of 8: use policy 'pad' or 'crop'")
+    if tile is not None:
+        if tile < base or tile % base:
+            raise ValueError(f"tile must be a positive multiple of {base} for {type(model).__name__}, got {tile}")
+        if not 0 <= tile_overlap < tile:
+            raise ValueError(f"tile_overlap must be in [0, tile), got {tile_overlap} with tile {tile}")
+
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else degraded.device
+    dtype = param.dtype if param is not None and param.is_floating_point() else degraded.dtype
+    x = degraded.to(device=device, dtype=dtype)
+    h, w = x.shape[-2:]
+    if policy == "crop":
+        x = crop_to_multiple(x, base)
+    elif policy == "pad":
+        x = pad_to_multiple(x, base)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x) if tile is None else _tiled(model, x, tile, tile_overlap)
+    finally:
+        model.train(was_training)
+    if policy == "pad":
+        out = out[..., :h, :w]
+    if clamp:
+        out = out.clamp(0, 1)
+    out = out.to(device=degraded.device, dtype=degraded.dtype)
+    return out[0] if squeeze else out

@@ -1,0 +1,199 @@
+"""The restoration networks by name, and saving/loading them (ours and the official checkpoints).
+
+Names map to (class, default kwargs); any width can be built by overriding kwargs. Our checkpoints are a
+`stem.safetensors` + `stem.json` pair written by `shards.io.save_weights`; the JSON holds
+{"arch": base key, "name": registry name, "kwargs": constructor kwargs}, so `load_model` rebuilds the
+model without being told the architecture. Official `.pth` files are read with `weights_only=True`:
+AirNet's bare state_dict and Restormer's BasicSR `{'params': sd}`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.airnet import AirNet, airnet_kwargs_from_state_dict
+from distill.restormer import Restormer
+from shards.io import load_weights, save_weights
+
+ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
+    "airnet": (AirNet, dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5)),
+    "half-airnet": (AirNet, dict(n_feats=32, encoder_first=32)),
+    "restormer": (Restormer, dict(dim=48)),
+    "restormer-24": (Restormer, dict(dim=24)),
+    "restormer-12": (Restormer, dict(dim=12)),
+}
+
+# Base architecture key of each class: what a checkpoint's "arch" field names.
+_BASE: dict[type[nn.Module], str] = {AirNet: "airnet", Restormer: "restormer"}
+_BY_BASE: dict[str, type[nn.Module]] = {v: k for k, v in _BASE.items()}
+_OFFICIAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
+
+
+def build(name: str, **overrides) -> nn.Module:
+    """Build a registered network, e.g. build("half-airnet") or build("airnet", n_feats=16, encoder_first=16).
+
+    Args:
+        name: a key of ARCHITECTURES.
+        overrides: constructor kwargs that replace the entry's defaults.
+    """
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    cls, defaults = ARCHITECTURES[name]
+    try:
+        return cls(**{**defaults, **overrides})
+    except TypeError as err:
+        raise TypeError(f"bad arguments for {name!r} ({cls.__name__}): {err}") from err
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters (not buffers), frozen ones included: AirNet's published 8.93M counts the MoCo key
+    encoder, whose parameters never receive gradients."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def base_arch(model: nn.Module) -> str:
+    """The base key ('airnet', 'restormer') of a model built here."""
+    for cls, key in _BASE.items():
+        if isinstance(model, cls):
+            return key
+    raise TypeError(f"{type(model).__name__} is not a registered restoration network")
+
+
+def save_model(stem: str | Path, model: nn.Module, name: str | None = None, metadata: dict | None = None) -> Path:
+    """Write `stem.safetensors` + `stem.json` ({"arch", "name", "kwargs"}); returns the .safetensors path.
+
+    Args:
+        stem: output path without suffix.
+        model: an AirNet or Restormer built here (it records its kwargs in `model.config`).
+        name: registry name to record (e.g. "half-airnet"); defaults to the base architecture key.
+        metadata: optional strings stored in the safetensors header.
+    """
+    arch = base_arch(model)
+    config = {"arch": arch, "name": name or arch, "kwargs": dict(model.config)}
+    return save_weights(stem, model.state_dict(), config, metadata)
+
+
+def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the `module.` prefix that DataParallel/DDP put on every key."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _guess_arch(sd: dict[str, torch.Tensor]) -> str | None:
+    if "E.E.queue" in sd and "R.head.0.weight" in sd:
+        return "airnet"
+    if "patch_embed.proj.weight" in sd and "output.weight" in sd:
+        return "restormer"
+    return None
+
+
+def restormer_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """Constructor kwargs matching a Restormer state_dict: dim and channels from the first/last convs,
+    block and head counts from the key names, LayerNorm type from the presence of norm biases."""
+    if "skip_conv.weight" in sd:
+        raise ValueError("dual-pixel Restormer checkpoints (skip_conv) are not supported")
+    w = sd["patch_embed.proj.weight"]  # [dim, C_in, 3, 3]
+    dim = int(w.shape[0])
+
+    def count(prefix: str) -> int:
+        pat = re.compile(rf"^{prefix}\.(\d+)\.")
+        return len({m.group(1) for k in sd if (m := pat.match(k))})
+
+    levels = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+    heads = [int(sd[f"{lv}.0.attn.temperature"].shape[0]) for lv in levels]
+    hidden = int(sd["encoder_level1.0.ffn.project_in.weight"].shape[0]) // 2
+    factor = 2.66 if int(dim * 2.66) == hidden else hidden / dim
+    return dict(
+        inp_channels=int(w.shape[1]),
+        out_channels=int(sd["output.weight"].shape[0]),
+        dim=dim,
+        num_blocks=[count(lv) for lv in levels],
+        num_refinement_blocks=count("refinement"),
+        heads=heads,
+        ffn_expansion_factor=factor,
+        bias="encoder_level1.0.attn.qkv.bias" in sd,
+        layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in sd else "BiasFree",
+    )
+
+
+def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors vary by torch version
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state_dict or {{'params': state_dict}}, got {type(obj).__name__}")
+    container = None
+    for key in ("params", "params_ema", "state_dict"):  # BasicSR and common training wrappers
+        if isinstance(obj.get(key), dict):
+            container, obj = key, obj[key]
+            break
+    sd = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    guessed = _guess_arch(sd)
+    arch = arch or guessed
+    if arch is None:
+        raise ValueError(
+            f"{path}: unknown checkpoint layout (neither AirNet nor Restormer keys); "
+            f"first keys: {list(obj)[:5]}"
+        )
+    if arch not in _BY_BASE:
+        arch = _base_of_name(arch)
+    if guessed is not None and guessed != arch:
+        raise ValueError(f"{path} holds a {guessed} state_dict, but arch={arch!r} was requested")
+    kwargs = airnet_kwargs_from_state_dict(sd) if arch == "airnet" else restormer_kwargs_from_state_dict(sd)
+    model = _BY_BASE[arch](**kwargs)
+    _load_strict(model, sd, path)
+    info = {"arch": arch, "name": arch, "kwargs": dict(model.config), "source": "official",
+            "container": container, "path": str(path)}
+    return model, info
+
+
+def _base_of_name(arch: str) -> str:
+    if arch in _BY_BASE:
+        return arch
+    if arch in ARCHITECTURES:
+        return _BASE[ARCHITECTURES[arch][0]]
+    raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+
+
+def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not match {type(model).__name__}({model.config}): {err}") from err
+
+
+def load_model(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict]:
+    """Load a network from our checkpoint (stem, .safetensors or .json) or an official .pth.
+
+    Args:
+        path: our checkpoint (any of stem, stem.safetensors, stem.json) or an official .pth/.pt file.
+        arch: optional base key or registry name; inferred from the file when omitted, checked when given.
+    Returns:
+        (model on the CPU in eval mode, info dict with arch, name, kwargs, source and path).
+    """
+    path = Path(path)
+    if path.suffix in _OFFICIAL_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        model, info = _load_official(path, arch)
+    else:
+        stem = path.with_suffix("") if path.suffix in {".safetensors", ".json"} else path
+        if not stem.with_suffix(".safetensors").exists() and not stem.with_suffix(".json").exists():
+            raise FileNotFoundError(f"checkpoint not found: {path} (expected {stem}.safetensors + .json)")
+        sd, config = load_weights(stem)
+        if "arch" not in config or "kwargs" not in config:
+            raise ValueError(f"{stem}.json is not a network checkpoint (needs 'arch' and 'kwargs')")
+        base = _base_of_name(config["arch"])
+        if arch is not None and _base_of_name(arch) != base:
+            raise ValueError(f"{stem} holds a {base} network, but arch={arch!r} was requested")
+        model = _BY_BASE[base](**config["kwargs"])
+        _load_strict(model, sd, stem)
+        info = {"arch": base, "name": config.get("name", base), "kwargs": dict(model.config),
+                "source": "d4ir", "path": str(stem)}
+    return model.eval(), info
