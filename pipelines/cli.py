@@ -466,3 +466,143 @@ def shards_show(directory: Path, out: Path | None, num: int) -> None:
     )
     path = shard_grid(directory, out or directory / "samples.png", num=num)
     click.echo(f"grid: {path}")
+
+
+# ------------------------------------------------------------------------------------------------- stage 3
+@main.command("distill")
+@click.option("--run", type=path, required=True, help="Run folder: RUN/prompts and RUN/shards are read from it.")
+@click.option("--teacher", type=existing, required=True, help="Teacher checkpoint (ours or an official .pth).")
+@click.option(
+    "--student",
+    default="half",
+    show_default=True,
+    help="Registry name (`d4ir models`) or `half`: the teacher's architecture at half width.",
+)
+@click.option("--student-kwargs", callback=_kv, help="Student constructor overrides, e.g. n_feats=24,encoder_first=24.")
+@click.option("--name", help="Student folder name under RUN/students (default: the student name).")
+@click.option(
+    "--data",
+    type=click.Choice(["shards", "original", "web"]),
+    default="shards",
+    show_default=True,
+    help="shards: D4IR; original: the teacher's own degraded inputs (paper's 'Data'); web: the web "
+    "degraded images directly (M0).",
+)
+@click.option("--sd", default="tiny", show_default=True, help="The SD the shards must have been made with.")
+@click.option("--degraded", type=existing, help="Web degraded images (L_cl and the feedback; --data web).")
+@click.option("--clean", type=existing, help="Web clean images (the feedback surrogate).")
+@click.option("--original", type=existing, help="The teacher's paired set (--data original: degraded side only).")
+@click.option("--val", type=existing, help="Paired validation set (PSNR/SSIM vs ground truth and vs teacher).")
+@click.option(
+    "--round",
+    "round_",
+    type=int,
+    help="Train on this existing round and regenerate nothing (reuse shards for another student).",
+)
+@click.option("--epochs", type=int)
+@click.option("--joint-epochs", type=int, help="Epochs of the joint phase (L_kd + gamma L_cl, encoder trained).")
+@click.option("--regen-every", type=int, help="Regenerate the shards every R epochs of the joint phase; 0: never.")
+@click.option("--iters-per-epoch", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--crop", type=int)
+@click.option("--lr", type=float)
+@click.option("--encoder-lr", type=float)
+@click.option("--gamma", type=float, help="Weight of L_cl in the joint phase (Eq. 9).")
+@click.option("--loss", help="KD terms with weights, e.g. l2 (Eq. 8, default) or l1=1,ssim=0.1.")
+@click.option("--feedback-batch", type=int, help="Images per step through the differentiable surrogate.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader workers decoding shards.")
+@click.option("--scheduler", help="dask scheduler address for regeneration rounds.")
+@click.option("--workers", type=int, help="Local dask cluster of N workers for regeneration rounds.")
+@click.option("--resume", is_flag=True, help="Continue after the last finished epoch.")
+@preset_option
+@device_option
+@seed_option
+def distill_cmd(
+    run,
+    teacher,
+    student,
+    student_kwargs,
+    name,
+    data,
+    sd,
+    degraded,
+    clean,
+    original,
+    val,
+    round_,
+    epochs,
+    joint_epochs,
+    regen_every,
+    iters_per_epoch,
+    batch_size,
+    crop,
+    lr,
+    encoder_lr,
+    gamma,
+    loss,
+    feedback_batch,
+    num_workers,
+    scheduler,
+    workers,
+    resume,
+    preset,
+    device,
+    seed,
+) -> None:
+    """Stage 3: distil a student from the teacher on the synthesized shards (Eq. 8), with the joint phase
+    (Eq. 9) and regeneration rounds that close the prompt-encoder feedback loop.
+
+    \b
+    Writes RUN/students/NAME/: student.safetensors + student.json, encoder.safetensors (the KD-updated
+    prompt encoder), train.jsonl, state.pt (resume), eval.json (with --val), config.json.
+    Regeneration rounds go to RUN/prompts/rounds/round-NNN and RUN/shards/round-NNN.
+    """
+    from distill.losses import parse_weights
+    from distill.trainer import DistillConfig
+    from distill.trainer import distill as run_distill
+    from pipelines.presets import merge
+    from pipelines.presets import preset as get
+    from pipelines.runners import make_distributor
+
+    cfg = merge(
+        get(preset, "distill"),
+        epochs=epochs,
+        joint_epochs=joint_epochs,
+        regen_every=regen_every,
+        iters_per_epoch=iters_per_epoch,
+        batch_size=batch_size,
+        crop=crop,
+        lr=lr,
+        encoder_lr=encoder_lr,
+        gamma=gamma,
+        feedback_batch=feedback_batch,
+    )
+    config = DistillConfig(
+        student=student,
+        student_kwargs=student_kwargs,
+        data=data,
+        round=round_,
+        seed=seed,
+        loss=parse_weights(loss),
+        num_workers=num_workers,
+        **cfg,
+    )
+    if data == "shards" and round_ is None and config.joint_epochs and (degraded is None or clean is None):
+        raise click.UsageError("the joint phase needs --degraded and --clean (web folders); or pass --round N")
+    result = run_distill(
+        run,
+        teacher,
+        config,
+        sd=sd,
+        degraded_dir=degraded,
+        clean_dir=clean,
+        original_dir=original,
+        val_dir=val,
+        name=name,
+        resume=resume,
+        device=_device(device),
+        distributor=make_distributor(scheduler, workers),
+    )
+    click.echo(
+        "distill: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+    )

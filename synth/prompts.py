@@ -305,26 +305,43 @@ def train_prompts(
     encoder = query_enc.eval()
     if encoder.has_base:
         encoder.set_prompt_strength(prompt_strength)
-    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    enc_sha = state_dict_sha256(state)
     training = {k: v for k, v in args.items() if k != "images"} | {
         "steps": steps, "prompt_strength": prompt_strength, "embed_side": embed_side,
         "num_images": len(paths), "degraded_dir": str(degraded_dir)}
-    sd_info = {"model_id": str(sd.model_id), "fingerprint": str(sd.fingerprint)}
-    enc_path = save_weights(out_dir / ENCODER_STEM, state,
-                            {"arch": "PromptEncoder", "encoder": encoder.config, "training": training, "sd": sd_info},
-                            metadata={"sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"]})
-
-    prompts = _embed(encoder, paths, side=embed_side, batch_size=batch_size, device=device)  # [N, L, D]
-    sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
-    emb_path = save_embeddings(out_dir, prompts, sources, {
-        "L": prompt_tokens, "D": dim, "encoder_sha256": enc_sha, "sd_model_id": sd_info["model_id"],
-        "sd_fingerprint": sd_info["fingerprint"], "prompt_strength": prompt_strength,
-        "embed_rule": f"central square min(H, W, {embed_side}), native scale"})
+    enc_path, emb_path, enc_sha = export_prompts(encoder, paths, out_dir, sd, training=training,
+                                                 embed_side=embed_side, batch_size=batch_size, device=device)
     log.info("wrote %d prompts [%d x %d] to %s", len(paths), prompt_tokens, dim, emb_path)
     return PromptsResult(out_dir=out_dir, encoder_path=enc_path, embeddings_path=emb_path,
                          num_images=len(paths), steps=steps, final_loss=loss_value, encoder_sha256=enc_sha,
                          counts=counts, skipped=list(scan.skipped))
+
+
+def export_prompts(
+    encoder: PromptEncoder, paths: list[Path], out_dir: Path, sd: Any, *, training: dict, embed_side: int,
+    batch_size: int = 32, device: str = "cpu",
+) -> tuple[Path, Path, str]:
+    """Write encoder.safetensors/.json, embeddings.safetensors and index.jsonl for `encoder` into `out_dir`.
+
+    Stage 1 calls it once; stage 3 calls it again for every regeneration round with the KD-updated encoder.
+    Returns (encoder path, embeddings path, encoder sha256).
+    """
+    was_training = encoder.training
+    encoder.eval()
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    enc_sha = state_dict_sha256(state)
+    sd_info = {"model_id": str(sd.model_id), "fingerprint": str(sd.fingerprint)}
+    enc_path = save_weights(out_dir / ENCODER_STEM, state,
+                            {"arch": "PromptEncoder", "encoder": encoder.config, "training": training, "sd": sd_info},
+                            metadata={"sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"]})
+    prompts = _embed(encoder, paths, side=embed_side, batch_size=batch_size, device=device)  # [N, L, D]
+    sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
+    emb_path = save_embeddings(out_dir, prompts, sources, {
+        "L": encoder.prompt_tokens, "D": encoder.prompt_dim, "encoder_sha256": enc_sha,
+        "sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"],
+        "prompt_strength": training.get("prompt_strength", ""),
+        "embed_rule": f"central square min(H, W, {embed_side}), native scale"})
+    encoder.train(was_training)
+    return enc_path, emb_path, enc_sha
 
 
 def load_prompt_encoder(path: str | Path, device: str = "cpu") -> PromptEncoder:

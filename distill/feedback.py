@@ -1,0 +1,166 @@
+"""The prompt-encoder feedback loop of the joint phase (paper Eq. 9; DESIGN.md "The feedback loop").
+
+L_kd must reach the prompt encoder Enc_DP, but the shards were synthesized offline by 35 DDIM steps of a
+frozen SD, which no gradient can cross. The surrogate: on a small feedback batch,
+
+    prompt = Enc_DP(web degraded crop)                          [b, L, D]   (grad)
+    x_hat  = Dec(x0_pred(UNet(z_T', T', prompt)))               [b, 3, S, S] (one UNet call, grad through
+                                                                 SD's activations; SD weights frozen)
+    L_fb   = L_kd(N_S(x_hat), N_T(x_hat))
+
+where z_T' is a web clean image's latent noised to the CCD start step by Eq. (6) and x0_pred is the DDIM
+step's own prediction of the clean latent (`synth.ccd.feedback_surrogate`). This is the first step of the
+sampler with its remaining 34 steps replaced by their x0 estimate: it shows the encoder how its prompt
+moves the synthesized image and so the teacher-student discrepancy. L_cl (Eq. 3) keeps the features
+degradation-aware: MoCo on two crops of a web degraded image, a momentum key encoder (started as a copy of
+the encoder) and a fresh queue. Every R epochs the real sampler regenerates the shards with the updated
+encoder (`regenerate`), so the improved prompts reach the student through the data.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shards.images import read_rgb, scan_images
+from shards.reader import round_dir
+from shards.writer import read_manifest
+from synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
+from synth.moco import MoCoQueue, info_nce, momentum_update
+from synth.prompts import export_prompts, load_prompt_encoder
+from synth.sd import SDParts
+from synth.worker import Distributor, SynthConfig, synthesize
+
+from .data import random_crop, to_batch
+from .losses import kd_loss
+
+
+class FeedbackLoop(nn.Module):
+    """The trainable prompt encoder with its MoCo key encoder and queue, and the data its losses need.
+
+    Args:
+        encoder_path: stage 1's prompts folder (or encoder.safetensors).
+        sd: the frozen SD used by the surrogate (and by regeneration, through its spec string).
+        degraded_dir, clean_dir: the web degraded / clean folders.
+        ccd: the sampler settings of the shards (the surrogate noises to the same start step).
+        queue_size, tau, momentum: MoCo settings for L_cl.
+    """
+
+    def __init__(
+        self,
+        encoder_path: Path,
+        sd: SDParts,
+        degraded_dir: Path,
+        clean_dir: Path,
+        ccd: CCDConfig,
+        *,
+        queue_size: int = 1024,
+        tau: float = 0.07,
+        momentum: float = 0.999,
+        crop: int = 64,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.encoder = load_prompt_encoder(encoder_path, device=device).train()
+        self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.queue = MoCoQueue(self.encoder.config.get("feat_dim", 256), queue_size).to(device)
+        self.sd, self.ccd, self.tau, self.momentum, self.crop = sd, ccd, tau, momentum, crop
+        self.degraded_paths = scan_images(degraded_dir, min_side=1).paths
+        self.clean_paths = scan_images(clean_dir, min_side=1).paths
+        if not self.degraded_paths or not self.clean_paths:
+            raise ValueError(f"the feedback loop needs web images: {degraded_dir} and {clean_dir} hold none usable")
+        self.degraded_dir, self.clean_dir = Path(degraded_dir), Path(clean_dir)
+        self.embed_side = int(self.encoder_config_training(encoder_path).get("embed_side", 256))
+        self._degraded = [read_rgb(p, min_side=1) for p in self.degraded_paths]
+        self._clean = [prepare_clean(read_rgb(p, min_side=1), ccd.size) for p in self.clean_paths]
+
+    @staticmethod
+    def encoder_config_training(encoder_path: Path) -> dict:
+        import json
+
+        p = Path(encoder_path)
+        cfg = p / "encoder.json" if p.is_dir() else p.with_suffix(".json")
+        return json.loads(cfg.read_text()).get("training", {})
+
+    def contrastive_loss(self, rng: np.random.Generator, batch: int, device: str) -> torch.Tensor:
+        """L_cl, Eq. (3): query and positive are two crops of one web degraded image."""
+        picks = rng.integers(0, len(self._degraded), batch)
+        xq = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
+        xk = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
+        q = self.encoder.features(xq)  # [B, F]
+        with torch.no_grad():
+            momentum_update(self.encoder, self.key_encoder, self.momentum)
+            k = self.key_encoder.features(xk)  # [B, F]
+        loss = info_nce(q, k, self.queue.keys(), self.tau)
+        self.queue.enqueue(k)
+        return loss
+
+    def feedback_loss(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        rng: np.random.Generator,
+        batch: int,
+        weights: dict,
+        device: str,
+    ) -> torch.Tensor:
+        """L_kd on surrogate images x_hat (differentiable w.r.t. the encoder through the frozen SD)."""
+        d = rng.integers(0, len(self._degraded), batch)
+        c = rng.integers(0, len(self._clean), batch)
+        side = min(self.embed_side, *(min(self._degraded[i].shape[:2]) for i in d))
+        prompt_src = to_batch([random_crop(rng, side, self._degraded[i])[0] for i in d], device)
+        prompt = self.encoder.prompt(prompt_src).to(self.sd.dtype)  # [b, L, D]
+        clean = torch.stack([self._clean[i] for i in c]).to(device)
+        gens = [torch.Generator(device=self.sd.device).manual_seed(int(s)) for s in rng.integers(0, 2**31, batch)]
+        x_hat = feedback_surrogate(self.sd, clean.to(self.sd.dtype), prompt, gens, config=self.ccd).float()
+        return kd_loss(student(x_hat), teacher(x_hat), weights)
+
+    def regenerate(
+        self,
+        shards_root: Path,
+        prompts_root: Path,
+        round_: int,
+        *,
+        base_round: int = 0,
+        distributor: Distributor | None = None,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> Path:
+        """Write round `round_`: embed the web degraded images with the current encoder, then synthesize
+        the same plan as `base_round` (same clean photos, prompt rows, seeds and settings)."""
+        prompts_dir = Path(prompts_root) / f"round-{round_:03d}"
+        training = {"embed_side": self.embed_side, "round": round_, "degraded_dir": str(self.degraded_dir)}
+        export_prompts(
+            self.encoder,
+            self.degraded_paths,
+            prompts_dir,
+            self.sd,
+            training=training,
+            embed_side=self.embed_side,
+            device=device,
+        )
+        base = read_manifest(round_dir(shards_root, base_round))
+        config = replace(SynthConfig(**base["config"]), round=round_)
+        out = round_dir(shards_root, round_)
+        synthesize(
+            Path(base["clean_dir"]),
+            out,
+            sd=base["sd"],
+            prompts_dir=prompts_dir,
+            config=config,
+            device=device,
+            dtype=str(self.sd.dtype).removeprefix("torch."),
+            distributor=distributor,
+            progress=progress,
+        )
+        return out
+
+
+def image_source(folder: Path) -> list[np.ndarray]:
+    """Every usable image of a folder in memory (for the "original" and "web" baselines)."""
+    return [read_rgb(p, min_side=1) for p in scan_images(folder, min_side=1).paths]

@@ -1,0 +1,141 @@
+"""synth/sd.py: the tiny and SD1.5-layout builders, folder/file/hub loading and its errors, fingerprints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from synth.sd import (
+    SDLoadError,
+    build_tiny_sd,
+    load_sd,
+    save_sd,
+    sd15_modules,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny_sd(0)
+
+
+def _unet_out(parts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    prompt = torch.randn(1, 5, parts.cross_attention_dim, generator=g)
+    with torch.inference_mode():
+        return parts.unet(z, 500, encoder_hidden_states=prompt).sample
+
+
+def test_tiny_is_sd_shaped_and_frozen(tiny):
+    assert tiny.model_id == "tiny"
+    assert tiny.cross_attention_dim == 32
+    assert tiny.vae_scale_factor == 8
+    assert tiny.vae.config.latent_channels == 4
+    assert tiny.unet.config.in_channels == 4
+    sched = tiny.scheduler.config
+    assert (sched.beta_schedule, sched.beta_start, sched.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert (sched.num_train_timesteps, sched.set_alpha_to_one, sched.steps_offset) == (1000, False, 1)
+    assert (sched.clip_sample, sched.prediction_type) == (False, "epsilon")
+    for module in (tiny.unet, tiny.vae):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    with torch.inference_mode():
+        latent = tiny.vae.encode(torch.zeros(2, 3, 64, 64)).latent_dist.mean
+    assert latent.shape == (2, 4, 8, 8)
+
+
+def test_tiny_fingerprint_stable_and_seed_dependent(tiny):
+    again = build_tiny_sd(0)
+    assert len(tiny.fingerprint) == 64 and int(tiny.fingerprint, 16) >= 0
+    assert again.fingerprint == tiny.fingerprint
+    assert torch.equal(_unet_out(again), _unet_out(tiny))
+    assert build_tiny_sd(1).fingerprint != tiny.fingerprint
+
+
+def test_build_leaves_global_rng_untouched():
+    state = torch.get_rng_state()
+    build_tiny_sd(3)
+    assert torch.equal(torch.get_rng_state(), state)
+    load_sd("tiny")
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_no_text_encoder_is_reported(tiny):
+    assert tiny.text_encoder is None and tiny.empty_prompt() is None
+    with pytest.raises(RuntimeError, match=r"no text encoder.*prompt embeddings \[B,L,32\]"):
+        tiny.encode_text(["rain"])
+
+
+def test_folder_round_trip(tiny, tmp_path):
+    folder = save_sd(tiny, tmp_path / "sd")
+    assert json.loads((folder / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DConditionModel"]
+    loaded = load_sd(str(folder))
+    assert loaded.model_id == str(folder)
+    assert loaded.fingerprint == tiny.fingerprint  # load path is not part of the identity
+    ref = tiny.unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.unet.state_dict().items())
+    # CPU kernels may round differently with other allocations: equal weights, near-equal outputs.
+    torch.testing.assert_close(_unet_out(loaded), _unet_out(tiny), rtol=0, atol=1e-5)
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+    assert not loaded.unet.training
+
+
+def test_dtype_changes_fingerprint():
+    half = build_tiny_sd(0, dtype=torch.float16)
+    assert next(half.unet.parameters()).dtype == torch.float16
+    assert half.fingerprint != build_tiny_sd(0).fingerprint
+
+
+def test_missing_folder_error_lists_what_was_tried(tmp_path):
+    missing = tmp_path / "nowhere" / "sd15"
+    with pytest.raises(SDLoadError) as err:
+        load_sd(str(missing))
+    msg = str(err.value)
+    assert str(missing) in msg and "does not exist" in msg and "nothing is downloaded" in msg
+
+
+def test_missing_hub_id_error_names_cache_path():
+    with pytest.raises(SDLoadError) as err:
+        load_sd("d4ir-nobody/no-such-sd-model")
+    msg = str(err.value)
+    assert "hub id 'd4ir-nobody/no-such-sd-model'" in msg
+    assert "models--d4ir-nobody--no-such-sd-model" in msg
+    assert "folder 'd4ir-nobody/no-such-sd-model': does not exist" in msg
+
+
+def test_folder_without_unet_is_rejected(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    with pytest.raises(SDLoadError, match=r"missing unet/config.json"):
+        load_sd(str(tmp_path))
+
+
+def test_bad_single_files_are_rejected(tmp_path):
+    garbage = tmp_path / "model.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(SDLoadError, match="cannot read SD checkpoint"):
+        load_sd(str(garbage))
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"model.diffusion_model.foo": torch.zeros(2)}, str(wrong))
+    with pytest.raises(SDLoadError, match="cannot load single-file SD checkpoint"):
+        load_sd(str(wrong))
+    text = tmp_path / "notes.txt"
+    text.write_text("hi")
+    with pytest.raises(SDLoadError, match="not a .safetensors/.ckpt"):
+        load_sd(str(text))
+    with pytest.raises(SDLoadError, match="non-empty string"):
+        load_sd("")
+
+
+def test_sd15_layout_matches_the_real_model():
+    # Built on the meta device: shapes only, no memory, no time.
+    vae, unet = sd15_modules("meta", torch.float16)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's UNet
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # SD1.5's VAE
+    assert unet.config.cross_attention_dim == 768
+    assert next(unet.parameters()).dtype == torch.float16
