@@ -21,6 +21,10 @@ from shards.reader import shard_dataset, shard_urls
 from .data import random_crop, to_batch
 
 
+def _as_is(sample: dict) -> dict:
+    return sample
+
+
 class ShardBatches:
     """Endless batches of random crops from the finished shards of one round.
 
@@ -46,12 +50,9 @@ class ShardBatches:
         self.dataset = shard_dataset(
             urls, seed=config.seed, rank=rank, world_size=world, shuffle_buffer=min(shuffle_buffer, max(self.total, 1))
         )
+        # collate_fn keeps samples as they are (the default would turn the uint8 arrays into tensors)
         self.loader = DataLoader(
-            self.dataset,
-            batch_size=None,
-            num_workers=config.num_workers,
-            persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
+            self.dataset, batch_size=None, num_workers=config.num_workers, collate_fn=_as_is, persistent_workers=False
         )
         self._iter = None
 

@@ -146,7 +146,7 @@ def distill(
     teacher = teacher.to(device).eval().requires_grad_(False)
     arch, kwargs = half_of(teacher, t_info) if config.student == "half" else (config.student, {})
     student = build(arch, **{**kwargs, **(config.student_kwargs or {})}).to(device).train()
-    name = name or (config.student if config.student != "half" else f"half-{t_info['arch']}")
+    name = name or (config.student if config.student != "half" else "half-teacher")
     out = run / "students" / name
     out.mkdir(parents=True, exist_ok=True)
     weights = parse_weights(config.loss)
