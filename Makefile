@@ -12,8 +12,9 @@ RUN      ?= runs/$(TASK)
 SD       ?= tiny
 DEGRADED ?= $(DEMO)/$(TASK)/web_degraded
 CLEAN    ?= $(DEMO)/$(TASK)/web_clean
-TEACHER  ?= $(RUN)/teacher/teacher.safetensors
-STUDENT  ?= half-airnet
+DEMO_TEACHER := $(RUN)/teacher/teacher.safetensors
+TEACHER  ?= $(DEMO_TEACHER)
+STUDENT  ?= half
 ARGS     ?=
 
 .PHONY: help install test lint demo data teacher prompts synth distill eval report clean
@@ -40,22 +41,25 @@ lint: $(STAMP)  ## ruff
 data: $(STAMP)  ## build the embedded demo data (scikit-image photos, physical rain/haze/snow)
 	$(D4IR) data demo --out $(DEMO)
 
-teacher: data  ## train a teacher on the demo pairs of TASK
+teacher: data  ## train a (demo-width AirNet) teacher on the demo pairs of TASK
 	$(D4IR) teacher --arch airnet --pairs $(DEMO)/$(TASK)/original --val $(DEMO)/$(TASK)/test \
-		--out $(RUN)/teacher --preset demo $(ARGS)
+		--out $(RUN)/teacher --preset demo --resume $(ARGS)
 
 prompts: data  ## stage 1: train the prompt adapter on DEGRADED, write RUN/prompts
-	$(D4IR) prompts --degraded $(DEGRADED) --sd $(SD) --out $(RUN)/prompts --preset demo $(ARGS)
+	$(D4IR) prompts --degraded $(DEGRADED) --sd $(SD) --out $(RUN)/prompts --preset demo --resume $(ARGS)
 
-synth: data  ## stage 2: synthesize degraded images from CLEAN with RUN/prompts into RUN/shards
-	$(D4IR) synth --clean $(CLEAN) --prompts $(RUN)/prompts --sd $(SD) --out $(RUN)/shards --preset demo $(ARGS)
+synth: prompts  ## stage 2: synthesize degraded images from CLEAN with RUN/prompts into RUN/shards
+	$(D4IR) synth --task $(TASK) --clean $(CLEAN) --prompts $(RUN)/prompts --sd $(SD) --out $(RUN)/shards \
+		--preset demo $(ARGS)
 
-distill: data  ## stage 3: distill STUDENT from TEACHER on RUN/shards (with regeneration rounds)
+# the demo teacher is trained first when TEACHER is left at its default
+distill: synth $(if $(filter $(DEMO_TEACHER),$(TEACHER)),teacher)  ## stage 3: distill STUDENT from TEACHER (with regeneration rounds)
 	$(D4IR) distill --run $(RUN) --teacher $(TEACHER) --student $(STUDENT) --sd $(SD) \
-		--degraded $(DEGRADED) --clean $(CLEAN) --val $(DEMO)/$(TASK)/test --preset demo $(ARGS)
+		--degraded $(DEGRADED) --clean $(CLEAN) --val $(DEMO)/$(TASK)/test --preset demo --resume $(ARGS)
 
-eval: $(STAMP)  ## evaluate RUN's student on the demo test pairs
-	$(D4IR) eval --model $(RUN)/students/$(STUDENT)/student.safetensors --pairs $(DEMO)/$(TASK)/test
+eval: $(STAMP)  ## evaluate RUN's student on the demo test pairs (against ground truth and the teacher)
+	$(D4IR) eval --model $(RUN)/students/$(if $(filter half,$(STUDENT)),half-teacher,$(STUDENT))/student.safetensors \
+		--pairs $(DEMO)/$(TASK)/test --reference $(TEACHER)
 
 demo: $(STAMP)  ## the whole pipeline on the embedded demo, ending in runs/demo/report.md
 	$(D4IR) demo --data $(DEMO) --run runs/demo $(ARGS)

@@ -606,3 +606,35 @@ def distill_cmd(
     click.echo(
         "distill: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
     )
+
+
+# ------------------------------------------------------------------------------------------------- whole runs
+@main.command()
+@click.argument("run", type=existing)
+@click.option("--test", type=existing, help="Paired test set for the restoration grid (default: from eval.json).")
+def report(run: Path, test: Path | None) -> None:
+    """Build RUN/report.md from the eval.json files of a run (tables), with sample grids and curves."""
+    from pipelines.report import build_report
+
+    click.echo(f"report: {build_report(run, test)}")
+
+
+@main.command()
+@click.option("--data", type=path, default=Path("data/demo"), show_default=True, help="Demo data folder.")
+@click.option("--run", type=path, default=Path("runs/demo"), show_default=True, help="Run folder.")
+@click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True)
+@device_option
+@seed_option
+def demo(data: Path, run: Path, task: str, device: str | None, seed: int) -> None:
+    """The whole pipeline on the embedded demo data, offline, on the CPU, in minutes.
+
+    demo data -> teacher -> prompts -> synth -> distill (D4IR with regeneration rounds) -> the paper's
+    baselines (Student, Data, M0) -> eval -> RUN/report.md. A rerun resumes: finished steps are skipped.
+    """
+    from pipelines.demo import run_demo
+
+    run_demo(data, run, task=task, seed=seed, device=device or "cpu")
+
+
+if __name__ == "__main__":
+    main()

@@ -79,8 +79,9 @@ def _load_photo(name: str) -> np.ndarray:
     return arr
 
 
-def _cut_crops(photos: dict[str, np.ndarray], names: tuple[str, ...], n: int, size: int,
-               rng: np.random.Generator) -> list[tuple[dict, np.ndarray]]:
+def _cut_crops(
+    photos: dict[str, np.ndarray], names: tuple[str, ...], n: int, size: int, rng: np.random.Generator
+) -> list[tuple[dict, np.ndarray]]:
     """n crops cycling over the named photos: (record, uint8 [size, size, 3]) each."""
     crops = []
     for k in range(n):
@@ -98,8 +99,9 @@ def _cut_crops(photos: dict[str, np.ndarray], names: tuple[str, ...], n: int, si
                 break
         img = Image.fromarray(patch).resize((size, size), Image.LANCZOS)
         arr = np.asarray(img)[:, ::-1] if flip else np.asarray(img)
-        crops.append(({"stem": f"{name}_{k:03d}", "photo": name, "box": [y, x, side], "flip": flip},
-                      np.ascontiguousarray(arr)))
+        crops.append(
+            ({"stem": f"{name}_{k:03d}", "photo": name, "box": [y, x, side], "flip": flip}, np.ascontiguousarray(arr))
+        )
     return crops
 
 
@@ -115,8 +117,10 @@ def _options(task: str, split: str, k: int, rng: np.random.Generator) -> dict:
         return {"level": ("light", "heavy")[k % 2]}
     if task == "desnow":
         return {"level": ("medium", "heavy")[k % 2]}
-    return {"beta": round(float(rng.uniform(*WEB_HAZE_BETA)), 4),
-            "airlight": round(float(rng.uniform(*WEB_HAZE_AIRLIGHT)), 4)}
+    return {
+        "beta": round(float(rng.uniform(*WEB_HAZE_BETA)), 4),
+        "airlight": round(float(rng.uniform(*WEB_HAZE_AIRLIGHT)), 4),
+    }
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:
@@ -145,9 +149,19 @@ def _is_complete(out: Path, params: dict) -> bool:
     return manifest.get("params") == params and all(p.is_file() for p in _expected_files(out, manifest))
 
 
-def build_demo_data(out: Path, *, size: int = 96, seed: int = 0, tasks: tuple[str, ...] = TASKS,
-                    n_original: int = 48, n_test: int = 16, n_web_degraded: int = 48, n_web_clean: int = 48,
-                    progress: bool = True, force: bool = False) -> Path:
+def build_demo_data(
+    out: Path,
+    *,
+    size: int = 96,
+    seed: int = 0,
+    tasks: tuple[str, ...] = TASKS,
+    n_original: int = 48,
+    n_test: int = 16,
+    n_web_degraded: int = 48,
+    n_web_clean: int = 48,
+    progress: bool = True,
+    force: bool = False,
+) -> Path:
     """Build (or reuse) the embedded demo data under ``out`` and return ``out``.
 
     A folder whose manifest has the same parameters and whose files are all present is left as it is
@@ -174,8 +188,13 @@ def build_demo_data(out: Path, *, size: int = 96, seed: int = 0, tasks: tuple[st
     for split, n in counts.items():
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n_{split} must be an integer >= 1, got {n!r}")
-    params = {"version": BUILD_VERSION, "size": size, "seed": int(seed), "tasks": list(tasks),
-              **{f"n_{split}": n for split, n in counts.items()}}
+    params = {
+        "version": BUILD_VERSION,
+        "size": size,
+        "seed": int(seed),
+        "tasks": list(tasks),
+        **{f"n_{split}": n for split, n in counts.items()},
+    }
     if not force and _is_complete(out, params):
         return out
 
@@ -186,8 +205,10 @@ def build_demo_data(out: Path, *, size: int = 96, seed: int = 0, tasks: tuple[st
             old.unlink()
 
     photos = {name: _load_photo(name) for names in SPLITS.values() for name in names}
-    crops = {split: _cut_crops(photos, SPLITS[split], n, size, np.random.default_rng([seed, 100, SPLIT_IDS[split]]))
-             for split, n in counts.items()}
+    crops = {
+        split: _cut_crops(photos, SPLITS[split], n, size, np.random.default_rng([seed, 100, SPLIT_IDS[split]]))
+        for split, n in counts.items()
+    }
     options: dict[str, dict[str, list[dict]]] = {}
     bar = tqdm(total=len(tasks) * sum(counts.values()), desc="demo data", disable=not progress)
     for task in tasks:
@@ -229,13 +250,14 @@ def build_demo_data(out: Path, *, size: int = 96, seed: int = 0, tasks: tuple[st
 
 
 def _readme(params: dict, counts: dict[str, int]) -> str:
-    photo_lines = "\n".join(f"- `{split}`: " + ", ".join(f"{p} ({PHOTOS[p]})" for p in names)
-                            for split, names in SPLITS.items())
+    photo_lines = "\n".join(
+        f"- `{split}`: " + ", ".join(f"{p} ({PHOTOS[p]})" for p in names) for split, names in SPLITS.items()
+    )
     rain = "\n".join(f"  - {name}: {asdict(spec)}" for name, spec in RAIN_LEVELS.items())
     snow = "\n".join(f"  - {name}: {[asdict(layer) for layer in spec]}" for name, spec in SNOW_LEVELS.items())
     return f"""# D4IR embedded demo data
 
-Made by `pipelines/demo_data.py` (`build_demo_data`, recipe version {params['version']}) from sample photos
+Made by `pipelines/demo_data.py` (`build_demo_data`, recipe version {params["version"]}) from sample photos
 that ship inside scikit-image; nothing was downloaded. Parameters: `{json.dumps(params)}`.
 
 ## Photos and splits
@@ -244,15 +266,15 @@ Each group uses its own photos, so no two groups share a source:
 
 {photo_lines}
 
-Per task: `original/` {counts['original']} pairs (the teacher's private training data), `test/`
-{counts['test']} pairs, `web_degraded/` {counts['web_degraded']} and `web_clean/` {counts['web_clean']}
+Per task: `original/` {counts["original"]} pairs (the teacher's private training data), `test/`
+{counts["test"]} pairs, `web_degraded/` {counts["web_degraded"]} and `web_clean/` {counts["web_clean"]}
 unpaired images. Paired sets share stems between `degraded/` and `clean/`; stems are `<photo>_<index>`.
 
 ## Crops
 
 Crop i of a group comes from photo i mod (photos in the group): a square of side drawn uniformly in
-[{params['size']}, {MAX_CROP_FRACTION} x shorter photo side] at a uniform position (redrawn up to 10 times while
-its gray-level std is below {MIN_CROP_STD}), resized to {params['size']}x{params['size']} with Lanczos,
+[{params["size"]}, {MAX_CROP_FRACTION} x shorter photo side] at a uniform position (redrawn up to 10 times while
+its gray-level std is below {MIN_CROP_STD}), resized to {params["size"]}x{params["size"]} with Lanczos,
 flipped left-right with probability 0.5. Gray photos are replicated to RGB. Crop generator:
 `np.random.default_rng([seed, 100, split_id])`; every degraded image has its own generator
 `np.random.default_rng([seed, task_id, split_id, index])` (task ids {TASK_IDS}, split ids {SPLIT_IDS}).

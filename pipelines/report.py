@@ -10,6 +10,7 @@ import numpy as np
 from shards.embeddings import load_embeddings
 from shards.grid import sample_grid
 from shards.images import read_rgb
+from shards.io import atomic_write_text
 from shards.reader import iter_samples
 from shards.writer import read_manifest
 
@@ -43,3 +44,174 @@ def shard_grid(directory: Path, out: Path, *, num: int = 8, cell: int = 128) -> 
     if not rows:
         raise ValueError(f"no finished shard in {directory}")
     return sample_grid(rows, out, labels=["clean source", "prompt source", "synthesized"], cell=cell)
+
+
+# ------------------------------------------------------------------------------------------------- the report
+ROW_ORDER = ("Input", "Teacher", "Untrained", "Student", "KD")
+
+
+def collect_evals(run: Path) -> list[dict]:
+    """Every eval.json under RUN that names its row (type, method), in the paper's row order."""
+    import json
+
+    found = []
+    for path in sorted(Path(run).rglob("eval.json")):
+        data = json.loads(path.read_text())
+        if "type" in data and "method" in data:
+            found.append({**data, "path": str(path.relative_to(run))})
+    rank = {k: i for i, k in enumerate(ROW_ORDER)}
+    return sorted(found, key=lambda d: (rank.get(d["type"], len(rank)), d["path"]))
+
+
+def results_table(evals: list[dict], *, y_channel: bool = False, reference: bool = True) -> str:
+    """Type | Method | Params (M) | PSNR | SSIM (| vs teacher), from eval.json files."""
+    p, s = ("psnr_y", "ssim_y") if y_channel else ("psnr", "ssim")
+    head = "| Type | Method | Params (M) | PSNR (dB) | SSIM |" + (
+        " PSNR vs teacher | SSIM vs teacher |" if reference else ""
+    )
+    lines = [head, "|" + "---|" * (7 if reference else 5)]
+    for e in evals:
+        m = e["mean"]
+        params = f"{e['params'] / 1e6:.2f}" if e.get("params") else "-"
+        row = f"| {e['type']} | {e['method']} | {params} | {m[p]:.2f} | {m[s]:.3f} |"
+        if reference:
+            row += (
+                f" {m['ref_' + p]:.2f} | {m['ref_' + s]:.3f} |"
+                if "ref_" + p in m and e["type"] != "Teacher"
+                else " - | - |"
+            )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def curves_png(run: Path, out: Path) -> Path:
+    """Training curves: teacher loss and validation PSNR, and each student's KD loss and PSNR vs teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from shards.io import read_jsonl
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    logs = {p.parent.name: read_jsonl(p) for p in sorted(Path(run).rglob("train.jsonl")) if p.parent.name != "prompts"}
+    for name, rows in logs.items():
+        epochs = [r["epoch"] for r in rows if "epoch" in r]
+        if not epochs:
+            continue
+        loss_key = "loss_kd" if "loss_kd" in rows[0] else "loss"
+        axes[0].plot(epochs, [r[loss_key] for r in rows], marker="o", label=f"{name} ({loss_key})")
+        if "val_psnr" in rows[0]:
+            axes[1].plot(epochs, [r["val_psnr"] for r in rows], marker="o", label=name)
+        if "val_ref_psnr" in rows[0]:
+            axes[2].plot(epochs, [r["val_ref_psnr"] for r in rows], marker="o", label=name)
+    prompts = read_jsonl(Path(run) / "prompts" / "train.jsonl")
+    titles = ("training loss", "val PSNR vs ground truth (dB)", "val PSNR vs teacher (dB)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if prompts:
+        axes[0].plot(
+            [r["step"] / max(len(prompts), 1) for r in prompts],
+            [r["loss"] / 100 for r in prompts],
+            alpha=0.4,
+            label="prompts InfoNCE / 100 (x: fraction of stage 1)",
+        )
+        axes[0].legend(fontsize=7)
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def restoration_grid(run: Path, test: Path, out: Path, *, num: int = 4) -> Path:
+    """degraded | teacher | D4IR student | ground truth for the first `num` test pairs."""
+    import torch
+
+    from distill.inference import restore
+    from distill.registry import load_model
+    from shards.images import to_tensor, to_uint8
+    from shards.pairs import find_pairs
+
+    teacher = load_model(Path(run) / "teacher" / "teacher.safetensors")[0].eval()
+    student = load_model(Path(run) / "students" / "d4ir" / "student.safetensors")[0].eval()
+    rows = []
+    for p in find_pairs(test)[:num]:
+        deg, cln = read_rgb(p.degraded, min_side=1), read_rgb(p.clean, min_side=1)
+        x = to_tensor(deg)[None]
+        with torch.no_grad():
+            rows.append([deg, to_uint8(restore(teacher, x)[0]), to_uint8(restore(student, x)[0]), cln])
+    return sample_grid(rows, out, labels=["degraded", "teacher", "D4IR student", "ground truth"], cell=128)
+
+
+def rounds_grid(run: Path, out: Path, *, num: int = 4) -> Path | None:
+    """The same samples in every round, side by side (the feedback loop's effect on the synthesis)."""
+    rounds = sorted(Path(run, "shards").glob("round-*"))
+    columns = [list(itertools.islice(iter_samples(r), num)) for r in rounds]
+    if not columns or not columns[0]:
+        return None
+    rows = [
+        [_thumb(columns[0][i]["meta"].get("clean"), 64)] + [c[i]["degraded"] for c in columns if i < len(c)]
+        for i in range(len(columns[0]))
+    ]
+    return sample_grid(rows, out, labels=["clean source"] + [r.name for r in rounds], cell=96)
+
+
+TINY_SD_NOTE = """\
+**What this demo can and cannot show.** Every stage here ran for real: a teacher was trained, the prompt
+adapter learned from the web degraded images, a Stable-Diffusion-shaped model synthesized WebDataset
+shards, the student was distilled with the joint phase and regeneration rounds, and every number above
+comes from an `eval.json` written in this run. But the diffusion model is *tiny and randomly initialised*
+(no weights can be downloaded here), so its "synthesized degraded images" are structured noise, not rainy
+photos (see the round grid). The D4IR row therefore measures how well a student learns the teacher from
+noise-like inputs; it says nothing about the quality the method reaches with a real Stable Diffusion, where
+the paper reports D4IR above M0 and Data. The demo images are 96x96 crops and the networks are narrow
+(AirNet at width 16, 2x2 blocks), so absolute PSNRs are far from benchmark numbers. Use it to check the
+plumbing, the file contracts and the timings; use `bench/quality_rain100l.py` and a real SD for quality."""
+
+
+def build_report(run: Path, test: Path | None = None) -> Path:
+    """RUN/report.md from the eval.json files of the run, with the grids and curves beside it."""
+    import json
+
+    run = Path(run)
+    evals = collect_evals(run)
+    if not evals:
+        raise FileNotFoundError(f"no eval.json with a type and method under {run}: run the evaluations first")
+    samples = run / "samples"
+    pairs_dir = Path(test or evals[0].get("pairs", ""))
+    parts = [
+        f"# D4IR run report: `{run}`",
+        "",
+        "## Results on the test pairs (RGB)",
+        "",
+        results_table(evals),
+        "",
+        "Y channel (BT.601):",
+        "",
+        results_table(evals, y_channel=True, reference=False),
+        "",
+    ]
+    parts += ["Every row is read from the `eval.json` named below (written by this run):", ""]
+    parts += [f"- {e['type']} / {e['method']}: `{e['path']}` ({e['count']} images)" for e in evals] + [""]
+    figures = []
+    if (run / "students" / "d4ir" / "student.safetensors").exists() and pairs_dir.is_dir():
+        figures.append(("Restorations", restoration_grid(run, pairs_dir, samples / "restorations.png")))
+    grid = rounds_grid(run, samples / "rounds.png")
+    if grid:
+        figures.append(("Synthesized samples of each round (clean source, then round 0, 1, ...)", grid))
+    figures.append(("Training curves", curves_png(run, run / "curves.png")))
+    for title, path in figures:
+        parts += [f"## {title}", "", f"![{title}]({Path(path).relative_to(run)})", ""]
+    timings = run / "timings.json"
+    if timings.exists():
+        parts += ["## Time per step (this machine)", "", "| step | seconds |", "|---|---|"]
+        parts += [f"| {t['step']} | {t['seconds']} |" for t in json.loads(timings.read_text())] + [""]
+    parts += ["## Caveat", "", TINY_SD_NOTE, ""]
+    out = run / "report.md"
+    atomic_write_text(out, "\n".join(parts))
+    return out

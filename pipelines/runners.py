@@ -9,6 +9,7 @@ import itertools
 import uuid
 from collections.abc import Callable, Sequence
 
+from shards.io import OutputFolderError
 from synth.worker import Distributor, ShardJob, local_distributor
 
 __all__ = ["dask_distributor", "local_distributor", "make_distributor"]
@@ -68,7 +69,10 @@ def dask_distributor(
             for fut in queue:
                 job = owner.pop(fut.key)
                 if fut.status != "finished":
-                    raise RuntimeError(f"shard {job.index} failed after {retries} retries: {fut.exception()}")
+                    err = fut.exception()
+                    if isinstance(err, OutputFolderError):
+                        raise err  # a full or unwritable folder: its own error, as in the local run
+                    raise RuntimeError(f"shard {job.index} failed after {retries} retries: {err}") from err
                 on_done(job, fut.result())
                 nxt = next(pending, None)
                 if nxt is not None:

@@ -83,10 +83,26 @@ class SnowLayer:
 
 
 RAIN_LEVELS: dict[str, RainLevel] = {
-    "light": RainLevel(layers=(1, 1), coverage=(0.04, 0.1), length=(0.06, 0.12), thickness=(0.5, 0.8),
-                       angle=(-20.0, 20.0), spread=0.0, brightness=(0.4, 0.8), veil=(0.0, 0.0)),
-    "heavy": RainLevel(layers=(3, 4), coverage=(0.06, 0.12), length=(0.12, 0.3), thickness=(0.8, 1.4),
-                       angle=(-30.0, 30.0), spread=12.0, brightness=(0.4, 0.8), veil=(0.04, 0.15)),
+    "light": RainLevel(
+        layers=(1, 1),
+        coverage=(0.04, 0.1),
+        length=(0.06, 0.12),
+        thickness=(0.5, 0.8),
+        angle=(-20.0, 20.0),
+        spread=0.0,
+        brightness=(0.4, 0.8),
+        veil=(0.0, 0.0),
+    ),
+    "heavy": RainLevel(
+        layers=(3, 4),
+        coverage=(0.06, 0.12),
+        length=(0.12, 0.3),
+        thickness=(0.8, 1.4),
+        angle=(-30.0, 30.0),
+        spread=12.0,
+        brightness=(0.4, 0.8),
+        veil=(0.04, 0.15),
+    ),
 }
 
 _SMALL = SnowLayer(density=0.004, radius=(0.8, 1.5), blur=(0.3, 0.5), opacity=(0.6, 1.0))
@@ -95,8 +111,7 @@ _LARGE = SnowLayer(density=0.0002, radius=(3.5, 6.0), blur=(0.8, 1.6), opacity=(
 
 
 def _denser(layer: SnowLayer, factor: float) -> SnowLayer:
-    return SnowLayer(density=layer.density * factor, radius=layer.radius, blur=layer.blur,
-                     opacity=layer.opacity)
+    return SnowLayer(density=layer.density * factor, radius=layer.radius, blur=layer.blur, opacity=layer.opacity)
 
 
 SNOW_LEVELS: dict[str, tuple[SnowLayer, ...]] = {
@@ -117,8 +132,9 @@ def _check_image(clean: np.ndarray) -> np.ndarray:
     if clean.ndim != 3 or clean.shape[2] != 3 or clean.shape[0] < 1 or clean.shape[1] < 1:
         raise ValueError(f"clean must have shape [H, W, 3], got {list(clean.shape)}")
     if not np.issubdtype(clean.dtype, np.floating):
-        raise TypeError(f"clean must be a float image in [0, 1], got dtype {clean.dtype} "
-                        "(convert uint8 with arr / 255)")
+        raise TypeError(
+            f"clean must be a float image in [0, 1], got dtype {clean.dtype} (convert uint8 with arr / 255)"
+        )
     img = clean.astype(np.float64)
     if not np.isfinite(img).all() or img.min() < 0.0 or img.max() > 1.0:
         raise ValueError("clean must hold finite values in [0, 1]")
@@ -156,8 +172,7 @@ def _line_kernel(length: float, angle_deg: float) -> np.ndarray:
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     fy, fx = ys - y0, xs - x0
     k = np.zeros((2 * r + 2, 2 * r + 2))
-    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)),
-                        (1, 1, fy * fx)):
+    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
         np.add.at(k, (y0 + dy, x0 + dx), wgt)
     k = k[: 2 * r + 1, : 2 * r + 1]
     return k * (length / n)
@@ -193,8 +208,9 @@ def _scatter(h: int, w: int, n: int, rng: np.random.Generator, amp: tuple[float,
     return np.bincount(ys * w + xs, weights=vals, minlength=h * w).reshape(h, w)
 
 
-def _render_layer(h: int, w: int, n_per_px: float, rng: np.random.Generator, amp: tuple[float, float],
-                  kernels: Sequence[np.ndarray]) -> np.ndarray:
+def _render_layer(
+    h: int, w: int, n_per_px: float, rng: np.random.Generator, amp: tuple[float, float], kernels: Sequence[np.ndarray]
+) -> np.ndarray:
     """Scatter impulses on a padded canvas, convolve, crop back to [h, w]."""
     pad = sum(k.shape[0] // 2 for k in kernels) + 1
     ch, cw = h + 2 * pad, w + 2 * pad
@@ -245,9 +261,14 @@ def haze_depth(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return HAZE_DEPTH[0] + (HAZE_DEPTH[1] - HAZE_DEPTH[0]) * proxy
 
 
-def add_haze(clean: np.ndarray, rng: np.random.Generator, *, beta: float | None = None,
-             airlight: float | Sequence[float] | None = None,
-             depth: float | np.ndarray | None = None) -> np.ndarray:
+def add_haze(
+    clean: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    beta: float | None = None,
+    airlight: float | Sequence[float] | None = None,
+    depth: float | np.ndarray | None = None,
+) -> np.ndarray:
     """Hazy image I = J t + A (1 - t), t = exp(-beta d).
 
     beta and airlight are always drawn (then overridden when given), so fixing one of them leaves the
@@ -275,8 +296,7 @@ def add_haze(clean: np.ndarray, rng: np.random.Generator, *, beta: float | None 
     else:
         d = np.asarray(depth, dtype=np.float64)
         if d.shape not in ((), (h, w)) or not np.isfinite(d).all() or d.min() < 0:
-            raise ValueError(f"depth must be a scalar or an [H, W] = [{h}, {w}] array >= 0, "
-                             f"got shape {list(d.shape)}")
+            raise ValueError(f"depth must be a scalar or an [H, W] = [{h}, {w}] array >= 0, got shape {list(d.shape)}")
     t = np.exp(-b * np.broadcast_to(d, (h, w)))[..., None]  # [H, W, 1] transmission
     return _finish(img * t + a * (1.0 - t), clean)
 
@@ -303,8 +323,9 @@ def rain_layer(h: int, w: int, rng: np.random.Generator, *, level: str = "light"
         length = max(3.0, rng.uniform(*spec.length) * min(h, w))
         sigma = max(0.5, rng.uniform(*spec.thickness) * scale)
         density = rng.uniform(*spec.coverage) / length
-        streaks = _render_layer(h, w, density, rng, spec.brightness,
-                                [_line_kernel(length, angle), _gaussian_kernel(sigma)])
+        streaks = _render_layer(
+            h, w, density, rng, spec.brightness, [_line_kernel(length, angle), _gaussian_kernel(sigma)]
+        )
         # the Gaussian spreads a 1-px line over ~sqrt(2 pi) sigma px; restore the streak's peak
         streaks *= max(1.0, math.sqrt(2 * math.pi) * sigma)
         clear *= 1.0 - np.clip(streaks, 0.0, 1.0)
@@ -344,8 +365,7 @@ def snow_mask(h: int, w: int, rng: np.random.Generator, *, level: str = "medium"
     for layer in SNOW_LEVELS[level]:
         radius = max(0.5, rng.uniform(*layer.radius) * scale)
         sigma = max(0.3, rng.uniform(*layer.blur) * scale)
-        flakes = _render_layer(h, w, layer.density, rng, layer.opacity,
-                               [_disc_kernel(radius), _gaussian_kernel(sigma)])
+        flakes = _render_layer(h, w, layer.density, rng, layer.opacity, [_disc_kernel(radius), _gaussian_kernel(sigma)])
         clear *= 1.0 - np.clip(flakes, 0.0, 1.0)
     return 1.0 - clear
 
