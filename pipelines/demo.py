@@ -25,11 +25,11 @@ from synth.prompts import train_prompts
 from synth.worker import SynthConfig, synthesize
 
 
-def _step(name: str, log: list, fn, *args, **kwargs):
+def _step(title: str, log: list, fn, *args, **kwargs):
     t0 = time.perf_counter()
-    print(f"== {name}", flush=True)
+    print(f"== {title}", flush=True)
     out = fn(*args, **kwargs)
-    log.append({"step": name, "seconds": round(time.perf_counter() - t0, 1)})
+    log.append({"step": title, "seconds": round(time.perf_counter() - t0, 1)})
     return out
 
 

@@ -20,13 +20,15 @@ import torch
 
 from shards.embeddings import load_embeddings
 from shards.images import encode_png, read_rgb, scan_images
-from shards.io import sha256_file
+from shards.io import OutputFolderError, sha256_file
 from shards.writer import check_manifest, shard_done, write_manifest, write_shard, write_sizes
 
 from .ccd import CCDConfig, ccd_sample, prepare_clean
 from .sd import SDParts, load_sd
 
 PROMPT_MODES = ("dpa", "none", "text", "content")
+# Built-in SD specs that have no text encoder: prompt_mode "text" on them is refused before any shard starts.
+_NO_TEXT_ENCODER = ("tiny", "sd15-layout")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class ShardJob:
     device: str = "cpu"
     dtype: str = "float32"
     hashes: dict = field(default_factory=dict)
+    # torch's intra-op CPU threads for this job (0: leave the process's setting). CPU float sums depend on
+    # the thread count (about 1 value in 5000 moves by one grey level), so the run's count travels with the
+    # job and a dask worker (started with 1 thread) writes the same bytes as the local run.
+    threads: int = 0
 
 
 Distributor = Callable[[Callable[[ShardJob], dict], Sequence[ShardJob], Callable[[ShardJob, dict], None]], None]
@@ -88,12 +94,17 @@ def local_distributor(
     on_done: Callable[[ShardJob, dict], None],
     retries: int = 2,
 ) -> None:
-    """Run jobs one after another in this process; a failing shard is retried, then re-raised (never lost)."""
+    """Run jobs one after another in this process; a failing shard is retried, then re-raised (never lost).
+
+    An `OutputFolderError` (unwritable or full folder) is raised at once and as it is: retrying cannot help.
+    """
     for job in jobs:
         for attempt in range(retries + 1):
             try:
                 on_done(job, fn(job))
                 break
+            except OutputFolderError:
+                raise
             except Exception as err:  # noqa: BLE001 - retried, then surfaced with the shard named
                 if attempt == retries:
                     raise RuntimeError(f"shard {job.index} failed after {retries + 1} attempts: {err}") from err
@@ -182,6 +193,17 @@ def _prompt_source(job: ShardJob, parts: SDParts) -> Callable[[list[int], torch.
 
 def synthesize_shard(job: ShardJob) -> dict:
     """Synthesize one shard and write it (tar, then stats last); returns the stats."""
+    previous = torch.get_num_threads()
+    if job.threads and job.threads != previous:
+        torch.set_num_threads(job.threads)
+    try:
+        return _synthesize_shard(job)
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def _synthesize_shard(job: ShardJob) -> dict:
     t0 = time.perf_counter()
     parts = cached_sd(job.sd, job.device, job.dtype)
     prompts_for = _prompt_source(job, parts)
@@ -225,6 +247,15 @@ def config_hash(config: SynthConfig) -> str:
     return hashlib.sha256(repr(sorted(asdict(config).items())).encode()).hexdigest()[:16]
 
 
+def plan_hash(jobs: Sequence[ShardJob]) -> str:
+    """Hash of every sample's (key, clean path, prompt row, seed): a resumed round must keep its plan, or
+    its finished shards would be mixed with shards of another draw (e.g. after the clean folder changed)."""
+    h = hashlib.sha256()
+    for job in jobs:
+        h.update(repr((job.index, job.items)).encode())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class SynthResult:
     out_dir: Path
@@ -261,9 +292,14 @@ def synthesize(
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if config.prompt_mode not in PROMPT_MODES:
         raise ValueError(f"unknown prompt_mode {config.prompt_mode!r}; choose from {PROMPT_MODES}")
+    # Settings errors are raised here, once, instead of failing (and being retried) in every shard job.
+    if config.prompt_mode == "text" and sd in _NO_TEXT_ENCODER:
+        raise ValueError(f"prompt_mode 'text' needs an SD with a text encoder; the {sd!r} model has none")
+    if config.prompt_mode == "content" and encoder is None:
+        raise ValueError("prompt_mode 'content' needs the prompt encoder (--encoder)")
+    config.ccd()  # CCDConfig validates steps, strength, size, z0
     scan = scan_images(clean_dir, min_side=32)
     hashes: dict = {"sd": sd}
     num_prompts = 1
@@ -277,6 +313,8 @@ def synthesize(
     if encoder is not None and config.prompt_mode == "content":
         encoder = Path(encoder)
         encoder = encoder / "encoder.safetensors" if encoder.is_dir() else encoder.with_suffix(".safetensors")
+        if not encoder.is_file():
+            raise FileNotFoundError(f"no prompt encoder at {encoder} (prompt_mode 'content')")
         hashes["encoder_file_sha256"] = sha256_file(encoder)
     jobs = plan_jobs(
         scan.paths,
@@ -290,23 +328,33 @@ def synthesize(
         dtype=dtype,
         hashes=hashes,
     )
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
     manifest = {
         "sd": sd,
         "config": asdict(config),
         "config_hash": config_hash(config),
+        "plan_hash": plan_hash(jobs),
         "num_shards": len(jobs),
         "clean_dir": str(clean_dir),
         "prompts_dir": str(prompts_dir) if prompts_dir else None,
         "clean_scan": scan.counts(),
         **hashes,
     }
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputFolderError(err.errno, f"cannot create the output folder {out_dir}: {err.strerror}") from err
     if (out_dir / "manifest.json").exists():
         # resuming: the shards already there must come from the same model, prompts and config
-        check_manifest(out_dir, {k: manifest[k] for k in ("sd", "config_hash", *hashes)})
+        old = check_manifest(out_dir, {k: manifest[k] for k in ("sd", "config_hash", "plan_hash", *hashes)})
+        # A resumed CPU round keeps the thread count its first shards were computed with (see ShardJob.threads).
+        threads = int(old.get("cpu_threads") or threads) if threads else 0
+    jobs = [replace(j, threads=threads) for j in jobs]
+    manifest["cpu_threads"] = threads
     write_manifest(out_dir, manifest | {"complete": False})
     todo = [j for j in jobs if not shard_done(out_dir, j.index)]
     bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
-    bar.update(sum(len(j.items) for j in jobs if j not in todo))
+    bar.update(config.num_samples - sum(len(j.items) for j in todo))
     totals = {"images": 0, "failures": 0}
 
     def on_done(job: ShardJob, stats: dict) -> None:
