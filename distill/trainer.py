@@ -9,6 +9,7 @@ are split by rank and DataLoader worker, rank 0 writes files and regenerates, th
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from .registry import build, count_parameters, load_model, save_model
 from .sources import ShardBatches
 
 DATA_SOURCES = ("shards", "original", "web")
+DIST_TIMEOUT = datetime.timedelta(hours=6)
 
 
 @dataclass
@@ -132,7 +134,9 @@ def distill(
 
     rank, world, local_rank = _dist_info()
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # a long timeout: the other ranks wait in a barrier while rank 0 regenerates a whole shard round,
+        # which can take far longer than the default (10 min for NCCL)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{local_rank}"
     if config.data not in DATA_SOURCES:
@@ -154,9 +158,14 @@ def distill(
     # ---- data and (for D4IR) the feedback loop
     loop, shards_root, current_round = None, run / "shards", None
     if config.data == "shards":
-        current_round = config.round if config.round is not None else _round_number(latest_round(shards_root))
+        current_round = config.round if config.round is not None else _newest_complete_round(shards_root)
         base = read_manifest(round_dir(shards_root, 0 if config.round is None else config.round))
-        check_manifest(round_dir(shards_root, current_round), {"sd": sd})
+        manifest = check_manifest(round_dir(shards_root, current_round), {"sd": sd})
+        if not manifest.get("complete", True):
+            raise ValueError(
+                f"shard round {current_round} in {shards_root} is incomplete (its synthesis was interrupted): "
+                "rerun `d4ir synth` for it, or pick a finished round"
+            )
         prompts = run / "prompts"
         if current_round == 0 and (prompts / "embeddings.safetensors").exists():
             check_manifest(
@@ -165,6 +174,11 @@ def distill(
             )
         joint = config.joint_epochs > 0 and (config.gamma > 0 or config.feedback_batch > 0)
         if joint and config.round is None:
+            if degraded_dir is None or clean_dir is None:
+                raise ValueError(
+                    "the joint phase needs degraded_dir and clean_dir (the web folders); "
+                    "or set joint_epochs=0, or pin config.round to train on an existing round only"
+                )
             parts = cached_sd(sd, device, "float32" if not amp else base.get("dtype", "float32"))
             ccd = SynthConfig(**base["config"]).ccd()
             loop = FeedbackLoop(
@@ -190,7 +204,11 @@ def distill(
         if loop is not None
         else None
     )
-    model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    # find_unused_parameters: the KD forward `student(x)` leaves parameters without a gradient (AirNet runs
+    # only E_pre of its MoCo encoders); plain DDP would wait for them and fail at the next step.
+    model = (
+        torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
+    )
     start, metrics, state_path = 0, {}, out / "state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
@@ -241,7 +259,7 @@ def distill(
         )
         for _ in bar:
             if batches is not None:
-                x = batches.next(rng).to(device, non_blocking=True)
+                x = batches.next(rng, device)
             else:
                 picks = rng.integers(0, len(images), config.batch_size)
                 x = to_batch([random_crop(rng, config.crop, images[i])[0] for i in picks], device)
@@ -257,8 +275,8 @@ def distill(
                     )
                     l_cl = loop.contrastive_loss(rng, config.batch_size, device) if config.gamma else l_fb * 0
                     loss = l_kd + l_fb + config.gamma * l_cl
-                    sums["fb"] += float(l_fb)
-                    sums["cl"] += float(l_cl)
+                    sums["fb"] += float(l_fb.detach())
+                    sums["cl"] += float(l_cl.detach())
             opt.zero_grad(set_to_none=True)
             if enc_opt is not None:
                 enc_opt.zero_grad(set_to_none=True)
@@ -268,8 +286,9 @@ def distill(
             opt.step()
             if joint:
                 enc_opt.step()
-            sums["kd"] += float(l_kd)
-            bar.set_postfix(kd=f"{float(l_kd):.5f}")
+            kd = float(l_kd.detach())
+            sums["kd"] += kd
+            bar.set_postfix(kd=f"{kd:.5f}")
 
         # ---- end of epoch: validate, log, checkpoint (rank 0)
         record = {
@@ -344,6 +363,17 @@ def distill(
 
 def _round_number(path: Path) -> int:
     return int(path.name.split("-")[-1])
+
+
+def _newest_complete_round(shards_root: Path) -> int:
+    """The newest round whose synthesis finished; a round killed half-way (manifest "complete": false) is
+    passed over (a resumed run regenerates it when it is due)."""
+    newest = _round_number(latest_round(shards_root))
+    for n in range(newest, -1, -1):
+        path = round_dir(shards_root, n)
+        if (path / "manifest.json").is_file() and read_manifest(path).get("complete", True):
+            return n
+    raise FileNotFoundError(f"no finished shard round under {shards_root}: run `d4ir synth` first")
 
 
 def _degraded_side(pairs_dir: Path | None) -> Path:

@@ -1,0 +1,144 @@
+"""Shared fixtures: a tiny finished run folder (stages 1 and 2 done, a teacher saved) for the stage-3 tests.
+
+`tiny_run` is built once per session (about 10 s on the CPU): web degraded/clean photos and a paired
+val set drawn with PIL, `train_prompts` with the tiny SD, one shard round of 8 images in 2 shards, and a
+small AirNet teacher. Tests that write into a run (students, regeneration rounds) take `run_copy`, a
+private copy, so the session's run stays as built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SIDE = 32  # every drawn photo is SIDE x SIDE (the synth size: no resizing)
+TEACHER_KWARGS = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=16)
+SYNTH = dict(num_samples=8, shard_size=4, batch_size=4, steps=4, strength=0.5, size=32)
+
+
+def pytest_configure(config) -> None:
+    """One intra-op thread unless OMP_NUM_THREADS says otherwise: the tests' tensors are tiny, and on a
+    shared 2-core machine two spinning OpenMP threads per op made the tiny SD 20x slower, not faster."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """Paths of the session's tiny run (RUN/prompts, RUN/shards/round-000) and of its input folders."""
+
+    root: Path  # RUN
+    teacher: Path  # RUN/teacher/teacher.safetensors
+    degraded: Path  # web degraded photos
+    clean: Path  # web clean photos
+    val: Path  # paired set: val/degraded, val/clean
+    original: Path  # the teacher's "private" paired set (data "original" reads its degraded side)
+
+    def copy_to(self, dest: Path) -> TinyRun:
+        """A private copy of RUN (the web folders are shared: nothing writes to them)."""
+        shutil.copytree(self.root, dest)
+        teacher = dest / self.teacher.relative_to(self.root)
+        return TinyRun(dest, teacher, self.degraded, self.clean, self.val, self.original)
+
+
+def _photo(rng: np.random.Generator) -> Image.Image:
+    """A clean-ish photo: a colour gradient with a few random rectangles and ellipses."""
+    y, x = np.mgrid[0:SIDE, 0:SIDE] / SIDE
+    c0, c1 = rng.uniform(30, 220, 3), rng.uniform(30, 220, 3)
+    t = (0.5 * x + 0.5 * y)[..., None]
+    img = Image.fromarray((c0 * (1 - t) + c1 * t).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, SIDE - 8, 2)
+        box = [int(x0), int(y0), int(x0 + rng.integers(6, 20)), int(y0 + rng.integers(6, 20))]
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=fill)
+    return img
+
+
+def _rain(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Bright slanted streaks and a slight haze: a stand-in for the demo's physical rain."""
+    a = np.asarray(img, dtype=np.float32)
+    streaks = np.zeros(a.shape[:2], np.float32)
+    for _ in range(30):
+        x, y = rng.integers(0, SIDE, 2)
+        for k in range(int(rng.integers(4, 10))):
+            if 0 <= y + k < SIDE and 0 <= x + k // 3 < SIDE:
+                streaks[y + k, x + k // 3] = 1.0
+    a = 0.85 * a + 0.15 * 200 + 120 * streaks[..., None]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def make_photos(root: Path, seed: int = 0) -> dict[str, Path]:
+    """web_degraded (8), web_clean (8), and val/ and original/ (6 degraded/clean pairs each): SIDE x SIDE PNGs."""
+    rng = np.random.default_rng(seed)
+    names = ("web_degraded", "web_clean", "val/degraded", "val/clean", "original/degraded", "original/clean")
+    folders = {k: root / k for k in names}
+    for f in folders.values():
+        f.mkdir(parents=True)
+    for i in range(8):
+        _rain(_photo(rng), rng).save(folders["web_degraded"] / f"w{i}.png")
+        _photo(rng).save(folders["web_clean"] / f"c{i}.png")
+    for split in ("val", "original"):
+        for i in range(6):
+            clean = _photo(rng)
+            clean.save(folders[f"{split}/clean"] / f"{split[0]}{i}.png")
+            _rain(clean, rng).save(folders[f"{split}/degraded"] / f"{split[0]}{i}.png")
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> TinyRun:
+    import torch
+
+    from distill.registry import build, save_model
+    from synth.prompts import train_prompts
+    from synth.worker import SynthConfig, synthesize
+
+    base = tmp_path_factory.mktemp("tiny")
+    photos = make_photos(base / "photos")
+    run = base / "run"
+    train_prompts(
+        photos["web_degraded"],
+        "tiny",
+        run / "prompts",
+        prompt_tokens=4,
+        feat_dim=8,
+        widths=(4, 8, 8),
+        token_rank=4,
+        steps=2,
+        batch_size=4,
+        crop=16,
+        queue_size=4,
+        embed_side=32,
+        progress=False,
+    )
+    synthesize(
+        photos["web_clean"],
+        run / "shards" / "round-000",
+        sd="tiny",
+        prompts_dir=run / "prompts",
+        config=SynthConfig(**SYNTH),
+        progress=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        teacher = build("airnet", **TEACHER_KWARGS)
+    teacher_path = save_model(run / "teacher" / "teacher", teacher)
+    photo_root = base / "photos"
+    return TinyRun(run, teacher_path, photos["web_degraded"], photos["web_clean"], photo_root / "val",
+                   photo_root / "original")
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> TinyRun:
+    """A private copy of the tiny run for a test that writes students or regeneration rounds."""
+    return tiny_run.copy_to(tmp_path / "run")

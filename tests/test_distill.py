@@ -1,0 +1,298 @@
+"""Stage 3 acceptance on the tiny run (tests/conftest.py): the feedback gradient path, shard reuse and its
+refusals, exact resume across a regeneration round, the rounds themselves, and the Data/M0 baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import distill.feedback as feedback_mod
+import distill.trainer as trainer_mod
+import synth.worker as worker_mod
+from distill.evaluate import evaluate_model
+from distill.feedback import FeedbackLoop
+from distill.losses import parse_weights
+from distill.registry import build, load_model
+from distill.trainer import DistillConfig, distill, half_of, rounds_due
+from shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
+from shards.pairs import find_pairs
+from shards.writer import read_manifest
+from synth.prompts import load_prompt_encoder
+from synth.worker import SynthConfig, cached_sd
+
+# Tiny steps everywhere: 16x16 crops, batches of 2, one feedback image per step.
+TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
+
+
+def _cfg(**kw) -> DistillConfig:
+    return DistillConfig(**{**TINY, **kw})
+
+
+def _run(r, cfg: DistillConfig, name: str, **kw) -> dict:
+    return distill(r.root, r.teacher, cfg, degraded_dir=r.degraded, clean_dir=r.clean, name=name, progress=False,
+                   **kw)
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _file_states(folder) -> dict[str, tuple[str, int]]:
+    """path -> (sha256, mtime_ns) of every file under `folder`."""
+    return {str(p): (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_schedule_helpers():
+    cfg = _cfg(epochs=6, joint_epochs=4, regen_every=2)
+    assert [rounds_due(e, cfg) for e in range(6)] == [0, 0, 1, 1, 2, 2]  # no round after the joint phase
+    assert rounds_due(5, _cfg(epochs=6, joint_epochs=4, regen_every=0)) == 0
+    assert rounds_due(5, _cfg(data="web", regen_every=1)) == 0
+    assert DistillConfig(epochs=200).halve_every() == 15
+    model = torch.nn.Module()
+    assert half_of(model, {"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == (
+        "airnet", {"n_feats": 32, "encoder_first": 32})
+    assert half_of(model, {"arch": "restormer", "kwargs": {"dim": 48}}) == ("restormer", {"dim": 24})
+
+
+# ------------------------------------------------------------------------------------ 1. gradient path
+def test_feedback_loss_reaches_encoder_not_sd(tiny_run):
+    """One backward of the surrogate's L_kd: the prompt encoder gets gradients, no SD, teacher or
+    momentum-encoder parameter does (they are frozen and stay without .grad)."""
+    r = tiny_run
+    parts = cached_sd("tiny", "cpu", "float32")
+    ccd = SynthConfig(**read_manifest(r.root / "shards" / "round-000")["config"]).ccd()
+    loop = FeedbackLoop(r.root / "prompts", parts, r.degraded, r.clean, ccd, crop=16)
+    teacher, info = load_model(r.teacher)
+    teacher.requires_grad_(False)
+    arch, kwargs = half_of(teacher, info)
+    student = build(arch, **kwargs).train()
+    rng = np.random.default_rng(0)
+    loss = loop.feedback_loss(student, teacher, rng, 2, parse_weights("l2"), "cpu")
+    assert loss.ndim == 0 and float(loss.detach()) > 0
+    loss.backward()
+    grads = {k: p.grad for k, p in loop.encoder.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values()), "no encoder parameter got a gradient"
+    for module in (parts.unet, parts.vae, teacher, loop.key_encoder):
+        assert all(p.grad is None for p in module.parameters())
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_joint_step_with_gamma_zero_moves_encoder_only(run_copy, monkeypatch):
+    """gamma = 0 turns L_cl off: the encoder must still change (L_kd through `feedback_surrogate`), while the
+    frozen SD (vae, unet) and the teacher keep every weight."""
+    r = run_copy
+    parts = cached_sd("tiny", "cpu", "float32")  # the trainer gets this very object from the cache
+    sd_before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in (("vae", parts.vae),
+                                                                                   ("unet", parts.unet))}
+    teachers = []
+
+    def spy_load(path, *a, **kw):
+        model, info = load_model(path, *a, **kw)
+        teachers.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model, info
+
+    monkeypatch.setattr(trainer_mod, "load_model", spy_load)
+    _run(r, _cfg(epochs=1, joint_epochs=1, regen_every=0, gamma=0.0, iters_per_epoch=1), "g0")
+
+    start = load_prompt_encoder(r.root / "prompts")
+    after, _ = load_weights(r.root / "students" / "g0" / "encoder")
+    moved = [k for k, v in _params(start).items() if not torch.equal(v, after[k])]
+    assert moved, "L_kd alone did not move the prompt encoder"
+    for name, module in (("vae", parts.vae), ("unet", parts.unet)):
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, sd_before[name][k]), f"SD {name} weight {k} changed"
+    (teacher, t_before), = teachers
+    assert all(torch.equal(v, t_before[k]) for k, v in teacher.state_dict().items())
+    rec = read_jsonl(r.root / "students" / "g0" / "train.jsonl")[0]
+    assert rec["joint"] and rec["loss_cl"] == 0.0 and rec["loss_fb"] > 0
+
+
+# ------------------------------------------------------------------------------------------- 2. reuse
+def test_second_students_reuse_shards_untouched(run_copy, monkeypatch):
+    r = run_copy
+    before = _file_states(r.root / "shards")
+
+    def no_synth(*a, **kw):
+        raise AssertionError("a reuse run must not synthesize")
+
+    monkeypatch.setattr(worker_mod, "synthesize", no_synth)
+    monkeypatch.setattr(feedback_mod, "synthesize", no_synth)
+    narrow = dict(n_feats=6, encoder_first=6, n_groups=1, n_blocks=1, queue_size=16)
+    res = _run(r, _cfg(student="airnet", student_kwargs=narrow, round=0, epochs=1), "narrow")
+    assert res["round"] == 0
+    # the joint phase on without a round pinned, but no regeneration due: the encoder trains, no synthesis
+    res = _run(r, _cfg(epochs=1, joint_epochs=1, regen_every=0), "joint")
+    assert res["round"] == 0
+    for name, n_feats in (("narrow", 6), ("joint", 4)):
+        student, info = load_model(r.root / "students" / name / "student")
+        assert info["kwargs"]["n_feats"] == n_feats
+    assert _file_states(r.root / "shards") == before
+    assert sorted(p.name for p in (r.root / "shards").iterdir()) == ["round-000"]
+
+
+def test_refuses_shards_of_another_sd(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"sd: shards were made with 'tiny', the run asks for 'other'"):
+        _run(r, _cfg(round=0, epochs=1), "x", sd="other")
+
+
+def test_refuses_round0_of_another_encoder(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    path = r.root / "shards" / "round-000" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "encoder_sha256": "0" * 64}))
+    with pytest.raises(ValueError, match="encoder_sha256"):
+        _run(r, _cfg(epochs=1, joint_epochs=0), "x")
+
+
+def test_incomplete_round_is_passed_over_or_refused(run_copy, monkeypatch):
+    """A regeneration killed half-way leaves round-001 with a manifest marked incomplete: a new student
+    trains on the newest finished round, and pinning the broken round is a clear error."""
+    r = run_copy
+    shards = r.root / "shards"
+    shutil.copytree(shards / "round-000", shards / "round-001")
+    manifest = read_manifest(shards / "round-001")
+    (shards / "round-001" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    (shards / "round-001" / "000001.stats.json").unlink()  # its second shard never finished
+    res = _run(r, _cfg(epochs=1, joint_epochs=0), "x")
+    assert res["round"] == 0
+    with pytest.raises(ValueError, match="round 1 .* is incomplete"):
+        _run(r, _cfg(epochs=1, round=1), "y")
+
+
+def test_joint_phase_needs_web_folders(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    with pytest.raises(ValueError, match="joint phase needs degraded_dir and clean_dir"):
+        distill(r.root, r.teacher, _cfg(epochs=1, joint_epochs=1), progress=False)
+
+
+# ----------------------------------------------------------------------- 3. resume, 4. regeneration
+ROUNDS = dict(epochs=3, joint_epochs=2, regen_every=1, iters_per_epoch=2)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_run, tmp_path_factory):
+    """Run A: 3 epochs straight, regenerating before epochs 2 and 3 (rounds 1 and 2)."""
+    r = tiny_run.copy_to(tmp_path_factory.mktemp("straight") / "run")
+    _run(r, _cfg(**ROUNDS), "s")
+    return r
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("killed_after", [1, 2])
+def test_resume_continues_exactly(straight, run_copy, monkeypatch, killed_after):
+    """Killed at the start of an epoch that first regenerates a round (after epoch 1: inside the joint phase,
+    so the MoCo queue, key encoder and encoder optimizer must come back too; after epoch 2: just before the
+    last round), a resumed run ends bit-equal to the straight one."""
+    r = run_copy
+    real = trainer_mod.rounds_due
+
+    def kill(epoch, cfg):
+        if epoch == killed_after:
+            raise _Killed
+        return real(epoch, cfg)
+
+    monkeypatch.setattr(trainer_mod, "rounds_due", kill)
+    with pytest.raises(_Killed):
+        _run(r, _cfg(**ROUNDS), "s")
+    out = r.root / "students" / "s"
+    assert [rec["epoch"] for rec in read_jsonl(out / "train.jsonl")] == list(range(1, killed_after + 1))
+    assert not (r.root / "shards" / f"round-{killed_after:03d}").exists()
+    monkeypatch.setattr(trainer_mod, "rounds_due", real)
+    res = _run(r, _cfg(**ROUNDS), "s", resume=True)
+    assert res["round"] == 2
+
+    want, _ = load_weights(straight.root / "students" / "s" / "student")
+    got, _ = load_weights(out / "student")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), "resumed student differs from the straight run"
+    assert state_dict_sha256(load_weights(out / "encoder")[0]) == state_dict_sha256(
+        load_weights(straight.root / "students" / "s" / "encoder")[0])
+    keys = ("epoch", "round", "loss_kd", "loss_fb", "loss_cl")
+    strip = [{k: rec[k] for k in keys} for rec in read_jsonl(out / "train.jsonl")]
+    assert strip == [{k: rec[k] for k in keys} for rec in read_jsonl(straight.root / "students" / "s" / "train.jsonl")]
+
+
+def test_regeneration_rounds(straight):
+    r = straight
+    base = read_manifest(r.root / "shards" / "round-000")
+    hashes = [base["encoder_sha256"]]
+    for n in (1, 2):
+        m = read_manifest(r.root / "shards" / f"round-{n:03d}")
+        assert m["complete"] and m["config"]["round"] == n and m["images"] == base["images"]
+        enc = load_weights(r.root / "prompts" / "rounds" / f"round-{n:03d}" / "encoder")[0]
+        assert m["encoder_sha256"] == state_dict_sha256(enc)  # the KD-updated encoder of that round
+        hashes.append(m["encoder_sha256"])
+    assert len(set(hashes)) == 3, "each round must be made by a different (further trained) encoder"
+    # the joint phase ends with epoch 2, so the final encoder is the one that made round 2
+    assert state_dict_sha256(load_weights(r.root / "students" / "s" / "encoder")[0]) == hashes[2]
+    log = read_jsonl(r.root / "students" / "s" / "train.jsonl")
+    assert [(rec["round"], rec["joint"]) for rec in log] == [(0, True), (1, True), (2, False)]
+    assert json.loads((r.root / "students" / "s" / "config.json").read_text())["round"] == 2
+
+
+# ---------------------------------------------------------------------------------------- 5. baselines
+@pytest.mark.parametrize("data", ["original", "web"])
+def test_baselines_improve_on_untrained(tiny_run, tmp_path, data):
+    r = tiny_run.copy_to(tmp_path / "run")
+    kw = dict(original_dir=r.original, val_dir=r.val)
+    cfg = _cfg(data=data, joint_epochs=0, iters_per_epoch=6, batch_size=4, lr=2e-3)
+    _run(r, dataclasses.replace(cfg, epochs=0), "untrained", **kw)  # no step: the initial student
+    res = _run(r, dataclasses.replace(cfg, epochs=2), "trained", **kw)
+    out = r.root / "students" / "trained"
+    assert (out / "student.safetensors").is_file() and res["round"] is None
+    before = json.loads((r.root / "students" / "untrained" / "eval.json").read_text())["mean"]["ref_psnr"]
+    student, _ = load_model(out / "student")
+    teacher, _ = load_model(r.teacher)
+    after = evaluate_model(student, find_pairs(r.val), reference=teacher, progress=False)["mean"]["ref_psnr"]
+    assert after == pytest.approx(json.loads((out / "eval.json").read_text())["mean"]["ref_psnr"], abs=1e-6)
+    assert after > before + 1.0, f"{data}: PSNR vs teacher {before:.2f} -> {after:.2f} dB"
+
+
+@pytest.mark.parametrize("data", ["original", "web"])
+def test_cli_baselines_write_students(tiny_run, tmp_path, data):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    r = tiny_run.copy_to(tmp_path / "run")
+    source = ["--original", str(r.original)] if data == "original" else ["--degraded", str(r.degraded)]
+    args = ["distill", "--run", str(r.root), "--teacher", str(r.teacher), "--data", data, *source, "--epochs", "1",
+            "--joint-epochs", "0", "--iters-per-epoch", "1", "--batch-size", "2", "--crop", "16", "--device", "cpu",
+            "--name", f"cli-{data}"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = r.root / "students" / f"cli-{data}"
+    assert load_model(out / "student")[1]["kwargs"]["n_feats"] == 4  # "half" of the 8-wide teacher
+    assert json.loads((out / "config.json").read_text())["data"] == data
+    assert not (r.root / "shards" / "round-001").exists()
+
+
+def test_bench_smoke(tmp_path, capsys):
+    """bench/distill.py end to end at toy size: its own shards, both sources timed, the table and the JSON."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_distill", Path(__file__).parents[1] / "bench" / "distill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    res = bench.main(["--device", "cpu", "--crop", "32", "--batch-size", "2", "--steps", "2", "--blocks", "1",
+                      "--warmup", "1", "--num-workers", "0", "--shard-images", "4", "--json-out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert res["student"] == "restormer-12" and set(res["step_s"]) == {"memory", "shards"}
+    assert res["ratio"] == pytest.approx(res["step_s"]["shards"] / res["step_s"]["memory"])
+    assert "shards / memory" in capsys.readouterr().out
+
+
+def test_bad_data_source(tiny_run, tmp_path):
+    with pytest.raises(ValueError, match="data must be one of"):
+        _run(tiny_run.copy_to(tmp_path / "run"), _cfg(data="imagenet"), "x")
