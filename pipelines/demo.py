@@ -153,9 +153,17 @@ def evaluate_all(run: Path, teacher_path: Path, test: Path, arch: str, kwargs: d
         ("KD", "M0 (web degraded images)", run / "students/m0/student.safetensors", None),
         ("KD", "D4IR (ours)", run / "students/d4ir/student.safetensors", None),
     ]
-    for kind, method, model, folder in rows:
+    for order, (kind, method, model, folder) in enumerate(rows):
         if isinstance(model, Path):
             folder, model = model.parent, load_model(model)[0]
         model = model.to(device).eval() if model is not None else None
         result = evaluate_model(model, pairs, device=device, reference=teacher, progress=False)
-        write_eval(folder / "eval.json", result, type=kind, method=method, pairs=str(test), reference=str(teacher_path))
+        write_eval(
+            folder / "eval.json",
+            result,
+            type=kind,
+            method=method,
+            order=order,
+            pairs=str(test),
+            reference=str(teacher_path),
+        )

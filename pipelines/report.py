@@ -60,7 +60,7 @@ def collect_evals(run: Path) -> list[dict]:
         if "type" in data and "method" in data:
             found.append({**data, "path": str(path.relative_to(run))})
     rank = {k: i for i, k in enumerate(ROW_ORDER)}
-    return sorted(found, key=lambda d: (rank.get(d["type"], len(rank)), d["path"]))
+    return sorted(found, key=lambda d: (rank.get(d["type"], len(rank)), d.get("order", 0), d["path"]))
 
 
 def results_table(evals: list[dict], *, y_channel: bool = False, reference: bool = True) -> str:
@@ -105,21 +105,12 @@ def curves_png(run: Path, out: Path) -> Path:
             axes[1].plot(epochs, [r["val_psnr"] for r in rows], marker="o", label=name)
         if "val_ref_psnr" in rows[0]:
             axes[2].plot(epochs, [r["val_ref_psnr"] for r in rows], marker="o", label=name)
-    prompts = read_jsonl(Path(run) / "prompts" / "train.jsonl")
     titles = ("training loss", "val PSNR vs ground truth (dB)", "val PSNR vs teacher (dB)")
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if ax.lines:
             ax.legend(fontsize=7)
-    if prompts:
-        axes[0].plot(
-            [r["step"] / max(len(prompts), 1) for r in prompts],
-            [r["loss"] / 100 for r in prompts],
-            alpha=0.4,
-            label="prompts InfoNCE / 100 (x: fraction of stage 1)",
-        )
-        axes[0].legend(fontsize=7)
     axes[0].set_yscale("log")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
