@@ -13,16 +13,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import torch
+_HERE = Path(__file__).resolve().parent
+# `python bench/probe.py` puts bench/ first on sys.path, where bench/synth.py would shadow the synth package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
-from pipelines.demo_data import build_demo_data
-from shards.images import list_files
-from synth.adapter import PromptEncoder
-from synth.probe import probe
-from synth.prompts import load_prompt_encoder, train_prompts
+import torch  # noqa: E402
+
+from pipelines.demo_data import build_demo_data  # noqa: E402
+from shards.images import list_files  # noqa: E402
+from synth.adapter import PromptEncoder  # noqa: E402
+from synth.probe import probe  # noqa: E402
+from synth.prompts import load_prompt_encoder, train_prompts  # noqa: E402
 
 TYPES = {"rain": "derain", "haze": "dehaze", "snow": "desnow"}
 

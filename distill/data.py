@@ -64,4 +64,6 @@ def random_crop(rng: np.random.Generator, size: int, *images: np.ndarray) -> lis
 def to_batch(arrays: Sequence[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [H, W, 3] arrays -> [B, 3, H, W] float in [0, 1]."""
     stacked = torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrays]))
-    return stacked.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    # contiguous: a permuted (channels-last) batch crashes oneDNN's backward of AirNet's 1x1 stride-2
+    # shortcut conv at widths below 16 on the CPU (torch 2.14)
+    return stacked.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
