@@ -12,15 +12,6 @@ from distill.inference import crop_to_multiple, official_policy, pad_to_multiple
 from distill.registry import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """One intra-op thread: on the shared 2-core machine two spinning OpenMP threads run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_airnet() -> AirNet:
     # one group of one block: receptive-field radius 8, within the tile window's dead margin at overlap 32

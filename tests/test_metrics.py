@@ -12,15 +12,6 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from distill.metrics import psnr, rgb_to_y, ssim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """One intra-op thread: on the shared 2-core machine two spinning OpenMP threads run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _to_torch(imgs: list[np.ndarray]) -> torch.Tensor:
     """list of [H,W,3] float arrays -> [B,3,H,W] float32."""
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()

@@ -14,16 +14,6 @@ from distill.airnet import AirNet, MoCo, airnet_kwargs_from_state_dict
 from distill.registry import ARCHITECTURES, build, count_parameters, load_model, save_model
 from distill.restormer import Restormer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """One intra-op thread: on the shared 2-core machine two spinning OpenMP threads run ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 _ROOT = Path(__file__).resolve().parents[1]
 _NOTE_DIRS = [Path(os.environ.get("D4IR_NOTES", "/nonexistent")), _ROOT / "shared" / "notes",
               _ROOT.parent / "shared" / "notes"]
