@@ -8,7 +8,6 @@ Each epoch ends with validation (when a paired set is given), a line in train.js
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.io import append_jsonl
+from shards.io import append_jsonl, atomic_torch_save
 from shards.pairs import find_pairs
 
 from .airnet import AirNet
@@ -49,15 +48,16 @@ class SupervisedConfig:
     seed: int = 0
 
 
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train_supervised(
-    pairs_dir: Path, out_dir: Path, config: SupervisedConfig, *, val_dir: Path | None = None, name: str = "teacher",
-    resume: bool = False, device: str = "cpu", progress: bool = True,
+    pairs_dir: Path,
+    out_dir: Path,
+    config: SupervisedConfig,
+    *,
+    val_dir: Path | None = None,
+    name: str = "teacher",
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> dict:
     """Train `config.arch` on the pairs under `pairs_dir`; returns the last validation metrics.
 
@@ -117,9 +117,18 @@ def train_supervised(
             record.update({f"val_{k}": v for k, v in metrics.items()})
         append_jsonl(out_dir / "train.jsonl", record)
         save_model(out_dir / name, model, config.arch)
-        _save_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                 "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                                 "config": asdict(config), "metrics": metrics})
+        atomic_torch_save(
+            state_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "config": asdict(config),
+                "metrics": metrics,
+            },
+        )
         if progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
             tqdm.write(f"{name} epoch {epoch + 1}: {shown}")

@@ -20,11 +20,10 @@ import torch
 import torch.distributed as dist
 
 from shards.embeddings import load_embeddings
-from shards.io import append_jsonl, atomic_write_json
+from shards.io import append_jsonl, atomic_torch_save, atomic_write_json, save_weights
 from shards.pairs import find_pairs
 from shards.reader import latest_round, round_dir
 from shards.writer import check_manifest, read_manifest
-from synth.ccd import CCDConfig
 from synth.worker import Distributor, SynthConfig, cached_sd
 
 from .data import random_crop, to_batch
@@ -206,9 +205,7 @@ def distill(
     )
     # find_unused_parameters: the KD forward `student(x)` leaves parameters without a gradient (AirNet runs
     # only E_pre of its MoCo encoders); plain DDP would wait for them and fail at the next step.
-    model = (
-        torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
-    )
+    model = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True) if world > 1 else student
     start, metrics, state_path = 0, {}, out / "state.pt"
     if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
@@ -307,14 +304,12 @@ def distill(
             append_jsonl(out / "train.jsonl", record)
             save_model(out / "student", student, name)
             if loop is not None:
-                from shards.io import save_weights
-
                 save_weights(
                     out / "encoder",
                     loop.encoder.state_dict(),
                     {"arch": "PromptEncoder", "encoder": loop.encoder.config},
                 )
-            _save_state(
+            atomic_torch_save(
                 state_path,
                 {
                     "student": student.state_dict(),
@@ -388,12 +383,3 @@ def _allreduce_grads(module: torch.nn.Module, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
-
-
-def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-__all__ = ["CCDConfig", "DistillConfig", "distill", "half_of", "rounds_due"]

@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.weather import HAZE_AIRLIGHT, HAZE_BETA, HAZE_DEPTH, RAIN_LEVELS, SNOW_LEVELS, TASKS, degrade
+from shards.images import save_png
 
 BUILD_VERSION = 1  # bump when the recipe changes, so existing folders are rebuilt
 TASK_IDS = {"derain": 0, "dehaze": 1, "desnow": 2}  # fixed, so a subset of tasks gives the same images
@@ -123,11 +124,6 @@ def _options(task: str, split: str, k: int, rng: np.random.Generator) -> dict:
     }
 
 
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")
-
-
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
@@ -217,7 +213,7 @@ def build_demo_data(
             folder = out / task / split
             if split == "web_clean":
                 for record, clean in items:
-                    _save_png(folder / f"{record['stem']}.png", clean)
+                    save_png(folder / f"{record['stem']}.png", clean)
                     bar.update()
                 continue
             options[task][split] = []
@@ -227,10 +223,10 @@ def build_demo_data(
                 degraded = _to_uint8(degrade(task, clean.astype(np.float64) / 255.0, rng, **opts))
                 options[task][split].append(opts)
                 if split == "web_degraded":
-                    _save_png(folder / f"{record['stem']}.png", degraded)
+                    save_png(folder / f"{record['stem']}.png", degraded)
                 else:
-                    _save_png(folder / "degraded" / f"{record['stem']}.png", degraded)
-                    _save_png(folder / "clean" / f"{record['stem']}.png", clean)
+                    save_png(folder / "degraded" / f"{record['stem']}.png", degraded)
+                    save_png(folder / "clean" / f"{record['stem']}.png", clean)
                 bar.update()
     bar.close()
 

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """torch.save through `atomic_write_bytes` (resumable training states: a kill never leaves half a file)."""
+    buf = BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def sha256_bytes(data: bytes) -> str:

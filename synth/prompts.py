@@ -16,7 +16,6 @@ embeddings.safetensors + index.jsonl.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from shards.embeddings import save_embeddings
 from shards.images import ImageSkipped, read_rgb, scan_images, to_tensor
 from shards.io import (
     append_jsonl,
-    atomic_write_bytes,
+    atomic_torch_save,
     atomic_write_text,
     load_weights,
     read_jsonl,
@@ -98,18 +97,13 @@ def _batch(paths: list[Path], step: int, *, batch_size: int, crop: int, seed: in
         try:
             img = to_tensor(read_rgb(paths[i], min_side=crop))
         except ImageSkipped as err:
-            raise RuntimeError(f"{paths[i]} became unreadable during training ({err.reason}); restore it "
-                               "and rerun with resume=True") from err
+            raise RuntimeError(
+                f"{paths[i]} became unreadable during training ({err.reason}); restore it and rerun with resume=True"
+            ) from err
         q, k = _crop_pair(img, crop, np.random.default_rng([seed, 1, step, slot]))
         queries.append(q)
         keys.append(k)
     return torch.stack(queries), torch.stack(keys)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(out_dir: str | Path) -> dict:
@@ -197,9 +191,14 @@ def train_prompts(
         min_side: shortest usable image side (default and floor: `crop`).
     """
     degraded_dir, out_dir = Path(degraded_dir), Path(out_dir)
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("crop", crop),
-                        ("queue_size", queue_size), ("checkpoint_every", checkpoint_every),
-                        ("embed_side", embed_side)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("crop", crop),
+        ("queue_size", queue_size),
+        ("checkpoint_every", checkpoint_every),
+        ("embed_side", embed_side),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     sd = _sd_handle(sd, device)
@@ -230,18 +229,38 @@ def train_prompts(
             f"batch of {batch_size}; add images or lower batch_size"
         )
     if queue_size > len(paths) - batch_size:
-        log.warning("queue_size %d > images - batch_size (%d): crops of an image may come back as its own negatives",
-                    queue_size, len(paths) - batch_size)
+        log.warning(
+            "queue_size %d > images - batch_size (%d): crops of an image may come back as its own negatives",
+            queue_size,
+            len(paths) - batch_size,
+        )
 
-    args = {"prompt_dim": dim, "prompt_tokens": prompt_tokens, "feat_dim": feat_dim, "widths": list(widths),
-            "token_rank": token_rank, "batch_size": batch_size, "crop": crop, "queue_size": queue_size,
-            "lr": lr, "tau": tau, "momentum": momentum, "seed": seed,
-            "images": [str(p) for p in paths],
-            "base_sha256": None if base is None else state_dict_sha256({"base": base})}
+    args = {
+        "prompt_dim": dim,
+        "prompt_tokens": prompt_tokens,
+        "feat_dim": feat_dim,
+        "widths": list(widths),
+        "token_rank": token_rank,
+        "batch_size": batch_size,
+        "crop": crop,
+        "queue_size": queue_size,
+        "lr": lr,
+        "tau": tau,
+        "momentum": momentum,
+        "seed": seed,
+        "images": [str(p) for p in paths],
+        "base_sha256": None if base is None else state_dict_sha256({"base": base}),
+    }
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(seed)
-        query_enc = PromptEncoder(prompt_dim=dim, prompt_tokens=prompt_tokens, feat_dim=feat_dim,
-                                  widths=widths, token_rank=token_rank, base_prompt=base)
+        query_enc = PromptEncoder(
+            prompt_dim=dim,
+            prompt_tokens=prompt_tokens,
+            feat_dim=feat_dim,
+            widths=widths,
+            token_rank=token_rank,
+            base_prompt=base,
+        )
     key_enc = PromptEncoder(**query_enc.config, base_prompt=base)
     key_enc.load_state_dict(query_enc.state_dict())
     key_enc.requires_grad_(False)
@@ -254,8 +273,10 @@ def train_prompts(
     if ckpt is not None:
         changed = sorted(k for k in args if ckpt["args"].get(k) != args[k])
         if changed:
-            raise ValueError(f"cannot resume {ckpt_path}: settings changed ({', '.join(changed)}); "
-                             "use resume=False or another out_dir")
+            raise ValueError(
+                f"cannot resume {ckpt_path}: settings changed ({', '.join(changed)}); "
+                "use resume=False or another out_dir"
+            )
         start = int(ckpt["step"])
         if start > steps:
             raise ValueError(f"{ckpt_path} is at step {start}, past steps={steps}")
@@ -272,9 +293,17 @@ def train_prompts(
         log_path.unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
-        _save_checkpoint(ckpt_path, {"step": step, "args": args, "query": query_enc.state_dict(),
-                                     "key": key_enc.state_dict(), "queue": queue.state_dict(),
-                                     "optimizer": optimizer.state_dict()})
+        atomic_torch_save(
+            ckpt_path,
+            {
+                "step": step,
+                "args": args,
+                "query": query_enc.state_dict(),
+                "key": key_enc.state_dict(),
+                "queue": queue.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            },
+        )
 
     loss_value = None
     bar = tqdm(total=steps, initial=start, desc="prompts", disable=not progress)
@@ -306,19 +335,39 @@ def train_prompts(
     if encoder.has_base:
         encoder.set_prompt_strength(prompt_strength)
     training = {k: v for k, v in args.items() if k != "images"} | {
-        "steps": steps, "prompt_strength": prompt_strength, "embed_side": embed_side,
-        "num_images": len(paths), "degraded_dir": str(degraded_dir)}
-    enc_path, emb_path, enc_sha = export_prompts(encoder, paths, out_dir, sd, training=training,
-                                                 embed_side=embed_side, batch_size=batch_size, device=device)
+        "steps": steps,
+        "prompt_strength": prompt_strength,
+        "embed_side": embed_side,
+        "num_images": len(paths),
+        "degraded_dir": str(degraded_dir),
+    }
+    enc_path, emb_path, enc_sha = export_prompts(
+        encoder, paths, out_dir, sd, training=training, embed_side=embed_side, batch_size=batch_size, device=device
+    )
     log.info("wrote %d prompts [%d x %d] to %s", len(paths), prompt_tokens, dim, emb_path)
-    return PromptsResult(out_dir=out_dir, encoder_path=enc_path, embeddings_path=emb_path,
-                         num_images=len(paths), steps=steps, final_loss=loss_value, encoder_sha256=enc_sha,
-                         counts=counts, skipped=list(scan.skipped))
+    return PromptsResult(
+        out_dir=out_dir,
+        encoder_path=enc_path,
+        embeddings_path=emb_path,
+        num_images=len(paths),
+        steps=steps,
+        final_loss=loss_value,
+        encoder_sha256=enc_sha,
+        counts=counts,
+        skipped=list(scan.skipped),
+    )
 
 
 def export_prompts(
-    encoder: PromptEncoder, paths: list[Path], out_dir: Path, sd: Any, *, training: dict, embed_side: int,
-    batch_size: int = 32, device: str = "cpu",
+    encoder: PromptEncoder,
+    paths: list[Path],
+    out_dir: Path,
+    sd: Any,
+    *,
+    training: dict,
+    embed_side: int,
+    batch_size: int = 32,
+    device: str = "cpu",
 ) -> tuple[Path, Path, str]:
     """Write encoder.safetensors/.json, embeddings.safetensors and index.jsonl for `encoder` into `out_dir`.
 
@@ -330,16 +379,28 @@ def export_prompts(
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     enc_sha = state_dict_sha256(state)
     sd_info = {"model_id": str(sd.model_id), "fingerprint": str(sd.fingerprint)}
-    enc_path = save_weights(out_dir / ENCODER_STEM, state,
-                            {"arch": "PromptEncoder", "encoder": encoder.config, "training": training, "sd": sd_info},
-                            metadata={"sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"]})
+    enc_path = save_weights(
+        out_dir / ENCODER_STEM,
+        state,
+        {"arch": "PromptEncoder", "encoder": encoder.config, "training": training, "sd": sd_info},
+        metadata={"sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"]},
+    )
     prompts = _embed(encoder, paths, side=embed_side, batch_size=batch_size, device=device)  # [N, L, D]
     sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
-    emb_path = save_embeddings(out_dir, prompts, sources, {
-        "L": encoder.prompt_tokens, "D": encoder.prompt_dim, "encoder_sha256": enc_sha,
-        "sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"],
-        "prompt_strength": training.get("prompt_strength", ""),
-        "embed_rule": f"central square min(H, W, {embed_side}), native scale"})
+    emb_path = save_embeddings(
+        out_dir,
+        prompts,
+        sources,
+        {
+            "L": encoder.prompt_tokens,
+            "D": encoder.prompt_dim,
+            "encoder_sha256": enc_sha,
+            "sd_model_id": sd_info["model_id"],
+            "sd_fingerprint": sd_info["fingerprint"],
+            "prompt_strength": training.get("prompt_strength", ""),
+            "embed_rule": f"central square min(H, W, {embed_side}), native scale",
+        },
+    )
     encoder.train(was_training)
     return enc_path, emb_path, enc_sha
 
