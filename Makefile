@@ -6,14 +6,14 @@ STAMP  := $(VENV)/.installed
 D4IR   := $(BIN)/d4ir
 
 # What a run is made of (the defaults are the embedded demo: data/demo, a tiny random SD, a demo teacher).
+# Every run path is derived by d4ir itself from RUN (shards/layout.py); the Makefile names only inputs.
 TASK     ?= derain
 DEMO     ?= data/demo
 RUN      ?= runs/$(TASK)
 SD       ?= tiny
 DEGRADED ?= $(DEMO)/$(TASK)/web_degraded
 CLEAN    ?= $(DEMO)/$(TASK)/web_clean
-DEMO_TEACHER := $(RUN)/teacher/teacher.safetensors
-TEACHER  ?= $(DEMO_TEACHER)
+TEACHER  ?=
 STUDENT  ?= half
 ARGS     ?=
 
@@ -21,7 +21,7 @@ ARGS     ?=
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: TASK=$(TASK) RUN=$(RUN) SD=$(SD) TEACHER=$(TEACHER) STUDENT=$(STUDENT)"
+	@echo "  variables: TASK=$(TASK) RUN=$(RUN) SD=$(SD) TEACHER=$(or $(TEACHER),RUN's own) STUDENT=$(STUDENT)"
 	@echo "             DEGRADED=$(DEGRADED) CLEAN=$(CLEAN) ARGS='extra options for the stage'"
 
 $(STAMP): pyproject.toml
@@ -41,25 +41,23 @@ lint: $(STAMP)  ## ruff
 data: $(STAMP)  ## build the embedded demo data (scikit-image photos, physical rain/haze/snow)
 	$(D4IR) data demo --out $(DEMO)
 
-teacher: data  ## train a (demo-width AirNet) teacher on the demo pairs of TASK
+teacher: data  ## train a (demo-width AirNet) teacher on the demo pairs of TASK into RUN/teacher
 	$(D4IR) teacher --arch airnet --pairs $(DEMO)/$(TASK)/original --val $(DEMO)/$(TASK)/test \
-		--out $(RUN)/teacher --preset demo --resume $(ARGS)
+		--run $(RUN) --preset demo --resume $(ARGS)
 
-prompts: data  ## stage 1: train the prompt adapter on DEGRADED, write RUN/prompts
-	$(D4IR) prompts --degraded $(DEGRADED) --sd $(SD) --out $(RUN)/prompts --preset demo --resume $(ARGS)
+prompts: data  ## stage 1: train the prompt encoder on DEGRADED, write RUN/prompts
+	$(D4IR) prompts --run $(RUN) --degraded $(DEGRADED) --sd $(SD) --preset demo --resume $(ARGS)
 
 synth: prompts  ## stage 2: synthesize degraded images from CLEAN with RUN/prompts into RUN/shards
-	$(D4IR) synth --task $(TASK) --clean $(CLEAN) --prompts $(RUN)/prompts --sd $(SD) --out $(RUN)/shards \
-		--preset demo $(ARGS)
+	$(D4IR) synth --run $(RUN) --task $(TASK) --clean $(CLEAN) --sd $(SD) --preset demo $(ARGS)
 
-# the demo teacher is trained first when TEACHER is left at its default
-distill: synth $(if $(filter $(DEMO_TEACHER),$(TEACHER)),teacher)  ## stage 3: distill STUDENT from TEACHER (with regeneration rounds)
-	$(D4IR) distill --run $(RUN) --teacher $(TEACHER) --student $(STUDENT) --sd $(SD) \
+# RUN's own teacher is trained first when TEACHER is not given
+distill: synth $(if $(TEACHER),,teacher)  ## stage 3: distill STUDENT from TEACHER (with regeneration rounds)
+	$(D4IR) distill --run $(RUN) $(if $(TEACHER),--teacher $(TEACHER)) --student $(STUDENT) --sd $(SD) \
 		--degraded $(DEGRADED) --clean $(CLEAN) --val $(DEMO)/$(TASK)/test --preset demo --resume $(ARGS)
 
-eval: $(STAMP)  ## evaluate RUN's student on the demo test pairs (against ground truth and the teacher)
-	$(D4IR) eval --model $(RUN)/students/$(if $(filter half,$(STUDENT)),half-teacher,$(STUDENT))/student.safetensors \
-		--pairs $(DEMO)/$(TASK)/test --reference $(TEACHER)
+eval: $(STAMP)  ## evaluate RUN's STUDENT on the demo test pairs (against ground truth and the teacher)
+	$(D4IR) eval --run $(RUN) --student $(STUDENT) --pairs $(DEMO)/$(TASK)/test $(if $(TEACHER),--reference $(TEACHER))
 
 demo: $(STAMP)  ## the whole pipeline on the embedded demo, ending in runs/demo/report.md
 	$(D4IR) demo --data $(DEMO) --run runs/demo $(ARGS)

@@ -71,7 +71,9 @@ def make_round(out: Path, *, size: int, images: int, shard_size: int, device: st
     """Synthesize a round with the tiny SD from random smooth photos (no stage 1: prompt mode "none")."""
     from PIL import Image
 
-    from synth.worker import SynthConfig, synthesize
+    from synth.ccd import CCDConfig
+    from synth.plan import SynthConfig
+    from synth.worker import synthesize
 
     clean = out / "clean"
     clean.mkdir(parents=True)
@@ -79,10 +81,9 @@ def make_round(out: Path, *, size: int, images: int, shard_size: int, device: st
     for i in range(min(images, 16)):
         coarse = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
         Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(clean / f"c{i:02d}.png")
-    config = SynthConfig(num_samples=images, shard_size=shard_size, batch_size=min(16, shard_size), steps=4,
-                         strength=0.5, size=size, prompt_mode="none")
-    synthesize(clean, out / "round-000", sd="tiny", config=config, device=device, progress=False)
-    return out / "round-000"
+    config = SynthConfig(num_samples=images, shard_size=shard_size, batch_size=min(16, shard_size),
+                         ccd=CCDConfig(steps=4, strength=0.5, size=size), prompt_mode="none")
+    return synthesize(clean, out / "shards", config, sd_spec="tiny", device=device, progress=False).round_dir
 
 
 def _model(spec: str, device: str) -> torch.nn.Module:

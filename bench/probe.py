@@ -1,6 +1,6 @@
-"""Do the prompt adapter's features see degradation? (issue 4's evidence, recorded in docs/benchmarks.md)
+"""Do the prompt encoder's features see degradation? (stage 1's evidence, recorded in docs/benchmarks.md)
 
-Trains the adapter (stage 1, `train_prompts`) on the demo's web degraded images of all three tasks mixed
+Trains the prompt encoder (stage 1, `train_prompts`) on the demo's web degraded images of all three tasks mixed
 (rain, haze and snow, unlabelled), then scores frozen contrastive features of crops from the held-out demo
 *test* images with a leave-one-image-out nearest-neighbour probe (`synth.probe.probe`), against an untrained
 encoder of the same shape and against chance (1/3). Writes a PCA plot of the features coloured by type.
@@ -25,10 +25,14 @@ sys.path.insert(0, str(_HERE.parent))
 import torch  # noqa: E402
 
 from pipelines.demo_data import build_demo_data  # noqa: E402
+from pipelines.figures import probe_plot  # noqa: E402
 from shards.images import list_files  # noqa: E402
-from synth.adapter import PromptEncoder  # noqa: E402
+from synth.embed import load_prompt_encoder  # noqa: E402
+from synth.moco import MoCoConfig  # noqa: E402
 from synth.probe import probe  # noqa: E402
-from synth.prompts import load_prompt_encoder, train_prompts  # noqa: E402
+from synth.prompt_encoder import PromptEncoder  # noqa: E402
+from synth.prompts import PromptsConfig, train_prompts  # noqa: E402
+from synth.sd import load_sd  # noqa: E402
 
 TYPES = {"rain": "derain", "haze": "dehaze", "snow": "desnow"}
 
@@ -49,16 +53,18 @@ def main(argv: list[str] | None = None) -> dict:
         dst.mkdir(parents=True, exist_ok=True)
         for f in list_files(args.data / task / "web_degraded"):
             shutil.copy2(f, dst / f.name)
-    train_prompts(mixed, "tiny", args.out / "prompts", steps=args.steps, batch_size=32, crop=args.crop,
-                  queue_size=64, prompt_tokens=8, embed_side=64, seed=args.seed, resume=True, progress=False)
+    config = PromptsConfig(steps=args.steps, batch_size=32, crop=args.crop, moco=MoCoConfig(queue_size=64),
+                           prompt_tokens=8, embed_side=64, seed=args.seed)
+    train_prompts(mixed, load_sd("tiny"), args.out / "prompts", config, resume=True, progress=False)
     held_out = {name: list_files(args.data / task / "test" / "degraded") for name, task in TYPES.items()}
     trained = load_prompt_encoder(args.out / "prompts")
     torch.manual_seed(args.seed)
     untrained = PromptEncoder(**trained.config)
-    results = {
-        "trained": probe(trained, held_out, crop=args.crop, plot_path=args.out / "probe_trained.png"),
-        "untrained": probe(untrained, held_out, crop=args.crop, plot_path=args.out / "probe_untrained.png"),
-    }
+    results = {name: probe(enc, held_out, crop=args.crop) for name, enc in (("trained", trained),
+                                                                             ("untrained", untrained))}
+    for name, res in results.items():
+        probe_plot(res, args.out / f"probe_{name}.png")
+        res.pop("points"), res.pop("labels")
     results["seconds"] = time.perf_counter() - t0
     results["settings"] = vars(args) | {"data": str(args.data), "out": str(args.out)}
     (args.out / "probe.json").write_text(json.dumps(results, indent=2, default=str))

@@ -187,61 +187,66 @@ def prepare_data(data_root: Path, out: Path, seed: int) -> dict:
     return info
 
 
-def _epochs_done(folder: Path) -> int:
-    log = folder / "train.jsonl"
-    return sum(1 for line in log.read_text().splitlines() if line.strip()) if log.exists() else 0
+def _config(stage: str, flat: dict, **extra):
+    """The paper config of `stage` with this scale's values (sampler and MoCo keys go to their sub-configs)."""
+    from dataclasses import fields, is_dataclass, replace
+
+    from pipelines.presets import preset
+
+    base = preset("paper", stage)
+    values = {**flat, **extra}
+    nested = {f.name: getattr(base, f.name) for f in fields(base) if is_dataclass(getattr(base, f.name))}
+    for name, sub in nested.items():
+        mine = {k: values.pop(k) for k in list(values) if k in sub.__dataclass_fields__}
+        values[name] = replace(sub, **mine)
+    return replace(base, **values)
 
 
 def train_supervised_step(pairs: Path, out: Path, name: str, arch_kwargs: dict, cfg: dict, device: str) -> Path:
     """The teacher or the half-width Student on the private pairs (resumes after its last epoch)."""
-    import torch
+    from distill.teacher import train_supervised
+    from shards.layout import STATE_FILE
 
-    from distill.teacher import SupervisedConfig, train_supervised
-
-    # torch 2.14.1's oneDNN segfaults in the backward of a 1x1 stride-2 conv with < 16 input channels on a
-    # channels-last batch (`distill.data.to_batch` permutes NHWC without a copy): AirNet's encoder shortcut
-    # at n_feats < 16. The native convolution is about as fast at these widths.
-    narrow = arch_kwargs["n_feats"] < 16 and not device.startswith("cuda")
-    if _epochs_done(out) < cfg["epochs"]:
-        config = SupervisedConfig(arch="airnet", arch_kwargs=arch_kwargs, **cfg)
-        was = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = was and not narrow  # (mkldnn.flags() would warn about TF32)
-        try:
-            train_supervised(pairs, out, config, name=name, resume=True, device=device, progress=False)
-        finally:
-            torch.backends.mkldnn.enabled = was
+    config = _config("teacher", cfg, arch="airnet", arch_kwargs=arch_kwargs)
+    train_supervised(pairs, out, config, name=name, resume=(out / STATE_FILE).exists(), device=device, progress=False)
     return out / f"{name}.safetensors"
 
 
 def run_d4ir_stages(args: argparse.Namespace, scale: dict, data: Path, run: Path, device: str) -> None:
     """Stage 1 (prompts) and stage 2 (round 0 of the shards), each skipped when finished."""
+    from shards.layout import EMBEDDINGS_FILE, MANIFEST_FILE, RunLayout
     from synth.prompts import train_prompts
-    from synth.worker import SynthConfig, synthesize
+    from synth.sd import load_sd_cached
+    from synth.worker import synthesize
 
-    if not (run / "prompts" / "embeddings.safetensors").exists():
+    layout = RunLayout(run)
+    if not (layout.prompts / EMBEDDINGS_FILE).exists():
         _log("stage 1: prompts")
-        train_prompts(data / "web_degraded", args.sd, run / "prompts", seed=args.seed, resume=True, device=device,
-                      progress=False, **scale["prompts"])
-    manifest = run / "shards" / "round-000" / "manifest.json"
+        train_prompts(data / "web_degraded", load_sd_cached(args.sd, device, "float32"), layout.prompts,
+                      _config("prompts", scale["prompts"], seed=args.seed), resume=True, device=device,
+                      progress=False)
+    manifest = layout.round_shards(0) / MANIFEST_FILE
     if not manifest.exists() or not json.loads(manifest.read_text()).get("complete"):
         _log("stage 2: synth round 0")
-        synthesize(data / "web_clean", run / "shards" / "round-000", sd=args.sd, prompts_dir=run / "prompts",
-                   config=SynthConfig(**scale["synth"], seed=args.seed), device=device,
-                   dtype="float16" if device.startswith("cuda") else "float32", progress=False)
+        synthesize(data / "web_clean", layout.shards, _config("synth", scale["synth"], seed=args.seed),
+                   sd_spec=args.sd, prompts_dir=layout.prompts, device=device, progress=False)
 
 
 def distill_step(args, scale: dict, data: Path, run: Path, teacher: Path, key: str, device: str) -> Path:
     """One KD student (data 'original', 'web' or 'shards') into RUN/students/KEY; skipped when finished."""
-    from distill.trainer import DistillConfig, distill
+    from distill.trainer import distill
+    from shards.layout import CONFIG_FILE, STATE_FILE, RunLayout
 
+    layout = RunLayout(run)
     source = {"data": "original", "m0": "web", "d4ir": "shards"}[key]
-    out = run / "students" / key
-    if not (out / "config.json").exists():  # written at the very end of `distill`
+    if not (layout.student(key) / CONFIG_FILE).exists():  # written at the very end of `distill`
         _log(f"stage 3: distill {key} (data {source})")
-        config = DistillConfig(student="half", data=source, seed=args.seed, **scale["distill"])
-        distill(run, teacher, config, sd=args.sd, degraded_dir=data / "web_degraded", clean_dir=data / "web_clean",
-                original_dir=data / "train", name=key, resume=True, device=device, progress=False)
-    return out / "student.safetensors"
+        flat = {("round_every" if k == "regen_every" else k): v for k, v in scale["distill"].items()}
+        config = _config("distill", flat, student="half", data=source, seed=args.seed)
+        distill(run, teacher, config, sd_spec=args.sd, degraded_dir=data / "web_degraded",
+                clean_dir=data / "web_clean", original_dir=data / "train", name=key,
+                resume=(layout.student(key) / STATE_FILE).exists(), device=device, progress=False)
+    return layout.student_weights(key)
 
 
 def evaluate_row(model_path: Path | None, test: Path, out: Path, device: str) -> dict:

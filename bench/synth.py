@@ -30,7 +30,8 @@ sys.path.insert(0, str(_HERE.parent))
 import torch  # noqa: E402
 
 from synth.ccd import CCDConfig, ccd_flops, ccd_sample  # noqa: E402
-from synth.sd import SDParts, diffusers_img2img, load_sd  # noqa: E402
+from synth.reference import diffusers_img2img  # noqa: E402
+from synth.sd import SDParts, load_sd  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from shards.images import read_rgb
+from shards.images import random_windows, read_rgb
 from shards.pairs import Pair
 
 
@@ -49,8 +49,7 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
 def random_crop(rng: np.random.Generator, size: int, *images: np.ndarray) -> list[np.ndarray]:
     """The same random size x size window (and flip) from each image (all [H, W, 3], equal sizes)."""
     images = [_pad_to(a, size) for a in images]
-    h, w = images[0].shape[:2]
-    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    (top, left), = random_windows(rng, images[0].shape[0], images[0].shape[1], size)
     flip_h, flip_v = rng.random() < 0.5, rng.random() < 0.5
     out = []
     for a in images:
@@ -63,7 +62,7 @@ def random_crop(rng: np.random.Generator, size: int, *images: np.ndarray) -> lis
 
 def to_batch(arrays: Sequence[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 [H, W, 3] arrays -> [B, 3, H, W] float in [0, 1]."""
-    stacked = torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrays]))
+    stacked = torch.from_numpy(np.stack([np.ascontiguousarray(a) for a in arrays]))  # [B, H, W, 3] uint8
     # contiguous: a permuted (channels-last) batch crashes oneDNN's backward of AirNet's 1x1 stride-2
     # shortcut conv at widths below 16 on the CPU (torch 2.14)
     return stacked.to(device).permute(0, 3, 1, 2).float().div_(255.0).contiguous()

@@ -17,12 +17,12 @@ from torch import nn
 
 from shards.images import read_rgb, to_tensor
 from shards.io import atomic_write_json
-from shards.pairs import Pair
+from shards.pairs import Pair, find_pairs
 
 from .data import match_sizes
 from .inference import restore
 from .metrics import psnr, ssim
-from .registry import count_parameters
+from .registry import count_parameters, load_model
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
@@ -82,6 +82,49 @@ def write_eval(path: Path, result: dict, **info) -> Path:
     """eval.json: the result plus what was evaluated (model path, pairs folder, ...)."""
     atomic_write_json(path, {**info, **result})
     return path
+
+
+IDENTITY = "identity"  # the model spec that scores the degraded inputs themselves
+
+
+def evaluate(
+    model: str | Path,
+    pairs_dir: Path,
+    out: Path,
+    *,
+    reference: str | Path | None = None,
+    arch: str | None = None,
+    device: str = "cpu",
+    tile: int | None = None,
+    border: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+    **info,
+) -> dict:
+    """Score a checkpoint (or "identity": the degraded inputs) on a paired set and write eval.json.
+
+    Args:
+        model: our checkpoint, an official .pth, or "identity".
+        pairs_dir: the paired test set (any layout `shards.pairs` reads).
+        out: the eval.json to write.
+        reference: a second model (the teacher) also scored against: the ref_* metrics.
+        arch: the architecture of an official .pth when it cannot be inferred.
+        tile, border, limit: tiled inference, pixels cropped before scoring, only the first N pairs.
+        info: extra fields stored in eval.json (the report's row type, method and order).
+    Returns:
+        The result written (evaluate_model's dict with model, pairs and reference added).
+    """
+    if str(model) == IDENTITY:
+        net, name = None, IDENTITY
+    else:
+        net, loaded = load_model(model, arch=arch)
+        net, name = net.to(device).eval(), loaded["name"]
+    ref = load_model(reference)[0].to(device).eval() if reference else None
+    result = evaluate_model(net, find_pairs(pairs_dir), device=device, reference=ref, tile=tile, border=border,
+                            limit=limit, progress=progress)
+    result |= {"name": name, "model": str(model), "pairs": str(pairs_dir), "reference": str(reference or "")}
+    write_eval(out, result, **info)
+    return result
 
 
 def format_table(rows: Sequence[tuple[str, str, dict]], y_channel: bool = False) -> str:

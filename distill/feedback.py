@@ -1,4 +1,4 @@
-"""The prompt-encoder feedback loop of the joint phase (paper Eq. 9; DESIGN.md "The feedback loop").
+"""The prompt-encoder feedback loop of the joint phase (paper Eq. 9; docs/design.md "The feedback loop").
 
 L_kd must reach the prompt encoder Enc_DP, but the shards were synthesized offline by 35 DDIM steps of a
 frozen SD, which no gradient can cross. The surrogate: on a small feedback batch,
@@ -12,15 +12,16 @@ where z_T' is a web clean image's latent noised to the CCD start step by Eq. (6)
 step's own prediction of the clean latent (`synth.ccd.feedback_surrogate`). This is the first step of the
 sampler with its remaining 34 steps replaced by their x0 estimate: it shows the encoder how its prompt
 moves the synthesized image and so the teacher-student discrepancy. L_cl (Eq. 3) keeps the features
-degradation-aware: MoCo on two crops of a web degraded image, a momentum key encoder (started as a copy of
-the encoder) and a fresh queue. Every R epochs the real sampler regenerates the shards with the updated
-encoder (`regenerate`), so the improved prompts reach the student through the data.
+degradation-aware: MoCo on two crops of a web degraded image with stage 1's MoCo settings, a momentum key
+encoder (started as a copy of the encoder) and a fresh queue. Every R epochs the real sampler regenerates
+the shards with the updated encoder (`regenerate`), so the improved prompts reach the student through the
+data; those rounds belong to the student (shards.layout).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,64 +29,56 @@ import torch
 from torch import nn
 
 from shards.images import read_rgb, scan_images
-from shards.reader import round_dir
+from shards.layout import RunLayout
 from shards.writer import read_manifest
 from synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
-from synth.moco import MoCoQueue, info_nce, momentum_update
-from synth.prompts import export_prompts, load_prompt_encoder
-from synth.sd import SDParts
-from synth.worker import Distributor, SynthConfig, synthesize
+from synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
+from synth.moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
+from synth.plan import SynthConfig
+from synth.sd_parts import SDParts
+from synth.worker import Distributor, synthesize
 
 from .data import random_crop, to_batch
 from .losses import kd_loss
+
+
+def synth_config_of(manifest: dict) -> SynthConfig:
+    """The SynthConfig a round's manifest records."""
+    cfg = dict(manifest["config"])
+    return SynthConfig(**{**cfg, "ccd": CCDConfig(**cfg["ccd"])})
 
 
 class FeedbackLoop(nn.Module):
     """The trainable prompt encoder with its MoCo key encoder and queue, and the data its losses need.
 
     Args:
-        encoder_path: stage 1's prompts folder (or encoder.safetensors).
-        sd: the frozen SD used by the surrogate (and by regeneration, through its spec string).
+        prompts_dir: stage 1's prompts folder (its encoder is the starting point; its MoCo settings are used).
+        sd: the frozen SD used by the surrogate.
         degraded_dir, clean_dir: the web degraded / clean folders.
         ccd: the sampler settings of the shards (the surrogate noises to the same start step).
-        queue_size, tau, momentum: MoCo settings for L_cl.
+        device: where the encoders live.
     """
 
     def __init__(
-        self,
-        encoder_path: Path,
-        sd: SDParts,
-        degraded_dir: Path,
-        clean_dir: Path,
-        ccd: CCDConfig,
-        *,
-        queue_size: int = 1024,
-        tau: float = 0.07,
-        momentum: float = 0.999,
-        crop: int = 64,
+        self, prompts_dir: Path, sd: SDParts, degraded_dir: Path, clean_dir: Path, ccd: CCDConfig, *,
         device: str = "cpu",
     ) -> None:
         super().__init__()
-        self.encoder = load_prompt_encoder(encoder_path, device=device).train()
+        training = prompt_encoder_info(prompts_dir).get("training", {})
+        moco = MoCoConfig(**training.get("moco", {}))
+        self.encoder = load_prompt_encoder(prompts_dir, device=device).train()
         self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.queue = MoCoQueue(self.encoder.config.get("feat_dim", 256), queue_size).to(device)
-        self.sd, self.ccd, self.tau, self.momentum, self.crop = sd, ccd, tau, momentum, crop
+        self.queue = MoCoQueue(self.encoder.config.get("feat_dim", 256), moco.queue_size).to(device)
+        self.sd, self.ccd, self.moco = sd, ccd, moco
+        self.crop = int(training.get("crop", 64))
+        self.embed_side = int(training.get("embed_side", 256))
         self.degraded_paths = scan_images(degraded_dir, min_side=1).paths
         self.clean_paths = scan_images(clean_dir, min_side=1).paths
         if not self.degraded_paths or not self.clean_paths:
             raise ValueError(f"the feedback loop needs web images: {degraded_dir} and {clean_dir} hold none usable")
         self.degraded_dir, self.clean_dir = Path(degraded_dir), Path(clean_dir)
-        self.embed_side = int(self.encoder_config_training(encoder_path).get("embed_side", 256))
         self._degraded = [read_rgb(p, min_side=1) for p in self.degraded_paths]
         self._clean = [prepare_clean(read_rgb(p, min_side=1), ccd.size) for p in self.clean_paths]
-
-    @staticmethod
-    def encoder_config_training(encoder_path: Path) -> dict:
-        import json
-
-        p = Path(encoder_path)
-        cfg = p / "encoder.json" if p.is_dir() else p.with_suffix(".json")
-        return json.loads(cfg.read_text()).get("training", {})
 
     def contrastive_loss(self, rng: np.random.Generator, batch: int, device: str) -> torch.Tensor:
         """L_cl, Eq. (3): query and positive are two crops of one web degraded image."""
@@ -94,19 +87,14 @@ class FeedbackLoop(nn.Module):
         xk = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
         q = self.encoder.features(xq)  # [B, F]
         with torch.no_grad():
-            momentum_update(self.encoder, self.key_encoder, self.momentum)
+            momentum_update(self.encoder, self.key_encoder, self.moco.momentum)
             k = self.key_encoder.features(xk)  # [B, F]
-        loss = info_nce(q, k, self.queue.keys(), self.tau)
+        loss = info_nce(q, k, self.queue.keys(), self.moco.tau)
         self.queue.enqueue(k)
         return loss
 
     def feedback_loss(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        rng: np.random.Generator,
-        batch: int,
-        weights: dict,
+        self, student: nn.Module, teacher: nn.Module, rng: np.random.Generator, batch: int, weights: dict,
         device: str,
     ) -> torch.Tensor:
         """L_kd on surrogate images x_hat (differentiable w.r.t. the encoder through the frozen SD)."""
@@ -121,44 +109,30 @@ class FeedbackLoop(nn.Module):
         return kd_loss(student(x_hat), teacher(x_hat), weights)
 
     def regenerate(
-        self,
-        shards_root: Path,
-        prompts_root: Path,
-        round_: int,
-        *,
-        base_round: int = 0,
-        distributor: Distributor | None = None,
-        device: str = "cpu",
-        progress: bool = True,
+        self, layout: RunLayout, round_number: int, student: str, *, distributor: Distributor | None = None,
+        device: str = "cpu", progress: bool = True,
     ) -> Path:
-        """Write round `round_`: embed the web degraded images with the current encoder, then synthesize
-        the same plan as `base_round` (same clean photos, prompt rows, seeds and settings)."""
-        prompts_dir = Path(prompts_root) / f"round-{round_:03d}"
-        training = {"embed_side": self.embed_side, "round": round_, "degraded_dir": str(self.degraded_dir)}
-        export_prompts(
-            self.encoder,
-            self.degraded_paths,
-            prompts_dir,
-            self.sd,
-            training=training,
-            embed_side=self.embed_side,
-            device=device,
-        )
-        base = read_manifest(round_dir(shards_root, base_round))
-        config = replace(SynthConfig(**base["config"]), round=round_)
-        out = round_dir(shards_root, round_)
-        synthesize(
+        """Write the student's round `round_number`: embed the web degraded images with the current encoder,
+        then synthesize round 0's plan (same clean photos, prompt rows, seeds, SD, dtype and settings)."""
+        prompts_dir = layout.round_prompts(round_number, student)
+        training = {"embed_side": self.embed_side, "round": round_number, "degraded_dir": str(self.degraded_dir),
+                    "crop": self.crop, "moco": asdict(self.moco)}
+        export_prompts(self.encoder, self.degraded_paths, prompts_dir, self.sd, training=training,
+                       embed_side=self.embed_side, device=device)
+        base = read_manifest(layout.round_shards(0))
+        config = replace(synth_config_of(base), round=round_number)
+        result = synthesize(
             Path(base["clean_dir"]),
-            out,
-            sd=base["sd"],
+            layout.shards_root(student),
+            config,
+            sd_spec=base["sd"],
             prompts_dir=prompts_dir,
-            config=config,
             device=device,
-            dtype=str(self.sd.dtype).removeprefix("torch."),
+            dtype=base.get("dtype", str(self.sd.dtype).removeprefix("torch.")),
             distributor=distributor,
             progress=progress,
         )
-        return out
+        return result.round_dir
 
 
 def image_source(folder: Path) -> list[np.ndarray]:

@@ -49,6 +49,17 @@ def build(name: str, **overrides) -> nn.Module:
         raise TypeError(f"bad arguments for {name!r} ({cls.__name__}): {err}") from err
 
 
+def half_of(info: dict) -> tuple[str, dict]:
+    """The architecture and kwargs of a loaded teacher (`load_model`'s info) with feature channels halved:
+    AirNet's n_feats and encoder_first, Restormer's dim (the paper's students)."""
+    kwargs = dict(info["kwargs"])
+    if info["arch"] == "airnet":
+        kwargs.update(n_feats=kwargs["n_feats"] // 2, encoder_first=kwargs["encoder_first"] // 2)
+    else:
+        kwargs.update(dim=kwargs["dim"] // 2)
+    return info["arch"], kwargs
+
+
 def count_parameters(model: nn.Module) -> int:
     """All parameters (not buffers), frozen ones included: AirNet's published 8.93M counts the MoCo key
     encoder, whose parameters never receive gradients."""

@@ -3,7 +3,7 @@
 Loss: L1(restored, clean), plus AirNet's contrastive term (InfoNCE of its MoCo degradation encoder, weight
 `cl_weight`, 0.1 as in the official recipe) when the network is an AirNet. Random crops and flips, Adam.
 Each epoch ends with validation (when a paired set is given), a line in train.jsonl, the model written as
-`teacher.safetensors` + `teacher.json`, and a resumable state (`state.pt`, written atomically).
+NAME.safetensors + NAME.json, and the resumable state (distill/epochs.py).
 """
 
 from __future__ import annotations
@@ -16,36 +16,60 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.io import append_jsonl, atomic_torch_save
 from shards.pairs import find_pairs
 
 from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch
+from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model
 from .registry import build, count_parameters, save_model
 
 
-@dataclass
+@dataclass(frozen=True)
 class SupervisedConfig:
-    """Args:
-    arch: registry name (`d4ir models`); arch_kwargs override its constructor arguments.
-    epochs: passes over `iters_per_epoch` batches (default: one pass over the pairs).
-    batch_size, crop: batch of random crop x crop windows (with flips).
-    lr: Adam learning rate, halved every `lr_halve_every` epochs (0: constant).
-    cl_weight: weight of AirNet's contrastive loss (ignored for other networks).
-    seed: seeds the weights, crops and flips: CPU runs repeat exactly.
+    """Supervised training on pairs (defaults: the scale the benchmarks train an official-width teacher at).
+
+    Args:
+        arch: registry name (`d4ir models`).
+        arch_kwargs: constructor overrides of the architecture, e.g. n_feats=16,n_groups=2.
+        epochs: passes of iters_per_epoch batches.
+        iters_per_epoch: batches per epoch (default: one pass over the pairs).
+        batch_size: random crops per batch.
+        crop: side of the random training crops (with flips).
+        lr: Adam learning rate.
+        lr_halve_every: halve the learning rate every this many epochs (0: constant).
+        cl_weight: weight of AirNet's contrastive loss (ignored for other networks).
+        seed: seeds the weights, crops and flips: CPU runs repeat exactly.
     """
 
     arch: str = "airnet"
     arch_kwargs: dict | None = None
-    epochs: int = 10
+    epochs: int = 100
     iters_per_epoch: int | None = None
-    batch_size: int = 4
+    batch_size: int = 8
     crop: int = 128
     lr: float = 2e-4
-    lr_halve_every: int = 0
+    lr_halve_every: int = 30
     cl_weight: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "crop"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
+            raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
+        if not self.lr > 0 or self.lr_halve_every < 0 or self.cl_weight < 0:
+            raise ValueError("lr must be > 0, lr_halve_every and cl_weight >= 0")
+
+
+@dataclass
+class SupervisedResult:
+    weights: Path  # NAME.safetensors
+    params: int
+    epochs: int
+    metrics: dict  # the last validation's mean metrics ({} without a validation set)
 
 
 def train_supervised(
@@ -58,37 +82,30 @@ def train_supervised(
     resume: bool = False,
     device: str = "cpu",
     progress: bool = True,
-) -> dict:
-    """Train `config.arch` on the pairs under `pairs_dir`; returns the last validation metrics.
+) -> SupervisedResult:
+    """Train `config.arch` on the pairs under `pairs_dir` into `out_dir`.
 
     Writes OUT/NAME.safetensors + NAME.json (the model), OUT/train.jsonl (one line per epoch) and
-    OUT/state.pt (model, optimizer and RNG state: `resume=True` continues after the last finished epoch).
+    OUT/state.pt (`resume=True` continues after the last finished epoch).
     """
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = load_pairs(find_pairs(pairs_dir))
     val = find_pairs(val_dir) if val_dir else None
     torch.manual_seed(config.seed)
     model = build(config.arch, **(config.arch_kwargs or {})).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
     rng = np.random.default_rng(config.seed)
-    start, metrics = 0, {}
-    state_path = out_dir / "state.pt"
-    if resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["config"] != asdict(config):
-            raise ValueError(f"{state_path} was written with another config; start a new --out or drop --resume")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        start, metrics = state["epoch"], state.get("metrics", {})
+    settings = asdict(config)
+    settings.pop("epochs")  # a resumed run may train for more epochs: nothing else depends on the count
+    loop = EpochLoop(out_dir, epochs=config.epochs, settings=settings, rng=rng, resume=resume)
+    loop.restore(model=model, optimizer=opt)
+    metrics = loop.resumed.get("metrics", {})
     is_airnet = isinstance(model, AirNet)
     iters = config.iters_per_epoch or max(len(data) // config.batch_size, 1)
-    for epoch in range(start, config.epochs):
-        lr = config.lr * (0.5 ** (epoch // config.lr_halve_every) if config.lr_halve_every else 1.0)
+    for epoch in range(loop.start, config.epochs):
+        lr = halved_lr(config.lr, epoch, config.lr_halve_every)
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
@@ -111,25 +128,13 @@ def train_supervised(
             opt.step()
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"epoch": epoch + 1, "loss": total / iters, "lr": lr, "seconds": time.perf_counter() - t0}
+        record = {"loss": total / iters, "lr": lr, "seconds": time.perf_counter() - t0}
         if val:
             metrics = evaluate_model(model, val, device=device, progress=False)["mean"]
             record.update({f"val_{k}": v for k, v in metrics.items()})
-        append_jsonl(out_dir / "train.jsonl", record)
-        save_model(out_dir / name, model, config.arch)
-        atomic_torch_save(
-            state_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "epoch": epoch + 1,
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "config": asdict(config),
-                "metrics": metrics,
-            },
-        )
+        loop.end_epoch(epoch, record, lambda: save_model(out_dir / name, model, config.arch),
+                       extra={"metrics": metrics}, model=model, optimizer=opt)
         if progress:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
             tqdm.write(f"{name} epoch {epoch + 1}: {shown}")
-    return {"params": count_parameters(model), **metrics}
+    return SupervisedResult(out_dir / f"{name}.safetensors", count_parameters(model), config.epochs, metrics)

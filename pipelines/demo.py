@@ -11,18 +11,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from distill.evaluate import evaluate_model, write_eval
-from distill.registry import build, load_model, save_model
-from distill.teacher import SupervisedConfig, train_supervised
-from distill.trainer import DistillConfig, distill, half_of
+from distill.evaluate import IDENTITY, evaluate
+from distill.registry import build, half_of, load_model, save_model
+from distill.teacher import train_supervised
+from distill.trainer import distill
 from pipelines.demo_data import build_demo_data
 from pipelines.presets import preset
 from pipelines.report import build_report
 from shards.io import atomic_write_json
-from shards.pairs import find_pairs
-from shards.reader import round_dir
+from shards.layout import EVAL_FILE, STUDENT_STEM, RunLayout
 from synth.prompts import train_prompts
-from synth.worker import SynthConfig, synthesize
+from synth.sd import load_sd_cached
+from synth.worker import synthesize
+
+SD_SPEC = "tiny"
 
 
 def _step(title: str, log: list, fn, *args, **kwargs):
@@ -38,132 +40,65 @@ def run_demo(
 ) -> Path:
     """Run the whole pipeline at the demo scale; returns the report path."""
     t_start, log = time.perf_counter(), []
-    data, run = Path(data), Path(run)
+    data, layout = Path(data), RunLayout(run)
     _step("demo data", log, build_demo_data, data, seed=seed, progress=progress)
     task_dir = data / task
-    pairs, test, web_deg, web_clean = (
-        task_dir / "original",
-        task_dir / "test",
-        task_dir / "web_degraded",
-        task_dir / "web_clean",
-    )
+    pairs, test, web_deg, web_clean = (task_dir / n for n in ("original", "test", "web_degraded", "web_clean"))
 
     # teacher: AirNet's architecture at the demo width, trained on the "private" pairs
-    t_cfg = SupervisedConfig(arch="airnet", seed=seed, **preset("demo", "teacher"))
-    _step(
-        "teacher",
-        log,
-        train_supervised,
-        pairs,
-        run / "teacher",
-        t_cfg,
-        val_dir=test,
-        resume=True,
-        device=device,
-        progress=progress,
-    )
-    teacher_path = run / "teacher" / "teacher.safetensors"
+    t_cfg = replace(preset("demo", "teacher"), arch="airnet", seed=seed)
+    _step("teacher", log, train_supervised, pairs, layout.teacher_dir, t_cfg, val_dir=test, resume=True,
+          device=device, progress=progress)
 
     # stage 1 and stage 2 (round 0)
-    p_cfg = preset("demo", "prompts")
-    _step(
-        "prompts",
-        log,
-        train_prompts,
-        web_deg,
-        "tiny",
-        run / "prompts",
-        seed=seed,
-        resume=True,
-        device=device,
-        progress=progress,
-        **p_cfg,
-    )
-    s_cfg = SynthConfig(seed=seed, **preset("demo", "synth"))
-    _step(
-        "synth round 0",
-        log,
-        synthesize,
-        web_clean,
-        round_dir(run / "shards", 0),
-        sd="tiny",
-        prompts_dir=run / "prompts",
-        config=s_cfg,
-        device=device,
-        progress=progress,
-    )
+    p_cfg = replace(preset("demo", "prompts"), seed=seed)
+    sd = load_sd_cached(SD_SPEC, device, "float32")
+    _step("prompts", log, train_prompts, web_deg, sd, layout.prompts, p_cfg, resume=True, device=device,
+          progress=progress)
+    s_cfg = replace(preset("demo", "synth"), seed=seed)
+    _step("synth round 0", log, synthesize, web_clean, layout.shards, s_cfg, sd_spec=SD_SPEC,
+          prompts_dir=layout.prompts, device=device, progress=progress)
 
     # stage 3 and the paper's KD baselines: the same trainer, only the data differs
-    d_cfg = DistillConfig(student="half", seed=seed, **preset("demo", "distill"))
-    common = dict(
-        sd="tiny",
-        degraded_dir=web_deg,
-        clean_dir=web_clean,
-        original_dir=pairs,
-        val_dir=test,
-        resume=True,
-        device=device,
-        progress=progress,
-    )
-    _step("distill D4IR", log, distill, run, teacher_path, d_cfg, name="d4ir", **common)
-    _step("distill Data", log, distill, run, teacher_path, replace(d_cfg, data="original"), name="data", **common)
-    _step("distill M0", log, distill, run, teacher_path, replace(d_cfg, data="web"), name="m0", **common)
+    d_cfg = replace(preset("demo", "distill"), student="half", seed=seed)
+    common = dict(sd_spec=SD_SPEC, degraded_dir=web_deg, clean_dir=web_clean, original_dir=pairs, val_dir=test,
+                  resume=True, device=device, progress=progress)
+    _step("distill D4IR", log, distill, layout.root, layout.teacher, d_cfg, name="d4ir", **common)
+    _step("distill Data", log, distill, layout.root, layout.teacher, replace(d_cfg, data="original"), name="data",
+          **common)
+    _step("distill M0", log, distill, layout.root, layout.teacher, replace(d_cfg, data="web"), name="m0", **common)
 
     # the "Student" baseline: the half-width network trained on the teacher's pairs with ground truth
-    teacher, info = load_model(teacher_path)
-    arch, kwargs = half_of(teacher, info)
+    arch, kwargs = half_of(load_model(layout.teacher)[1])
     st_cfg = replace(t_cfg, arch_kwargs=kwargs)
-    _step(
-        "student (ground truth)",
-        log,
-        train_supervised,
-        pairs,
-        run / "students" / "student",
-        st_cfg,
-        name="student",
-        resume=True,
-        device=device,
-        progress=progress,
-    )
+    _step("student (ground truth)", log, train_supervised, pairs, layout.student("student"), st_cfg,
+          name=STUDENT_STEM, resume=True, device=device, progress=progress)
 
     # every row of the table is an eval.json written here, in this run
-    _step("evaluate", log, evaluate_all, run, teacher_path, test, arch, kwargs, seed, device)
-    report = _step("report", log, build_report, run)
+    _step("evaluate", log, evaluate_all, layout, test, arch, kwargs, seed, device)
+    report = _step("report", log, build_report, layout.root)
     log.append({"step": "total", "seconds": round(time.perf_counter() - t_start, 1)})
-    atomic_write_json(run / "timings.json", log)
+    atomic_write_json(layout.timings, log)
     print(f"report: {report} ({log[-1]['seconds']:.0f} s in all)", flush=True)
     return report
 
 
-def evaluate_all(run: Path, teacher_path: Path, test: Path, arch: str, kwargs: dict, seed: int, device: str) -> None:
+def evaluate_all(layout: RunLayout, test: Path, arch: str, kwargs: dict, seed: int, device: str) -> None:
     """eval.json for the input, the teacher, an untrained student and every trained student."""
     import torch
 
-    pairs = find_pairs(test)
-    teacher = load_model(teacher_path)[0].to(device).eval()
     torch.manual_seed(seed)
-    untrained = build(arch, **kwargs)
-    save_model(run / "students" / "untrained" / "student", untrained, "untrained")
+    save_model(layout.student("untrained") / STUDENT_STEM, build(arch, **kwargs), "untrained")
     rows = [
-        ("Input", "Degraded input", None, run / "input"),
-        ("Teacher", "AirNet (demo width)", teacher, run / "teacher"),
-        ("Untrained", "Half-AirNet, random init", untrained, run / "students" / "untrained"),
-        ("Student", "Half-AirNet on the teacher's pairs (GT)", run / "students/student/student.safetensors", None),
-        ("KD", "Data (teacher's degraded inputs)", run / "students/data/student.safetensors", None),
-        ("KD", "M0 (web degraded images)", run / "students/m0/student.safetensors", None),
-        ("KD", "D4IR (ours)", run / "students/d4ir/student.safetensors", None),
+        ("Input", "Degraded input", IDENTITY, layout.root / "input"),
+        ("Teacher", "AirNet (demo width)", layout.teacher, layout.teacher_dir),
+        ("Untrained", "Half-AirNet, random init", layout.student_weights("untrained"), None),
+        ("Student", "Half-AirNet on the teacher's pairs (GT)", layout.student_weights("student"), None),
+        ("KD", "Data (teacher's degraded inputs)", layout.student_weights("data"), None),
+        ("KD", "M0 (web degraded images)", layout.student_weights("m0"), None),
+        ("KD", "D4IR (ours)", layout.student_weights("d4ir"), None),
     ]
     for order, (kind, method, model, folder) in enumerate(rows):
-        if isinstance(model, Path):
-            folder, model = model.parent, load_model(model)[0]
-        model = model.to(device).eval() if model is not None else None
-        result = evaluate_model(model, pairs, device=device, reference=teacher, progress=False)
-        write_eval(
-            folder / "eval.json",
-            result,
-            type=kind,
-            method=method,
-            order=order,
-            pairs=str(test),
-            reference=str(teacher_path),
-        )
+        folder = folder or Path(model).parent
+        evaluate(model, test, folder / EVAL_FILE, reference=layout.teacher, device=device, progress=False,
+                 type=kind, method=method, order=order)

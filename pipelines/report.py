@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from shards.embeddings import load_embeddings
-from shards.grid import sample_grid
 from shards.images import read_rgb
 from shards.io import atomic_write_text
+from shards.layout import EVAL_FILE, RunLayout, rounds_in
 from shards.reader import iter_samples
 from shards.writer import read_manifest
+
+from .figures import curves_png
+from .grid import sample_grid
 
 
 def _thumb(path: str | Path | None, size: int) -> np.ndarray:
@@ -55,7 +58,7 @@ def collect_evals(run: Path) -> list[dict]:
     import json
 
     found = []
-    for path in sorted(Path(run).rglob("eval.json")):
+    for path in sorted(Path(run).rglob(EVAL_FILE)):
         data = json.loads(path.read_text())
         if "type" in data and "method" in data:
             found.append({**data, "path": str(path.relative_to(run))})
@@ -84,43 +87,8 @@ def results_table(evals: list[dict], *, y_channel: bool = False, reference: bool
     return "\n".join(lines)
 
 
-def curves_png(run: Path, out: Path) -> Path:
-    """Training curves: teacher loss and validation PSNR, and each student's KD loss and PSNR vs teacher."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from shards.io import read_jsonl
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    logs = {p.parent.name: read_jsonl(p) for p in sorted(Path(run).rglob("train.jsonl")) if p.parent.name != "prompts"}
-    for name, rows in logs.items():
-        epochs = [r["epoch"] for r in rows if "epoch" in r]
-        if not epochs:
-            continue
-        loss_key = "loss_kd" if "loss_kd" in rows[0] else "loss"
-        axes[0].plot(epochs, [r[loss_key] for r in rows], marker="o", label=f"{name} ({loss_key})")
-        if "val_psnr" in rows[0]:
-            axes[1].plot(epochs, [r["val_psnr"] for r in rows], marker="o", label=name)
-        if "val_ref_psnr" in rows[0]:
-            axes[2].plot(epochs, [r["val_ref_psnr"] for r in rows], marker="o", label=name)
-    titles = ("training loss", "val PSNR vs ground truth (dB)", "val PSNR vs teacher (dB)")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
-
-
-def restoration_grid(run: Path, test: Path, out: Path, *, num: int = 4) -> Path:
-    """degraded | teacher | D4IR student | ground truth for the first `num` test pairs."""
+def restoration_grid(run: Path, test: Path, out: Path, *, student: str = "d4ir", num: int = 4) -> Path:
+    """degraded | teacher | student | ground truth for the first `num` test pairs."""
     import torch
 
     from distill.inference import restore
@@ -128,8 +96,9 @@ def restoration_grid(run: Path, test: Path, out: Path, *, num: int = 4) -> Path:
     from shards.images import to_tensor, to_uint8
     from shards.pairs import find_pairs
 
-    teacher = load_model(Path(run) / "teacher" / "teacher.safetensors")[0].eval()
-    student = load_model(Path(run) / "students" / "d4ir" / "student.safetensors")[0].eval()
+    layout = RunLayout(run)
+    teacher = load_model(layout.teacher)[0].eval()
+    student = load_model(layout.student_weights(student))[0].eval()
     rows = []
     for p in find_pairs(test)[:num]:
         deg, cln = read_rgb(p.degraded, min_side=1), read_rgb(p.clean, min_side=1)
@@ -139,9 +108,12 @@ def restoration_grid(run: Path, test: Path, out: Path, *, num: int = 4) -> Path:
     return sample_grid(rows, out, labels=["degraded", "teacher", "D4IR student", "ground truth"], cell=128)
 
 
-def rounds_grid(run: Path, out: Path, *, num: int = 4) -> Path | None:
-    """The same samples in every round, side by side (the feedback loop's effect on the synthesis)."""
-    rounds = sorted(Path(run, "shards").glob("round-*"))
+def rounds_grid(run: Path, out: Path, *, student: str = "d4ir", num: int = 4) -> Path | None:
+    """The same samples in round 0 and in each of a student's regeneration rounds, side by side (the
+    feedback loop's effect on the synthesis)."""
+    layout = RunLayout(run)
+    rounds = [layout.round_shards(0)] if 0 in rounds_in(layout.shards) else []
+    rounds += [layout.round_shards(n, student) for n in rounds_in(layout.shards_root(student)) if n > 0]
     columns = [list(itertools.islice(iter_samples(r), num)) for r in rounds]
     if not columns or not columns[0]:
         return None
@@ -154,7 +126,7 @@ def rounds_grid(run: Path, out: Path, *, num: int = 4) -> Path | None:
 
 TINY_SD_NOTE = """\
 **What this demo can and cannot show.** Every stage here ran for real: a teacher was trained, the prompt
-adapter learned from the web degraded images, a Stable-Diffusion-shaped model synthesized WebDataset
+encoder learned from the web degraded images, a Stable-Diffusion-shaped model synthesized WebDataset
 shards, the student was distilled with the joint phase and regeneration rounds, and every number above
 comes from an `eval.json` written in this run. But the diffusion model is *tiny and randomly initialised*
 (no weights can be downloaded here), so its "synthesized degraded images" are structured noise, not rainy
@@ -173,7 +145,8 @@ def build_report(run: Path, test: Path | None = None) -> Path:
     evals = collect_evals(run)
     if not evals:
         raise FileNotFoundError(f"no eval.json with a type and method under {run}: run the evaluations first")
-    samples = run / "samples"
+    layout = RunLayout(run)
+    samples = layout.samples
     pairs_dir = Path(test or evals[0].get("pairs", ""))
     parts = [
         f"# D4IR run report: `{run}`",
@@ -190,19 +163,19 @@ def build_report(run: Path, test: Path | None = None) -> Path:
     parts += ["Every row is read from the `eval.json` named below (written by this run):", ""]
     parts += [f"- {e['type']} / {e['method']}: `{e['path']}` ({e['count']} images)" for e in evals] + [""]
     figures = []
-    if (run / "students" / "d4ir" / "student.safetensors").exists() and pairs_dir.is_dir():
+    if layout.student_weights("d4ir").exists() and pairs_dir.is_dir():
         figures.append(("Restorations", restoration_grid(run, pairs_dir, samples / "restorations.png")))
     grid = rounds_grid(run, samples / "rounds.png")
     if grid:
         figures.append(("Synthesized samples of each round (clean source, then round 0, 1, ...)", grid))
-    figures.append(("Training curves", curves_png(run, run / "curves.png")))
+    figures.append(("Training curves", curves_png(run, layout.curves)))
     for title, path in figures:
         parts += [f"## {title}", "", f"![{title}]({Path(path).relative_to(run)})", ""]
-    timings = run / "timings.json"
+    timings = layout.timings
     if timings.exists():
         parts += ["## Time per step (this machine)", "", "| step | seconds |", "|---|---|"]
         parts += [f"| {t['step']} | {t['seconds']} |" for t in json.loads(timings.read_text())] + [""]
     parts += ["## Caveat", "", TINY_SD_NOTE, ""]
-    out = run / "report.md"
+    out = layout.report
     atomic_write_text(out, "\n".join(parts))
     return out

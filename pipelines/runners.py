@@ -38,7 +38,7 @@ def dask_distributor(
 
     Each job is submitted with pure=False and a unique key (so dask never merges two shards), `retries`
     retries, and at most `max_in_flight` jobs queued at once (default 2 per worker). The SD model is loaded
-    once per worker process (`synth.worker.cached_sd`). A shard that still fails after its retries stops
+    once per worker process (`synth.sd.load_sd_cached`). A shard that still fails after its retries stops
     the run with its index named; finished shards stay on disk and a rerun skips them.
     """
 

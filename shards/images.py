@@ -135,6 +135,16 @@ def scan_images(
     return scan
 
 
+def random_windows(rng: np.random.Generator, h: int, w: int, size: int, n: int = 1) -> list[tuple[int, int]]:
+    """`n` random (top, left) corners of size x size windows inside an h x w image, drawn rows first then
+    columns (`rng.integers` twice): the one random-crop rule of stage 1, stage 3 and the probe."""
+    if size > h or size > w:
+        raise ValueError(f"a {size}x{size} window does not fit in a {h}x{w} image")
+    tops = rng.integers(0, h - size + 1, size=n)
+    lefts = rng.integers(0, w - size + 1, size=n)
+    return [(int(t), int(left)) for t, left in zip(tops, lefts)]
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
@@ -150,11 +160,6 @@ def encode_png(arr: np.ndarray) -> bytes:
     buf = BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(BytesIO(data)) as im:
-        return _to_rgb_array(im)
 
 
 def save_png(path: str | Path, arr: np.ndarray) -> None:

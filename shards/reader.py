@@ -1,6 +1,7 @@
 """Reading shards: the finished shards of a round, and a webdataset pipeline for training.
 
-`shard_dataset` yields {"key": str, "degraded": uint8 ndarray [H, W, 3], "meta": dict}. The shard list is
+`shard_dataset` yields {"key": str, "degraded": uint8 ndarray [H, W, 3], "meta": dict} from the samples'
+`degraded.png` and `json` members (shards.writer). The shard list is
 shuffled with one permutation seeded by seed + epoch (the same on every rank and worker), then split by
 node (rank/world) and by DataLoader worker, so each shard is read by exactly one worker in the job.
 A truncated or corrupt shard is counted and warned about, and reading goes on with the next one.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,12 +22,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from shards.writer import MANIFEST_NAME, shard_done
-
-_SHARD_RE = re.compile(r"^(\d{6,})\.tar$")
-_ROUND_RE = re.compile(r"^round-(\d{3,})$")
-IMAGE_FIELD = "input.png"
-META_FIELD = "json"
+from shards.layout import parse_shard
+from shards.writer import DEGRADED_FIELD, META_FIELD, shard_done
 
 
 def shard_urls(directory: str | Path) -> list[str]:
@@ -37,40 +33,19 @@ def shard_urls(directory: str | Path) -> list[str]:
         raise FileNotFoundError(f"shard folder {directory} does not exist")
     found = []
     for path in directory.iterdir():
-        m = _SHARD_RE.match(path.name)
-        if m and shard_done(directory, int(m.group(1))):
+        index = parse_shard(path.name)
+        if index is not None and shard_done(directory, index):
             found.append(str(path))
     return sorted(found)
 
 
-def round_dir(root: str | Path, n: int) -> Path:
-    """`root/round-NNN`: the folder of regeneration round `n`."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"round must be a non-negative int, got {n!r}")
-    return Path(root) / f"round-{n:03d}"
-
-
-def latest_round(root: str | Path) -> Path:
-    """The `root/round-NNN` folder with the largest NNN that has a manifest (a finished round)."""
-    root = Path(root)
-    rounds = []
-    if root.is_dir():
-        for path in root.iterdir():
-            m = _ROUND_RE.match(path.name)
-            if m and (path / MANIFEST_NAME).is_file():
-                rounds.append((int(m.group(1)), path))
-    if not rounds:
-        raise FileNotFoundError(f"no finished round under {root}: expected round-NNN/{MANIFEST_NAME}")
-    return max(rounds)[1]
-
-
 def decode_sample(raw: dict) -> dict:
-    """Raw webdataset sample ({"__key__", "input.png": bytes, "json": bytes}) -> key, degraded, meta."""
+    """Raw webdataset sample ({"__key__", "degraded.png": bytes, "json": bytes}) -> key, degraded, meta."""
     key = raw.get("__key__")
-    missing = [f for f in (IMAGE_FIELD, META_FIELD) if f not in raw]
+    missing = [f for f in (DEGRADED_FIELD, META_FIELD) if f not in raw]
     if missing:
         raise ValueError(f"sample {key!r} in {raw.get('__url__', '?')} lacks {missing}")
-    with Image.open(io.BytesIO(raw[IMAGE_FIELD])) as img:
+    with Image.open(io.BytesIO(raw[DEGRADED_FIELD])) as img:
         degraded = np.array(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], writable copy
     meta = json.loads(raw[META_FIELD])
     return {"key": key, "degraded": degraded, "meta": meta}

@@ -6,15 +6,11 @@ Used by `d4ir shards verify` and before distillation starts. It reads every tar 
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 from pathlib import Path
 
 from shards.io import sha256_file
-from shards.writer import MANIFEST_NAME, SIZES_NAME, shard_name, stats_name
-
-_TAR_RE = re.compile(r"^(\d{6,})\.tar$")
-_STATS_RE = re.compile(r"^(\d{6,})\.stats\.json$")
+from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_shard, parse_stats, shard_name, stats_name
 
 
 def _load_json(path: Path, problems: list[str]) -> object | None:
@@ -98,44 +94,43 @@ def verify_shards(directory: str | Path) -> list[str]:
 
     finished: dict[str, dict] = {}
     for name in names:
-        m = _STATS_RE.match(name)
-        if not m:
+        index = parse_stats(name)
+        if index is None:
             continue
         stats = _load_json(directory / name, problems)
         if not isinstance(stats, dict):
             if stats is not None:
                 problems.append(f"{name}: not a JSON object")
             continue
-        index = int(m.group(1))
         before = len(problems)
         _check_shard(directory, index, stats, problems)
         if len(problems) == before:
             finished[shard_name(index)] = stats
 
     for name in names:
-        m = _TAR_RE.match(name)
-        if m and stats_name(int(m.group(1))) not in names:
+        index = parse_shard(name)
+        if index is not None and stats_name(index) not in names:
             problems.append(f"{name}: unfinished (no stats file); a rerun rewrites it")
 
     # Shards with a tar or a stats file were judged above; the lists below only add vanished ones.
-    present = {n for n in names if _TAR_RE.match(n)}
-    present |= {shard_name(int(m.group(1))) for n in names if (m := _STATS_RE.match(n))}
+    present = {n for n in names if parse_shard(n) is not None}
+    present |= {shard_name(i) for n in names if (i := parse_stats(n)) is not None}
 
-    sizes_path = directory / SIZES_NAME
+    sizes_path = directory / SIZES_FILE
     if sizes_path.exists():
         sizes = _load_json(sizes_path, problems)
         if isinstance(sizes, dict):
             for shard, count in sorted(sizes.items()):
                 if shard not in present:
-                    problems.append(f"{SIZES_NAME}: lists {shard}, which does not exist")
+                    problems.append(f"{SIZES_FILE}: lists {shard}, which does not exist")
                 elif shard in finished and finished[shard]["count"] != count:
                     have = finished[shard]["count"]
-                    problems.append(f"{SIZES_NAME}: gives {shard} {count} samples, its stats say {have}")
+                    problems.append(f"{SIZES_FILE}: gives {shard} {count} samples, its stats say {have}")
 
-    manifest_path = directory / MANIFEST_NAME
+    manifest_path = directory / MANIFEST_FILE
     if manifest_path.exists():
         manifest = _load_json(manifest_path, problems)
         if isinstance(manifest, dict):
             for shard in sorted(_listed_shards(manifest) - present):
-                problems.append(f"{MANIFEST_NAME}: lists {shard}, which does not exist")
+                problems.append(f"{MANIFEST_FILE}: lists {shard}, which does not exist")
     return problems

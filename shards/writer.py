@@ -6,7 +6,7 @@ and skips finished ones (`shard_done`). Tar members carry a fixed mtime, owner a
 the given order, so equal inputs give byte-equal shards on any machine and at any time.
 
 Sample layout (what `write_shard` takes, one dict per sample):
-    {"__key__": "000000_000017", "input.png": <png bytes>, "json": {...}, ...}
+    {"__key__": "r000-0000017", "degraded.png": <png bytes>, "json": {...}, ...}
     every field not starting with "_" becomes the tar member `<key>.<field>`; bytes are stored as they are,
     str as UTF-8, dict/list as JSON with sorted keys.
     {"__key__": "...", "__error__": "why"} marks a sample that failed upstream: it is counted in the
@@ -26,30 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from shards.io import OutputFolderError, atomic_write_json
+from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_stats, shard_name, stats_name
 
 # Fixed tar header fields: the wall clock, the user and the umask must not leak into the bytes.
 TAR_MTIME = 0
 TAR_MODE = 0o444
-MANIFEST_NAME = "manifest.json"
-SIZES_NAME = "sizes.json"
+# A synthesized sample: `<key>.degraded.png` (the synthesized degraded image) and `<key>.json` (provenance).
+DEGRADED_FIELD = "degraded.png"
+META_FIELD = "json"
+# Version of the round format (fields, manifest keys); version 1 named the image field "input.png".
+SHARD_FORMAT = 2
 # errno values that mean "this folder cannot take the file", reported as OutputFolderError.
 _FOLDER_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
 # Core stats keys that `extra_stats` may not override.
 _CORE_STATS = ("shard", "index", "count", "failures", "sha256", "bytes")
 # A custom iterator that keeps raising would loop forever; stop after this many errors in a row.
 _MAX_CONSECUTIVE_ERRORS = 1000
-
-
-def shard_name(index: int) -> str:
-    """`000012.tar` for index 12."""
-    if not isinstance(index, int) or index < 0:
-        raise ValueError(f"shard index must be a non-negative int, got {index!r}")
-    return f"{index:06d}.tar"
-
-
-def stats_name(index: int) -> str:
-    """`000012.stats.json` for index 12 (the completion marker of shard 12)."""
-    return shard_name(index)[: -len(".tar")] + ".stats.json"
 
 
 def _folder_error(directory: Path, what: str, err: OSError) -> OutputFolderError:
@@ -255,16 +247,16 @@ def write_manifest(directory: str | Path, manifest: dict) -> Path:
     """
     if not isinstance(manifest, dict):
         raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
-    path = Path(directory) / MANIFEST_NAME
+    path = Path(directory) / MANIFEST_FILE
     atomic_write_json(path, manifest)
     return path
 
 
 def read_manifest(directory: str | Path) -> dict:
     """Read `manifest.json`; a missing or corrupt file is a clear error naming it."""
-    path = Path(directory) / MANIFEST_NAME
+    path = Path(directory) / MANIFEST_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory} (the round was not finished)")
+        raise FileNotFoundError(f"no {MANIFEST_FILE} in {directory} (the round was not finished)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
@@ -325,11 +317,8 @@ def write_sizes(directory: str | Path) -> dict[str, int]:
     directory = Path(directory)
     sizes: dict[str, int] = {}
     for stats_path in sorted(directory.glob("*.stats.json")):
-        index_text = stats_path.name[: -len(".stats.json")]
-        if not index_text.isdigit():
-            continue
-        index = int(index_text)
-        if shard_done(directory, index):
+        index = parse_stats(stats_path.name)
+        if index is not None and shard_done(directory, index):
             sizes[shard_name(index)] = int(read_stats(directory, index)["count"])
-    atomic_write_json(directory / SIZES_NAME, sizes)
+    atomic_write_json(directory / SIZES_FILE, sizes)
     return sizes

@@ -19,7 +19,7 @@ never on the batch it was sampled in.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from synth.sd import SDParts
+from .sd_parts import SDParts
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,12 @@ class CCDConfig:
     """Sampler settings (paper defaults).
 
     Args:
-        steps: T, DDIM steps of the full schedule (70).
-        strength: lambda of Eq. (6): the last int(T * lambda) steps are run (0.5 -> 35).
-        size: side of the square images, a multiple of 8 (256).
+        steps: T, DDIM steps of the full schedule.
+        strength: lambda of Eq. (6): the last int(T * lambda) steps are run (0.5 of 70 -> 35).
+        size: side of the square images, a multiple of 8.
         guidance_scale: classifier-free guidance weight; 1 disables it (the paper's setting).
-        z0: "ccd" starts from the noised clean latent; "noise" ignores the clean image's content and runs all
-            T steps from pure noise (text-to-image style, an ablation).
+        z0: ccd starts from the noised clean latent; noise ignores the clean image's content and runs all
+            T steps from pure noise (text-to-image style, Table 3's M1-M3).
         eta: DDIM stochasticity; 0 is deterministic (the paper's setting).
     """
 
@@ -70,9 +70,6 @@ class CCDConfig:
     def denoise_steps(self) -> int:
         """UNet calls per image (times 2 with guidance): int(T * lambda), or T for z0='noise'."""
         return self.steps if self.z0 == "noise" else min(int(self.steps * self.strength), self.steps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _scheduler(parts: SDParts, config: CCDConfig, device: torch.device) -> tuple[DDIMScheduler, torch.Tensor]:

@@ -6,9 +6,35 @@ batches, held in a first-in first-out queue of K feature vectors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MoCoConfig:
+    """The contrastive loss's settings (paper Eq. (3), MoCo), shared by stage 1 and stage 3's joint phase.
+
+    Args:
+        queue_size: K, negative keys kept from earlier batches (best below the number of images, else crops
+            of a query's own image come back as its negatives).
+        tau: softmax temperature of Eq. (3).
+        momentum: m, the key encoder's momentum (key = m * key + (1 - m) * query).
+    """
+
+    queue_size: int = 1024
+    tau: float = 0.07
+    momentum: float = 0.999
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ValueError(f"MoCoConfig.queue_size must be a positive int, got {self.queue_size!r}")
+        if not self.tau > 0:
+            raise ValueError(f"MoCoConfig.tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"MoCoConfig.momentum must be in [0, 1], got {self.momentum}")
 
 
 class MoCoQueue(nn.Module):

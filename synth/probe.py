@@ -3,23 +3,20 @@
 `probe` embeds random crops of images of known degradation types (rain, haze, snow, ...) with the frozen
 contrastive features, and scores a leave-one-image-out nearest-neighbour classifier: each crop is labelled
 by its most similar crop from a *different* image, so matching content (or the same photo) cannot help.
-Chance is 1 / number of types. A PCA scatter of the features, coloured by type, is written as a PNG.
+Chance is 1 / number of types. The result also holds the features' first two principal components per crop
+(`points`, `labels`), which `d4ir probe` plots coloured by type.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 
-from shards.images import ImageSkipped, list_files, read_rgb, to_tensor
-from shards.io import atomic_write_bytes
+from shards.images import ImageSkipped, list_files, random_windows, read_rgb, to_tensor
 
 
 def images_by_subfolder(root: str | Path) -> dict[str, list[Path]]:
@@ -32,27 +29,9 @@ def images_by_subfolder(root: str | Path) -> dict[str, list[Path]]:
 
 def _crops(path: Path, crop: int, n: int, rng: np.random.Generator) -> torch.Tensor:
     """n random crop x crop windows of one image: [n, 3, crop, crop]."""
-    img = to_tensor(read_rgb(path, min_side=crop))
-    _, h, w = img.shape
-    ys, xs = rng.integers(0, h - crop + 1, size=n), rng.integers(0, w - crop + 1, size=n)
-    return torch.stack([img[:, y : y + crop, x : x + crop] for y, x in zip(ys, xs)])
-
-
-def _plot(points: np.ndarray, labels: np.ndarray, types: list[str], title: str) -> bytes:
-    fig = Figure(figsize=(5, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for t, name in enumerate(types):
-        sel = labels == t
-        ax.scatter(points[sel, 0], points[sel, 1], s=10, alpha=0.7, label=name)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, markerscale=1.5)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    img = to_tensor(read_rgb(path, min_side=crop))  # [3, H, W]
+    windows = random_windows(rng, img.shape[1], img.shape[2], crop, n)
+    return torch.stack([img[:, y : y + crop, x : x + crop] for y, x in windows])
 
 
 @torch.no_grad()
@@ -63,7 +42,6 @@ def probe(
     crop: int = 64,
     crops_per_image: int = 4,
     seed: int = 0,
-    plot_path: str | Path | None = None,
     batch_size: int = 64,
     device: str = "cpu",
 ) -> dict:
@@ -77,12 +55,12 @@ def probe(
         crop: side of the crops (use the training crop).
         crops_per_image: random crops per image (seeded by `seed`, so the probe is repeatable).
         seed: crop positions.
-        plot_path: where to write the PCA scatter PNG (None: no plot).
         batch_size: crops per encoder call.
         device: torch device.
     Returns:
         {"accuracy", "chance", "per_type" {type: accuracy}, "num_types", "num_images", "num_crops",
-         "explained_variance" [2], "skipped" [(path, reason)], "plot" (str or None)}.
+         "explained_variance" [2], "skipped" [(path, reason)], "types" [names], "points" [M, 2] and
+         "labels" [M] (type index per crop) for a PCA plot}.
     """
     types = list(images_by_type)
     if len(types) < 2:
@@ -142,11 +120,8 @@ def probe(
         "num_crops": len(lab),
         "explained_variance": (var + [0.0, 0.0])[:2],
         "skipped": skipped,
-        "plot": None,
+        "types": types,
+        "points": points,
+        "labels": lab.numpy(),
     }
-    if plot_path is not None:
-        title = (f"prompt-adapter features, PCA; NN accuracy {result['accuracy']:.2f} "
-                 f"(chance {result['chance']:.2f})")
-        atomic_write_bytes(plot_path, _plot(points, lab.numpy(), types, title))
-        result["plot"] = str(plot_path)
     return result

@@ -20,6 +20,28 @@ from PIL import Image, ImageDraw
 SIDE = 32  # every drawn photo is SIDE x SIDE (the synth size: no resizing)
 TEACHER_KWARGS = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=16)
 SYNTH = dict(num_samples=8, shard_size=4, batch_size=4, steps=4, strength=0.5, size=32)
+CCD_KEYS = ("steps", "strength", "size", "guidance_scale", "z0", "eta")
+
+
+def synth_config(**overrides):
+    """A SynthConfig from the flat SYNTH settings (the sampler's keys go into its nested CCDConfig)."""
+    from synth.ccd import CCDConfig
+    from synth.plan import SynthConfig
+
+    flat = {**SYNTH, **overrides}
+    ccd = CCDConfig(**{k: flat.pop(k) for k in CCD_KEYS if k in flat})
+    return SynthConfig(ccd=ccd, **flat)
+
+
+def _prompts_config():
+    from synth.moco import MoCoConfig
+    from synth.prompts import PromptsConfig
+
+    return PromptsConfig(prompt_tokens=4, feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=2, batch_size=4,
+                         crop=16, moco=MoCoConfig(queue_size=4), embed_side=32)
+
+
+PROMPTS = _prompts_config()
 
 
 def pytest_configure(config) -> None:
@@ -100,39 +122,23 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     import torch
 
     from distill.registry import build, save_model
+    from shards.layout import RunLayout
     from synth.prompts import train_prompts
-    from synth.worker import SynthConfig, synthesize
+    from synth.sd import load_sd_cached
+    from synth.worker import synthesize
 
     base = tmp_path_factory.mktemp("tiny")
     photos = make_photos(base / "photos")
-    run = base / "run"
-    train_prompts(
-        photos["web_degraded"],
-        "tiny",
-        run / "prompts",
-        prompt_tokens=4,
-        feat_dim=8,
-        widths=(4, 8, 8),
-        token_rank=4,
-        steps=2,
-        batch_size=4,
-        crop=16,
-        queue_size=4,
-        embed_side=32,
-        progress=False,
-    )
-    synthesize(
-        photos["web_clean"],
-        run / "shards" / "round-000",
-        sd="tiny",
-        prompts_dir=run / "prompts",
-        config=SynthConfig(**SYNTH),
-        progress=False,
-    )
+    run = RunLayout(base / "run")
+    train_prompts(photos["web_degraded"], load_sd_cached("tiny", "cpu", "float32"), run.prompts, PROMPTS,
+                  progress=False)
+    synthesize(photos["web_clean"], run.shards, synth_config(), sd_spec="tiny", prompts_dir=run.prompts,
+               progress=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         teacher = build("airnet", **TEACHER_KWARGS)
-    teacher_path = save_model(run / "teacher" / "teacher", teacher)
+    teacher_path = save_model(run.teacher_dir / "teacher", teacher)
+    run = run.root
     photo_root = base / "photos"
     return TinyRun(run, teacher_path, photos["web_degraded"], photos["web_clean"], photo_root / "val",
                    photo_root / "original")
@@ -142,3 +148,24 @@ def tiny_run(tmp_path_factory) -> TinyRun:
 def run_copy(tiny_run, tmp_path) -> TinyRun:
     """A private copy of the tiny run for a test that writes students or regeneration rounds."""
     return tiny_run.copy_to(tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def synth_inputs(tmp_path_factory) -> dict:
+    """Clean photos of several shapes and a random prompt table for the stage-2 tests."""
+    from synth_fixtures import make_clean, make_prompts
+
+    root = tmp_path_factory.mktemp("inputs")
+    return {"clean": make_clean(root / "clean"), "prompts": make_prompts(root / "prompts"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def synth_reference(synth_inputs) -> Path:
+    """One uninterrupted stage-2 run with synth_fixtures.CFG: what every other run of CFG equals byte for byte."""
+    from synth_fixtures import CFG
+
+    from synth.worker import synthesize
+
+    inputs = synth_inputs
+    r = synthesize(inputs["clean"], inputs["root"] / "reference", CFG, prompts_dir=inputs["prompts"], progress=False)
+    return r.round_dir

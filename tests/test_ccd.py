@@ -10,7 +10,9 @@ from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from synth.ccd import CCDConfig, ccd_flops, ccd_sample, feedback_surrogate, prepare_clean
-from synth.sd import SD15_UNET_CONFIG, SD15_VAE_CONFIG, build_tiny_sd, diffusers_img2img
+from synth.reference import diffusers_img2img
+from synth.sd import build_tiny_sd
+from synth.sd_configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
 CFG = CCDConfig(steps=10, strength=0.5, size=64)
 

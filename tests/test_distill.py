@@ -16,15 +16,15 @@ import distill.feedback as feedback_mod
 import distill.trainer as trainer_mod
 import synth.worker as worker_mod
 from distill.evaluate import evaluate_model
-from distill.feedback import FeedbackLoop
+from distill.feedback import FeedbackLoop, synth_config_of
 from distill.losses import parse_weights
-from distill.registry import build, load_model
-from distill.trainer import DistillConfig, distill, half_of, rounds_due
+from distill.registry import build, half_of, load_model
+from distill.trainer import DistillConfig, DistillResult, distill
 from shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
 from shards.pairs import find_pairs
 from shards.writer import read_manifest
-from synth.prompts import load_prompt_encoder
-from synth.worker import SynthConfig, cached_sd
+from synth.embed import load_prompt_encoder
+from synth.sd import load_sd_cached
 
 # Tiny steps everywhere: 16x16 crops, batches of 2, one feedback image per step.
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
@@ -34,7 +34,7 @@ def _cfg(**kw) -> DistillConfig:
     return DistillConfig(**{**TINY, **kw})
 
 
-def _run(r, cfg: DistillConfig, name: str, **kw) -> dict:
+def _run(r, cfg: DistillConfig, name: str, **kw) -> DistillResult:
     return distill(r.root, r.teacher, cfg, degraded_dir=r.degraded, clean_dir=r.clean, name=name, progress=False,
                    **kw)
 
@@ -49,15 +49,14 @@ def _file_states(folder) -> dict[str, tuple[str, int]]:
 
 
 def test_schedule_helpers():
-    cfg = _cfg(epochs=6, joint_epochs=4, regen_every=2)
-    assert [rounds_due(e, cfg) for e in range(6)] == [0, 0, 1, 1, 2, 2]  # no round after the joint phase
-    assert rounds_due(5, _cfg(epochs=6, joint_epochs=4, regen_every=0)) == 0
-    assert rounds_due(5, _cfg(data="web", regen_every=1)) == 0
-    assert DistillConfig(epochs=200).halve_every() == 15
-    model = torch.nn.Module()
-    assert half_of(model, {"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == (
+    cfg = _cfg(epochs=6, joint_epochs=4, round_every=2)
+    assert [cfg.round_for_epoch(e) for e in range(6)] == [0, 0, 1, 1, 2, 2]  # no round after the joint phase
+    assert _cfg(epochs=6, joint_epochs=4, round_every=0).round_for_epoch(5) == 0
+    assert _cfg(data="web", round_every=1).round_for_epoch(5) == 0
+    assert DistillConfig().lr_halve_every == 15
+    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == (
         "airnet", {"n_feats": 32, "encoder_first": 32})
-    assert half_of(model, {"arch": "restormer", "kwargs": {"dim": 48}}) == ("restormer", {"dim": 24})
+    assert half_of({"arch": "restormer", "kwargs": {"dim": 48}}) == ("restormer", {"dim": 24})
 
 
 # ------------------------------------------------------------------------------------ 1. gradient path
@@ -65,12 +64,13 @@ def test_feedback_loss_reaches_encoder_not_sd(tiny_run):
     """One backward of the surrogate's L_kd: the prompt encoder gets gradients, no SD, teacher or
     momentum-encoder parameter does (they are frozen and stay without .grad)."""
     r = tiny_run
-    parts = cached_sd("tiny", "cpu", "float32")
-    ccd = SynthConfig(**read_manifest(r.root / "shards" / "round-000")["config"]).ccd()
-    loop = FeedbackLoop(r.root / "prompts", parts, r.degraded, r.clean, ccd, crop=16)
+    parts = load_sd_cached("tiny", "cpu", "float32")
+    ccd = synth_config_of(read_manifest(r.root / "shards" / "round-000")).ccd
+    loop = FeedbackLoop(r.root / "prompts", parts, r.degraded, r.clean, ccd)
+    assert loop.crop == 16 and loop.moco.queue_size == 4  # stage 1's crop and MoCo settings
     teacher, info = load_model(r.teacher)
     teacher.requires_grad_(False)
-    arch, kwargs = half_of(teacher, info)
+    arch, kwargs = half_of(info)
     student = build(arch, **kwargs).train()
     rng = np.random.default_rng(0)
     loss = loop.feedback_loss(student, teacher, rng, 2, parse_weights("l2"), "cpu")
@@ -87,7 +87,7 @@ def test_joint_step_with_gamma_zero_moves_encoder_only(run_copy, monkeypatch):
     """gamma = 0 turns L_cl off: the encoder must still change (L_kd through `feedback_surrogate`), while the
     frozen SD (vae, unet) and the teacher keep every weight."""
     r = run_copy
-    parts = cached_sd("tiny", "cpu", "float32")  # the trainer gets this very object from the cache
+    parts = load_sd_cached("tiny", "cpu", "float32")  # the trainer gets this very object from the cache
     sd_before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in (("vae", parts.vae),
                                                                                    ("unet", parts.unet))}
     teachers = []
@@ -98,10 +98,10 @@ def test_joint_step_with_gamma_zero_moves_encoder_only(run_copy, monkeypatch):
         return model, info
 
     monkeypatch.setattr(trainer_mod, "load_model", spy_load)
-    _run(r, _cfg(epochs=1, joint_epochs=1, regen_every=0, gamma=0.0, iters_per_epoch=1), "g0")
+    _run(r, _cfg(epochs=1, joint_epochs=1, round_every=0, gamma=0.0, iters_per_epoch=1), "g0")
 
     start = load_prompt_encoder(r.root / "prompts")
-    after, _ = load_weights(r.root / "students" / "g0" / "encoder")
+    after, _ = load_weights(r.root / "students" / "g0" / "prompt_encoder")
     moved = [k for k, v in _params(start).items() if not torch.equal(v, after[k])]
     assert moved, "L_kd alone did not move the prompt encoder"
     for name, module in (("vae", parts.vae), ("unet", parts.unet)):
@@ -125,10 +125,10 @@ def test_second_students_reuse_shards_untouched(run_copy, monkeypatch):
     monkeypatch.setattr(feedback_mod, "synthesize", no_synth)
     narrow = dict(n_feats=6, encoder_first=6, n_groups=1, n_blocks=1, queue_size=16)
     res = _run(r, _cfg(student="airnet", student_kwargs=narrow, round=0, epochs=1), "narrow")
-    assert res["round"] == 0
+    assert res.round == 0
     # the joint phase on without a round pinned, but no regeneration due: the encoder trains, no synthesis
-    res = _run(r, _cfg(epochs=1, joint_epochs=1, regen_every=0), "joint")
-    assert res["round"] == 0
+    res = _run(r, _cfg(epochs=1, joint_epochs=1, round_every=0), "joint")
+    assert res.round == 0
     for name, n_feats in (("narrow", 6), ("joint", 4)):
         student, info = load_model(r.root / "students" / name / "student")
         assert info["kwargs"]["n_feats"] == n_feats
@@ -139,7 +139,7 @@ def test_second_students_reuse_shards_untouched(run_copy, monkeypatch):
 def test_refuses_shards_of_another_sd(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
     with pytest.raises(ValueError, match=r"sd: shards were made with 'tiny', the run asks for 'other'"):
-        _run(r, _cfg(round=0, epochs=1), "x", sd="other")
+        _run(r, _cfg(round=0, epochs=1), "x", sd_spec="other")
 
 
 def test_refuses_round0_of_another_encoder(tiny_run, tmp_path):
@@ -161,19 +161,19 @@ def test_incomplete_round_is_passed_over_or_refused(run_copy, monkeypatch):
     (shards / "round-001" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     (shards / "round-001" / "000001.stats.json").unlink()  # its second shard never finished
     res = _run(r, _cfg(epochs=1, joint_epochs=0), "x")
-    assert res["round"] == 0
+    assert res.round == 0
     with pytest.raises(ValueError, match="round 1 .* is incomplete"):
         _run(r, _cfg(epochs=1, round=1), "y")
 
 
 def test_joint_phase_needs_web_folders(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
-    with pytest.raises(ValueError, match="joint phase needs degraded_dir and clean_dir"):
+    with pytest.raises(ValueError, match="joint phase needs the web folders"):
         distill(r.root, r.teacher, _cfg(epochs=1, joint_epochs=1), progress=False)
 
 
 # ----------------------------------------------------------------------- 3. resume, 4. regeneration
-ROUNDS = dict(epochs=3, joint_epochs=2, regen_every=1, iters_per_epoch=2)
+ROUNDS = dict(epochs=3, joint_epochs=2, round_every=1, iters_per_epoch=2)
 
 
 @pytest.fixture(scope="module")
@@ -194,29 +194,29 @@ def test_resume_continues_exactly(straight, run_copy, monkeypatch, killed_after)
     so the MoCo queue, key encoder and encoder optimizer must come back too; after epoch 2: just before the
     last round), a resumed run ends bit-equal to the straight one."""
     r = run_copy
-    real = trainer_mod.rounds_due
+    real = trainer_mod.DistillConfig.round_for_epoch
 
-    def kill(epoch, cfg):
+    def kill(cfg, epoch):
         if epoch == killed_after:
             raise _Killed
-        return real(epoch, cfg)
+        return real(cfg, epoch)
 
-    monkeypatch.setattr(trainer_mod, "rounds_due", kill)
+    monkeypatch.setattr(trainer_mod.DistillConfig, "round_for_epoch", kill)
     with pytest.raises(_Killed):
         _run(r, _cfg(**ROUNDS), "s")
     out = r.root / "students" / "s"
     assert [rec["epoch"] for rec in read_jsonl(out / "train.jsonl")] == list(range(1, killed_after + 1))
-    assert not (r.root / "shards" / f"round-{killed_after:03d}").exists()
-    monkeypatch.setattr(trainer_mod, "rounds_due", real)
+    assert not (out / "shards" / f"round-{killed_after:03d}").exists()
+    monkeypatch.setattr(trainer_mod.DistillConfig, "round_for_epoch", real)
     res = _run(r, _cfg(**ROUNDS), "s", resume=True)
-    assert res["round"] == 2
+    assert res.round == 2
 
     want, _ = load_weights(straight.root / "students" / "s" / "student")
     got, _ = load_weights(out / "student")
     assert want.keys() == got.keys()
     assert all(torch.equal(got[k], want[k]) for k in want), "resumed student differs from the straight run"
-    assert state_dict_sha256(load_weights(out / "encoder")[0]) == state_dict_sha256(
-        load_weights(straight.root / "students" / "s" / "encoder")[0])
+    assert state_dict_sha256(load_weights(out / "prompt_encoder")[0]) == state_dict_sha256(
+        load_weights(straight.root / "students" / "s" / "prompt_encoder")[0])
     keys = ("epoch", "round", "loss_kd", "loss_fb", "loss_cl")
     strip = [{k: rec[k] for k in keys} for rec in read_jsonl(out / "train.jsonl")]
     assert strip == [{k: rec[k] for k in keys} for rec in read_jsonl(straight.root / "students" / "s" / "train.jsonl")]
@@ -226,15 +226,18 @@ def test_regeneration_rounds(straight):
     r = straight
     base = read_manifest(r.root / "shards" / "round-000")
     hashes = [base["encoder_sha256"]]
+    student = r.root / "students" / "s"
+    assert sorted(p.name for p in (r.root / "shards").iterdir()) == ["round-000"]  # the rounds are the student's
     for n in (1, 2):
-        m = read_manifest(r.root / "shards" / f"round-{n:03d}")
+        m = read_manifest(student / "shards" / f"round-{n:03d}")
         assert m["complete"] and m["config"]["round"] == n and m["images"] == base["images"]
-        enc = load_weights(r.root / "prompts" / "rounds" / f"round-{n:03d}" / "encoder")[0]
+        assert m["dtype"] == base["dtype"] and m["clean_dir"] == base["clean_dir"] and m["sd"] == base["sd"]
+        enc = load_weights(student / "prompts" / f"round-{n:03d}" / "prompt_encoder")[0]
         assert m["encoder_sha256"] == state_dict_sha256(enc)  # the KD-updated encoder of that round
         hashes.append(m["encoder_sha256"])
     assert len(set(hashes)) == 3, "each round must be made by a different (further trained) encoder"
     # the joint phase ends with epoch 2, so the final encoder is the one that made round 2
-    assert state_dict_sha256(load_weights(r.root / "students" / "s" / "encoder")[0]) == hashes[2]
+    assert state_dict_sha256(load_weights(r.root / "students" / "s" / "prompt_encoder")[0]) == hashes[2]
     log = read_jsonl(r.root / "students" / "s" / "train.jsonl")
     assert [(rec["round"], rec["joint"]) for rec in log] == [(0, True), (1, True), (2, False)]
     assert json.loads((r.root / "students" / "s" / "config.json").read_text())["round"] == 2
@@ -249,7 +252,7 @@ def test_baselines_improve_on_untrained(tiny_run, tmp_path, data):
     _run(r, dataclasses.replace(cfg, epochs=0), "untrained", **kw)  # no step: the initial student
     res = _run(r, dataclasses.replace(cfg, epochs=2), "trained", **kw)
     out = r.root / "students" / "trained"
-    assert (out / "student.safetensors").is_file() and res["round"] is None
+    assert (out / "student.safetensors").is_file() and res.round is None
     before = json.loads((r.root / "students" / "untrained" / "eval.json").read_text())["mean"]["ref_psnr"]
     student, _ = load_model(out / "student")
     teacher, _ = load_model(r.teacher)

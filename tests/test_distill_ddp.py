@@ -17,7 +17,7 @@ from shards.io import load_weights, read_jsonl
 
 WORLD = 2
 CONFIG = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0,
-              epochs=2, joint_epochs=1, regen_every=1)
+              epochs=2, joint_epochs=1, round_every=1)
 
 
 def _free_port() -> int:
@@ -92,4 +92,4 @@ def test_two_gloo_ranks_end_equal(run_copy, tmp_path):
     assert [rec["epoch"] for rec in read_jsonl(out / "train.jsonl")] == [1, 2]
     saved, _ = load_weights(out / "student")
     assert all(torch.equal(saved[k], s0[k]) for k in s0)
-    assert json.loads((r.root / "shards" / "round-001" / "manifest.json").read_text())["complete"]
+    assert json.loads((out / "shards" / "round-001" / "manifest.json").read_text())["complete"]

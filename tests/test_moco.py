@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth.adapter import PromptEncoder
 from synth.moco import MoCoQueue, info_nce, momentum_update
+from synth.prompt_encoder import PromptEncoder
 
 # --- info_nce --------------------------------------------------------------------------------------------
 

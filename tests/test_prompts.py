@@ -1,6 +1,7 @@
 """Stage 1 end to end on a tiny folder: files, metadata, reruns, resume, input errors; and the probe."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +11,31 @@ import torch.nn.functional as F
 from PIL import Image
 
 import synth.prompts as prompts_mod
+from pipelines.figures import probe_plot
 from shards.embeddings import load_embeddings
 from shards.images import read_rgb, to_tensor
 from shards.io import read_jsonl, sha256_file
-from synth.adapter import PromptEncoder
+from shards.state import StateError, load_state
+from synth.embed import load_prompt_encoder
+from synth.moco import MoCoConfig
 from synth.probe import probe
-from synth.prompts import load_checkpoint, load_prompt_encoder, train_prompts
+from synth.prompt_encoder import PromptEncoder
+from synth.prompts import PromptsConfig
+from synth.sd import load_sd
 
 N_IMAGES, L, D = 12, 4, 16
-TINY = dict(prompt_tokens=L, feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=4, batch_size=4, crop=16,
-            queue_size=8, embed_side=24, checkpoint_every=2, progress=False)
+CFG = PromptsConfig(prompt_tokens=L, feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=4, batch_size=4, crop=16,
+                    moco=MoCoConfig(queue_size=8), embed_side=24, checkpoint_every=2)
+
+
+def train_prompts(degraded, sd, out, resume=False, **changes):
+    """synth.prompts.train_prompts with the tiny config, `changes` replacing its fields."""
+    config = replace(CFG, **changes)
+    return prompts_mod.train_prompts(degraded, sd, out, config, resume=resume, progress=False)
+
+
+def load_checkpoint(out):
+    return load_state(Path(out) / "state.pt")
 
 
 class FakeSD:
@@ -56,20 +72,20 @@ def degraded(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(degraded, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    return out, train_prompts(degraded, FakeSD(), out, **TINY)
+    return out, train_prompts(degraded, FakeSD(), out)
 
 
 def test_writes_every_file_with_shapes_and_metadata(degraded, first_run):
     out, res = first_run
-    for name in ("encoder.safetensors", "encoder.json", "embeddings.safetensors", "index.jsonl", "train.jsonl",
-                 "checkpoint.pt"):
+    for name in ("prompt_encoder.safetensors", "prompt_encoder.json", "embeddings.safetensors", "index.jsonl",
+                 "train.jsonl", "state.pt"):
         assert (out / name).is_file(), name
     assert res.num_images == N_IMAGES and res.counts["usable"] == N_IMAGES and sum(res.counts.values()) == 13
     assert [(p.name, r) for p, r in res.skipped] == [("broken.png", "not an image")]
 
     emb = load_embeddings(out)
     assert emb.prompt_embeds.shape == (N_IMAGES, L, D) and emb.prompt_embeds.dtype == torch.float16
-    cfg = json.loads((out / "encoder.json").read_text())
+    cfg = json.loads((out / "prompt_encoder.json").read_text())
     assert emb.metadata["L"] == str(L) and emb.metadata["D"] == str(D)
     assert emb.metadata["encoder_sha256"] == cfg["sha256"] == res.encoder_sha256
     assert emb.metadata["sd_model_id"] == "fake/sd" and emb.metadata["sd_fingerprint"] == "f" * 64
@@ -97,10 +113,10 @@ def test_writes_every_file_with_shapes_and_metadata(degraded, first_run):
 
 def test_rerun_with_same_seed_is_exact(degraded, first_run, tmp_path):
     out, res = first_run
-    again = train_prompts(degraded, FakeSD(), tmp_path / "again", **TINY)
+    again = train_prompts(degraded, FakeSD(), tmp_path / "again")
     assert again.encoder_sha256 == res.encoder_sha256
     assert torch.equal(load_embeddings(out).prompt_embeds, load_embeddings(tmp_path / "again").prompt_embeds)
-    other = train_prompts(degraded, FakeSD(), tmp_path / "other", **{**TINY, "steps": 1}, seed=1)
+    other = train_prompts(degraded, FakeSD(), tmp_path / "other", steps=1, seed=1)
     assert other.encoder_sha256 != res.encoder_sha256
 
 
@@ -117,44 +133,44 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(degraded, first_run,
 
     monkeypatch.setattr(prompts_mod, "info_nce", crash_on_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train_prompts(degraded, FakeSD(), tmp_path, **TINY)
+        train_prompts(degraded, FakeSD(), tmp_path)
     assert load_checkpoint(tmp_path)["step"] == 2 and len(read_jsonl(tmp_path / "train.jsonl")) == 3
-    assert not (tmp_path / "encoder.safetensors").exists()
+    assert not (tmp_path / "prompt_encoder.safetensors").exists()
     monkeypatch.setattr(prompts_mod, "info_nce", real)
-    resumed = train_prompts(degraded, FakeSD(), tmp_path, **TINY, resume=True)
+    resumed = train_prompts(degraded, FakeSD(), tmp_path, resume=True)
     assert resumed.encoder_sha256 == res.encoder_sha256
     assert torch.equal(load_embeddings(out).prompt_embeds, load_embeddings(tmp_path).prompt_embeds)
     assert read_jsonl(tmp_path / "train.jsonl") == read_jsonl(out / "train.jsonl")
-    with pytest.raises(ValueError, match="settings changed.*lr"):
-        train_prompts(degraded, FakeSD(), tmp_path, **TINY, resume=True, lr=0.5)
+    with pytest.raises(StateError, match="settings changed.*lr"):
+        train_prompts(degraded, FakeSD(), tmp_path, resume=True, lr=0.5)
 
 
 def test_too_few_images_is_an_error_before_training(degraded, tmp_path):
     with pytest.raises(ValueError, match="12 usable degraded images.*fewer than one batch of 16"):
-        train_prompts(degraded, FakeSD(), tmp_path, **{**TINY, "batch_size": 16})
-    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "train.jsonl").exists()
+        train_prompts(degraded, FakeSD(), tmp_path, batch_size=16)
+    assert not (tmp_path / "state.pt").exists() and not (tmp_path / "train.jsonl").exists()
     with pytest.raises(ValueError, match="0 usable"):  # every image shorter than the crop
-        train_prompts(degraded, FakeSD(), tmp_path, **{**TINY, "crop": 40})
+        train_prompts(degraded, FakeSD(), tmp_path, crop=40)
 
 
 def test_width_mismatch_is_an_error_before_training(degraded, first_run, tmp_path):
     out, _ = first_run
     before = (out / "train.jsonl").read_bytes()
     with pytest.raises(ValueError, match="width mismatch.*D=16.*cross_attention_dim=24"):
-        train_prompts(degraded, FakeSD(dim=24), out, **TINY, resume=True)
+        train_prompts(degraded, FakeSD(dim=24), out, resume=True)
     assert (out / "train.jsonl").read_bytes() == before
     with pytest.raises(ValueError, match="width mismatch"):  # an SD whose text width is not its UNet's
-        train_prompts(degraded, FakeSD(dim=24, base_dim=16), tmp_path, **TINY)
+        train_prompts(degraded, FakeSD(dim=24, base_dim=16), tmp_path)
     with pytest.raises(TypeError, match="cross_attention_dim"):
-        train_prompts(degraded, object(), tmp_path, **TINY)
+        train_prompts(degraded, object(), tmp_path)
 
 
 def test_no_text_encoder_and_zero_strength(degraded, tmp_path):
-    res = train_prompts(degraded, FakeSD(text=False), tmp_path / "notext", **{**TINY, "steps": 1})
+    res = train_prompts(degraded, FakeSD(text=False), tmp_path / "notext", steps=1)
     emb = load_embeddings(res.out_dir).prompt_embeds.float()
     rms = emb.pow(2).mean(-1).sqrt()  # without a base each token is layer-normed: unit RMS
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-2)
-    res = train_prompts(degraded, FakeSD(), tmp_path / "zero", **{**TINY, "steps": 1}, prompt_strength=0.0)
+    res = train_prompts(degraded, FakeSD(), tmp_path / "zero", steps=1, prompt_strength=0.0)
     base = FakeSD().empty_prompt(L).half().expand(N_IMAGES, L, D)
     assert torch.equal(load_embeddings(res.out_dir).prompt_embeds, base)
 
@@ -181,7 +197,8 @@ def test_probe_accuracy_and_plot(tmp_path):
             by_type[name].append(p)
     (tmp_path / "bad.png").write_bytes(b"")
     by_type["red"].append(tmp_path / "bad.png")
-    res = probe(MeanColour(), by_type, crop=8, crops_per_image=2, plot_path=tmp_path / "pca.png")
+    res = probe(MeanColour(), by_type, crop=8, crops_per_image=2)
+    probe_plot(res, tmp_path / "pca.png")
     assert res["accuracy"] == 1.0 and res["chance"] == pytest.approx(1 / 3)
     assert res["num_images"] == 9 and res["num_crops"] == 18
     assert res["skipped"] == [(tmp_path / "bad.png", "zero bytes")]
@@ -207,12 +224,12 @@ def test_probe_runs_on_a_prompt_encoder(tmp_path):
             paths[t].append(p)
     enc = PromptEncoder(prompt_dim=D, prompt_tokens=L, feat_dim=8, widths=(4, 8, 8), token_rank=4).train()
     res = probe(enc, paths, crop=16, crops_per_image=2)
-    assert 0.0 <= res["accuracy"] <= 1.0 and res["num_crops"] == 8 and res["plot"] is None
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["num_crops"] == 8 and res["points"].shape == (8, 2)
     assert enc.training  # mode restored
 
 
-def test_spec_string_loads_the_tiny_sd(degraded, tmp_path):
-    res = train_prompts(degraded, "tiny", tmp_path, **{**TINY, "steps": 1})
+def test_the_tiny_sd_sets_the_width(degraded, tmp_path):
+    res = train_prompts(degraded, load_sd("tiny"), tmp_path, steps=1)
     emb = load_embeddings(tmp_path)
     assert emb.prompt_embeds.shape == (N_IMAGES, L, 32)  # the tiny UNet's cross_attention_dim
     assert emb.metadata["sd_model_id"] == "tiny" and len(emb.metadata["sd_fingerprint"]) == 64

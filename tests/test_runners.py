@@ -16,16 +16,18 @@ from pipelines.runners import dask_distributor, make_distributor
 from shards.embeddings import save_embeddings
 from shards.io import OutputFolderError
 from shards.verify import verify_shards
-from synth.worker import ShardJob, SynthConfig, local_distributor, plan_jobs, synthesize
+from synth.ccd import CCDConfig
+from synth.plan import ShardJob, SynthConfig, plan_jobs
+from synth.worker import local_distributor, synthesize
 
-CFG = SynthConfig(num_samples=8, shard_size=2, batch_size=2, steps=4, strength=0.5, size=32, seed=1)
+CFG = SynthConfig(num_samples=8, shard_size=2, batch_size=2, ccd=CCDConfig(steps=4, strength=0.5, size=32), seed=1)
 
 
 def fake_jobs(tmp_path: Path, n: int = 5) -> list[ShardJob]:
     """n one-sample shard jobs; the distributor tests run stand-in functions on them, not the SD."""
     config = SynthConfig(num_samples=n, shard_size=1)
     clean = [tmp_path / "a.png", tmp_path / "b.png"]
-    return plan_jobs(clean, 3, config, out_dir=tmp_path, sd="tiny", prompts_dir=None, encoder=None)
+    return plan_jobs(clean, 3, config, round_dir=tmp_path, sd_spec="tiny", prompts_dir=None)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_a_shard_that_keeps_failing_is_named(scheduler, tmp_path):
 
 def test_a_full_disk_on_a_worker_is_an_output_folder_error(scheduler, tmp_path):
     def full(job):
-        raise OutputFolderError(errno.ENOSPC, f"cannot write to {job.out_dir}: No space left on device")
+        raise OutputFolderError(errno.ENOSPC, f"cannot write to {job.round_dir}: No space left on device")
 
     with pytest.raises(OutputFolderError, match="No space left") as err:
         collect(dask_distributor(scheduler=scheduler, retries=0), full, fake_jobs(tmp_path, 1))
@@ -123,16 +125,16 @@ def test_two_worker_processes_write_the_local_shards(tmp_path):
     sources = [{"path": f"degraded{i}.png", "sha256": "0" * 64} for i in range(4)]
     save_embeddings(tmp_path / "prompts", embeds, sources, {"encoder_sha256": "e" * 64, "sd_fingerprint": "f" * 64})
 
-    kw = {"sd": "tiny", "prompts_dir": tmp_path / "prompts", "config": CFG, "progress": False}
-    local = synthesize(clean, tmp_path / "local", **kw)
-    dask = synthesize(clean, tmp_path / "dask", distributor=dask_distributor(workers=2), **kw)
+    kw = {"sd_spec": "tiny", "prompts_dir": tmp_path / "prompts", "progress": False}
+    local = synthesize(clean, tmp_path / "local", CFG, **kw)
+    dask = synthesize(clean, tmp_path / "dask", CFG, distributor=dask_distributor(workers=2), **kw)
     assert (dask.shards, dask.skipped, dask.images, dask.failures) == (4, 0, 8, 0) == (
         local.shards, local.skipped, local.images, local.failures)
-    assert verify_shards(tmp_path / "dask") == []
-    names = sorted(p.name for p in (tmp_path / "local").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "dask").iterdir())
+    assert verify_shards(dask.round_dir) == []
+    names = sorted(p.name for p in local.round_dir.iterdir())
+    assert names == sorted(p.name for p in dask.round_dir.iterdir())
     for name in names:
-        a, b = (tmp_path / "local" / name).read_bytes(), (tmp_path / "dask" / name).read_bytes()
+        a, b = (local.round_dir / name).read_bytes(), (dask.round_dir / name).read_bytes()
         if name.endswith(".stats.json"):  # stats carry wall-clock seconds
             a, b = ({k: v for k, v in json.loads(x).items() if k != "seconds"} for x in (a, b))
         assert a == b, name

@@ -7,13 +7,8 @@ import json
 import pytest
 import torch
 
-from synth.sd import (
-    SDLoadError,
-    build_tiny_sd,
-    load_sd,
-    save_sd,
-    sd15_modules,
-)
+from synth.sd import SDLoadError, build_tiny_sd, load_sd, save_sd
+from synth.sd_configs import sd15_modules
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from shards import reader, writer
-from shards.grid import sample_grid
+from pipelines.grid import sample_grid
+from shards import writer
 from shards.io import OutputFolderError
+from shards.layout import round_dir, rounds_in
 from shards.reader import (
     CountingHandler,
     ShardList,
     iter_samples,
-    latest_round,
-    round_dir,
     shard_dataset,
     shard_urls,
 )
@@ -51,7 +50,7 @@ def _samples(shard: int, n: int = 3, seed: int = 0) -> list[dict]:
     for i in range(n):
         arr = rng.integers(0, 256, size=(6 + i, 9, 3), dtype=np.uint8)
         meta = {"clean_source": f"clean/{shard}_{i}.png", "prompt_row": i, "seed": shard * 100 + i}
-        out.append({"__key__": f"{shard:06d}_{i:06d}", "input.png": _png(arr), "json": meta, "_pixels": arr})
+        out.append({"__key__": f"{shard:06d}_{i:06d}", "degraded.png": _png(arr), "json": meta, "_pixels": arr})
     return out
 
 
@@ -82,7 +81,7 @@ def test_round_trip_shard_dataset_plain_webdataset_and_iter_samples(tmp_path):
     assert len(plain) == len(expected)
     for p in plain:
         want = expected[p["__key__"]]
-        np.testing.assert_array_equal(np.round(p["input.png"] * 255).astype(np.uint8), want["_pixels"])
+        np.testing.assert_array_equal(np.round(p["degraded.png"] * 255).astype(np.uint8), want["_pixels"])
         assert p["json"] == want["json"]
 
     seq = list(iter_samples(tmp_path))
@@ -357,14 +356,15 @@ def test_sizes_rounds_and_shard_names(tmp_path):
         shard_name(-1)
 
     root = tmp_path / "shards"
-    with pytest.raises(FileNotFoundError, match="no finished round"):
-        latest_round(root)
+    assert rounds_in(root) == []
     for n in (0, 2, 3):
         round_dir(root, n).mkdir(parents=True)
     for n in (0, 2):
         write_manifest(round_dir(root, n), {"round": n})
-    assert latest_round(root) == root / "round-002"
-    assert reader.round_dir(root, 7).name == "round-007"
+    assert rounds_in(root) == [0, 2]  # round 3 has no manifest: its synthesis never started
+    assert round_dir(root, 7).name == "round-007"
+    with pytest.raises(ValueError):
+        round_dir(root, -1)
 
 
 def test_sample_grid_writes_a_labelled_png(tmp_path):

@@ -1,6 +1,6 @@
 """A labelled PNG grid of images (e.g. clean source | prompt source | synthesized), one row per sample.
 
-Used by `d4ir shards show` and the report.
+Used by `d4ir shards show` and the run report.
 """
 
 from __future__ import annotations

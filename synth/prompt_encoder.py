@@ -1,4 +1,4 @@
-"""The degradation-aware prompt adapter (DPA, Enc_DP in the paper, Eq. (3)-(5)).
+"""The prompt encoder: the paper's degradation-aware prompt adapter (DPA, Enc_DP), Eq. (3)-(5).
 
 One encoder, two heads:
 
@@ -35,23 +35,23 @@ class ResBlock(nn.Module):
     """conv3x3-BN-LeakyReLU(0.1)-conv3x3-BN plus a conv1x1-BN shortcut, then LeakyReLU (AirNet's ResBlock).
 
     Args:
-        in_ch: input channels.
-        out_ch: output channels.
+        c_in: input channels.
+        c_out: output channels.
         stride: stride of the first conv and of the shortcut (1 or 2).
     """
 
-    def __init__(self, *, in_ch: int, out_ch: int, stride: int) -> None:
+    def __init__(self, *, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.backbone = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(out_ch),
+            nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
         )
         self.shortcut = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(out_ch),
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+            nn.BatchNorm2d(c_out),
         )
         self.act = nn.LeakyReLU(0.1)
 
@@ -114,9 +114,9 @@ class PromptEncoder(nn.Module):
 
         # Backbone: full resolution, then /2, then /4; pooled to [B, c2].
         self.blocks = nn.Sequential(
-            ResBlock(in_ch=3, out_ch=c0, stride=1),
-            ResBlock(in_ch=c0, out_ch=c1, stride=2),
-            ResBlock(in_ch=c1, out_ch=c2, stride=2),
+            ResBlock(c_in=3, c_out=c0, stride=1),
+            ResBlock(c_in=c0, c_out=c1, stride=2),
+            ResBlock(c_in=c1, c_out=c2, stride=2),
         )
         # Contrastive head (the paper's MLP): [B, c2] -> [B, F], normalised in `features`.
         self.mlp = nn.Sequential(nn.Linear(c2, c2), nn.LeakyReLU(0.1), nn.Linear(c2, self.feat_dim))

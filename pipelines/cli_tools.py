@@ -1,0 +1,236 @@
+"""The `d4ir` helper commands: data, models, eval, probe, shards, report and demo (pipelines/cli.py adds them)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+
+_path = click.Path(path_type=Path)
+_existing = click.Path(exists=True, path_type=Path)
+_device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@click.group()
+def data() -> None:
+    """Inspect image folders and build the embedded demo data.
+
+    `data check` says what a stage would read from a folder and what it would skip; `data demo` builds the
+    demo's rainy, hazy and snowy images from photos that ship inside scikit-image.
+    """
+
+
+@data.command("check")
+@click.argument("folder", type=_path)
+@click.option("--min-side", default=DEFAULT_MIN_SIDE, show_default=True, help="Skip images with a shorter side.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, help="Skip images with more pixels.")
+@click.option("-v", "--verbose", is_flag=True, help="List every skipped file with its reason.")
+def data_check(folder: Path, min_side: int, max_pixels: int, verbose: bool) -> None:
+    """Decode every image under FOLDER (recursively) and count usable and skipped files.
+
+    Odd files are converted by a stated rule (grayscale, palette, alpha over white, 16-bit, CMYK, EXIF
+    orientation) or skipped with a reason (zero bytes, not an image, truncated, corrupt, too small, too
+    large). Exits non-zero only when nothing usable is left.
+    """
+    from shards.images import scan_images
+
+    try:
+        scan = scan_images(folder, min_side=min_side, max_pixels=max_pixels)
+    except FileNotFoundError as err:
+        raise click.ClickException(str(err)) from err
+    for reason, n in scan.counts().items():
+        click.echo(f"{reason:>14}: {n}")
+    if verbose:
+        for path, reason in scan.skipped:
+            click.echo(f"skipped {path}: {reason}")
+    if not scan.paths:
+        click.echo(f"no usable image in {folder}", err=True)
+        sys.exit(1)
+
+
+@data.command("demo")
+@click.option("--out", type=_path, default=Path("data/demo"), show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even when a complete demo set exists.")
+def data_demo(out: Path, seed: int, force: bool) -> None:
+    """Build the embedded demo data from the photos that ship inside scikit-image (no download).
+
+    \b
+    Per task (derain, dehaze, desnow) under OUT/<task>/:
+      web_degraded/   unpaired "web" degraded images (physical rain, haze or snow)
+      web_clean/      unpaired "web" clean images, from photos disjoint from the degraded ones
+      original/       paired degraded/ + clean/ set that trains the demo teacher
+      test/           paired degraded/ + clean/ test set
+    """
+    from pipelines.demo_data import build_demo_data
+
+    click.echo(f"demo data in {build_demo_data(out, seed=seed, force=force)}")
+
+
+@click.command()
+def models() -> None:
+    """List every registered restoration network with its parameter count.
+
+    Any of these names is a valid --arch (teacher) or --student (distill); `half` in distill means the
+    teacher's own architecture at half width.
+    """
+    from distill.registry import ARCHITECTURES, build, count_parameters
+
+    click.echo(f"{'name':<14} {'class':<10} {'params':>12}  kwargs")
+    for name, (cls, kwargs) in ARCHITECTURES.items():
+        click.echo(f"{name:<14} {cls.__name__:<10} {count_parameters(build(name)):>12,}  {kwargs}")
+
+
+@click.command("eval")
+@click.option("--model", "model_path",
+              help="A checkpoint (ours .safetensors, official .pth) or `identity` to score the degraded inputs.")
+@click.option("--run", type=_path, help="With --student: score RUN's student against RUN's teacher.")
+@click.option("--student", help="With --run: the student (as given to `d4ir distill --student`, or its --name).")
+@click.option("--pairs", type=_existing, required=True, help="Paired test set.")
+@click.option("--reference", type=_existing, help="Also score against this model's outputs (e.g. the teacher).")
+@click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
+@click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
+@click.option("--method", help="Name of the row in the printed table (default: the model's name).")
+@click.option("--tile", type=int, help="Run large images in overlapping tiles of this side.")
+@click.option("--border", default=0, show_default=True, help="Pixels cropped from each border before scoring.")
+@click.option("--limit", type=int, help="Score only the first N pairs.")
+@_device_option
+def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile, border, limit, device) -> None:
+    """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json.
+
+    Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
+    """
+    from distill.evaluate import IDENTITY, evaluate, format_table
+    from distill.trainer import student_name
+    from shards.layout import EVAL_FILE, RunLayout
+
+    device = _device(device)
+    if (model_path is None) == (run is None or student is None):
+        raise click.UsageError("give --model, or --run with --student")
+    if model_path is None:
+        layout = RunLayout(run)
+        model_path = layout.student_weights(student if layout.student(student).is_dir() else student_name(student))
+        reference = reference or (layout.teacher if layout.teacher.exists() else None)
+    if out is None:
+        out = Path(EVAL_FILE) if model_path == IDENTITY else Path(model_path).with_name(EVAL_FILE)
+    result = evaluate(model_path, pairs, out, reference=reference, arch=arch, device=device, tile=tile,
+                      border=border, limit=limit)
+    label = method or result["name"]
+    click.echo(format_table([("RGB", label, result)]))
+    click.echo(format_table([("Y", label, result)], y_channel=True).split("\n", 2)[2])
+    if reference:
+        m = result["mean"]
+        click.echo(f"against the reference: PSNR {m['ref_psnr']:.2f} dB, SSIM {m['ref_ssim']:.4f}")
+    click.echo(f"{result['count']} images, {result['seconds_per_image']:.3f} s/image on {device}; wrote {out}")
+
+
+@click.command()
+@click.option("--prompts", "prompts_dir", type=_existing, required=True,
+              help="A prompts folder (RUN/prompts) or prompt_encoder.safetensors.")
+@click.option("--images", type=_existing, required=True,
+              help="Held-out images, one sub-folder per degradation type (e.g. rain/, haze/, snow/).")
+@click.option("--out", type=_path, default=Path("probe.png"), show_default=True, help="The PCA plot PNG.")
+@click.option("--crop", default=64, show_default=True, help="Side of the random crops (use the training crop).")
+@click.option("--json-out", type=_path, help="Also write the probe result as JSON.")
+@_device_option
+def probe(prompts_dir, images, out, crop, json_out, device) -> None:
+    """Do the prompt encoder's features see degradation? Nearest-neighbour probe accuracy and a PCA plot.
+
+    Each crop is labelled by its most similar crop of another image; chance is 1 / number of types.
+    """
+    import json
+
+    from pipelines.figures import probe_plot
+    from synth.embed import load_prompt_encoder
+    from synth.probe import images_by_subfolder
+    from synth.probe import probe as run_probe
+
+    device = _device(device)
+    result = run_probe(load_prompt_encoder(prompts_dir, device=device), images_by_subfolder(images), crop=crop,
+                       device=device)
+    probe_plot(result, out)
+    click.echo(f"nearest-neighbour accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}); plot {out}")
+    if json_out:
+        shown = {k: v for k, v in result.items() if k not in ("points", "labels")}
+        json_out.write_text(json.dumps(shown, indent=2, default=str))
+
+
+@click.group("shards")
+def shards_group() -> None:
+    """Check and look at shard folders.
+
+    `verify` names every problem of a round; `show` prints its counts and writes a sample grid.
+    """
+
+
+@shards_group.command("verify")
+@click.argument("directory", type=_existing)
+def shards_verify(directory: Path) -> None:
+    """Name every missing, truncated, altered or unfinished shard in DIRECTORY (a round folder)."""
+    from shards.verify import verify_shards
+
+    problems = verify_shards(directory)
+    for p in problems:
+        click.echo(p)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{directory}: all shards verified")
+
+
+@shards_group.command("show")
+@click.argument("directory", type=_existing)
+@click.option("--out", type=_path, help="Grid PNG (default: DIRECTORY/samples.png).")
+@click.option("-n", "--num", default=8, show_default=True, help="Samples in the grid.")
+def shards_show(directory: Path, out: Path | None, num: int) -> None:
+    """Print counts and write a sample grid: clean source | prompt source | synthesized."""
+    from pipelines.report import shard_grid
+    from shards.writer import read_manifest
+
+    manifest = read_manifest(directory)
+    click.echo(
+        f"{directory}: {manifest.get('images', '?')} images in {manifest.get('num_shards', '?')} shards, "
+        f"sd {manifest.get('sd')}, round {manifest.get('config', {}).get('round')}"
+    )
+    click.echo(f"grid: {shard_grid(directory, out or directory / 'samples.png', num=num)}")
+
+
+@click.command()
+@click.argument("run", type=_existing)
+@click.option("--test", type=_existing, help="Paired test set for the restoration grid (default: from eval.json).")
+def report(run: Path, test: Path | None) -> None:
+    """Build RUN/report.md from the eval.json files of a run (tables), with sample grids and curves.
+
+    Every row of the tables is read from an eval.json written by `d4ir eval`, `d4ir distill --val` or the demo.
+    """
+    from pipelines.report import build_report
+
+    click.echo(f"report: {build_report(run, test)}")
+
+
+@click.command()
+@click.option("--data", type=_path, default=Path("data/demo"), show_default=True, help="Demo data folder.")
+@click.option("--run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
+@click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of every stage: CPU runs repeat exactly.")
+@_device_option
+def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> None:
+    """The whole pipeline on the embedded demo data, offline, on the CPU, in minutes.
+
+    demo data -> teacher -> prompts -> synth -> distill (D4IR with regeneration rounds) -> the paper's
+    baselines (Student, Data, M0) -> eval -> RUN/report.md. A rerun resumes: finished steps are skipped.
+    """
+    from pipelines.demo import run_demo
+
+    run_demo(data, run, task=task, seed=seed, device=device or "cpu")
+
+
+COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo]

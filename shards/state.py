@@ -1,0 +1,61 @@
+"""Resumable training states and their logs, the same way in every stage.
+
+A state (`state.pt`) holds only tensors and plain Python values (model and optimizer state dicts, the
+numpy bit-generator state, torch's RNG state, ints, floats, strings, lists, dicts), written atomically and
+read back with ``torch.load(weights_only=True)``: a crafted state file cannot run code, it is refused with
+its name. A log (`train.jsonl`) gets one record per step or epoch; on resume the records after the state's
+position are dropped before training goes on, so a killed run and its resume leave exactly one record each.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import atomic_torch_save, atomic_write_text, read_jsonl
+
+
+class StateError(ValueError):
+    """A resumable state that cannot be used (unreadable, unsafe, or written by other settings)."""
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write `state` atomically (a kill leaves the previous state or the new one, never half a file)."""
+    atomic_torch_save(path, state)
+
+
+def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a state written by `save_state`; anything that is not plain data is refused, naming the file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StateError(f"{path}: refused: not a plain training state (it asks to run code: {err})") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise StateError(f"{path}: unreadable training state ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict):
+        raise StateError(f"{path}: a training state must be a dict, got {type(state).__name__}")
+    return state
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """The numpy generator's state as plain data (a dict of str and int)."""
+    return rng.bit_generator.state
+
+
+def restore_rng(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state
+
+
+def trim_log(path: str | Path, key: str, last: int) -> list[dict]:
+    """Keep the records of `path` whose `key` is at most `last` (a resumed run redoes the rest)."""
+    path = Path(path)
+    kept = [r for r in read_jsonl(path) if isinstance(r.get(key), int) and r[key] <= last]
+    if path.exists():
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return kept

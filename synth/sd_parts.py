@@ -1,0 +1,159 @@
+"""The frozen Stable Diffusion as stage 2 samples with it (and stage 3 backpropagates through it).
+
+`SDParts` holds the VAE, the UNet, the DDIM scheduler and, when the model has one, the CLIP text encoder and
+its tokenizer, all frozen (eval mode, ``requires_grad=False``; activations may still carry gradients, which
+stage 3's feedback surrogate relies on). Its `fingerprint` identifies the model by content, not by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+
+class SDLoadError(FileNotFoundError):
+    """The SD spec names nothing loadable; the message says what was tried."""
+
+
+@dataclass
+class SDParts:
+    """The frozen SD pieces stage 2 needs.
+
+    Args:
+        vae: AutoencoderKL (images [B,3,H,W] in [-1,1] <-> latents [B,4,H/8,W/8]).
+        unet: UNet2DConditionModel; its ``encoder_hidden_states`` are the prompt embeddings [B,L,D].
+        scheduler: DDIMScheduler (the template; samplers copy it, so it is never mutated by them).
+        model_id: "tiny", "sd15-layout", the folder/file path or the hub id.
+        fingerprint: sha256 of the UNet/VAE/scheduler configs and a sample of the weights (see `sd_fingerprint`).
+        text_encoder: CLIP text model or None.
+        tokenizer: CLIP tokenizer or None.
+    """
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+    model_id: str
+    fingerprint: str
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: Any | None = None
+
+    @property
+    def cross_attention_dim(self) -> int:
+        """Width D of a prompt token (768 for SD1.x, 1024 for SD2.x, 32 for tiny)."""
+        return int(self.unet.config.cross_attention_dim)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along one side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """CLIP embeddings of `texts`, padded to the tokenizer's length: [B, L, D] in the UNet's dtype."""
+        if self.text_encoder is None or self.tokenizer is None:
+            why = (
+                "the tiny model has no text encoder"
+                if self.model_id == "tiny"
+                else "it was not found or could not be loaded (it needs the `transformers` package"
+                + (", which is not installed)" if importlib.util.find_spec("transformers") is None else ")")
+            )
+            raise RuntimeError(
+                f"SD model '{self.model_id}' has no text encoder: {why}. Pass prompt embeddings [B,L,"
+                f"{self.cross_attention_dim}] instead of text."
+            )
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode_text expects a list of strings")
+        tokens = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = next(self.text_encoder.parameters()).device
+        with torch.inference_mode():
+            hidden = self.text_encoder(tokens.input_ids.to(device))[0]
+        return hidden.to(self.dtype)
+
+    def empty_prompt(self, num_tokens: int | None = None) -> torch.Tensor | None:
+        """Embedding of the empty text, [1, L, D] (L = `num_tokens` or the tokenizer's 77); None without a
+        text encoder (callers then use zeros, e.g. as the negative prompt of classifier-free guidance)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            return None
+        emb = self.encode_text([""])
+        if num_tokens is not None:
+            if num_tokens > emb.shape[1]:
+                raise ValueError(f"num_tokens={num_tokens} exceeds the text encoder's length {emb.shape[1]}")
+            emb = emb[:, :num_tokens]
+        return emb
+
+
+def freeze(module: torch.nn.Module | None) -> None:
+    if module is not None:
+        module.eval()
+        module.requires_grad_(False)
+
+
+def _public_config(config: Any) -> dict[str, Any]:
+    # Keys starting with "_" hold the load path and library version: not part of the model's identity.
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _weight_sample_digest(h: Any, module: torch.nn.Module, per_tensor: int = 64) -> None:
+    """Feed name, shape, dtype and `per_tensor` evenly spaced values of every tensor into hash `h`.
+
+    Exact values at fixed positions make the digest device-independent (no reductions whose order could
+    differ between CPU and GPU) and cheap (hundreds of KB for SD1.5 instead of 3.4 GB)."""
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        n = flat.numel()
+        k = min(n, per_tensor)
+        idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+        values = flat[idx.to(flat.device)].float().cpu().numpy().tobytes()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        h.update(values)
+
+
+def sd_fingerprint(vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler: DDIMScheduler) -> str:
+    """sha256 over the UNet, VAE and scheduler configs and a sample of the weights as loaded (dtype
+    included: the same model in fp16 and fp32 gives different images, hence different fingerprints)."""
+    h = hashlib.sha256()
+    configs = {k: _public_config(m.config) for k, m in (("unet", unet), ("vae", vae), ("scheduler", scheduler))}
+    h.update(json.dumps(configs, sort_keys=True, default=str).encode())
+    _weight_sample_digest(h, unet)
+    _weight_sample_digest(h, vae)
+    return h.hexdigest()
+
+
+def assemble(
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    model_id: str,
+    text_encoder: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+) -> SDParts:
+    for module in (vae, unet, text_encoder):
+        freeze(module)
+    return SDParts(
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
+        model_id=model_id,
+        fingerprint=sd_fingerprint(vae, unet, scheduler),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
