@@ -1,7 +1,7 @@
 """Is stage 3's input pipeline ever the bottleneck? The student's KD step (teacher forward, student forward and
 backward, Adam) timed with batches from shards (`distill.sources.ShardBatches`: webdataset + DataLoader
 workers decoding PNGs, random crops in the main process, uint8 to the device) against the same step on
-batches already in device memory, in one run. Target (DESIGN.md): shards within 10% of memory on the GPU.
+batches already in device memory, in one run. Target (docs/design.md): shards within 10% of memory on the GPU.
 
 The two sources are timed in alternating blocks of steps, so drift (clock boost, other load) hits both;
 each block's time ends with a device synchronize. Per-step medians over the blocks give the ratio.
@@ -83,7 +83,7 @@ def make_round(out: Path, *, size: int, images: int, shard_size: int, device: st
         Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(clean / f"c{i:02d}.png")
     config = SynthConfig(num_samples=images, shard_size=shard_size, batch_size=min(16, shard_size),
                          ccd=CCDConfig(steps=4, strength=0.5, size=size), prompt_mode="none")
-    return synthesize(clean, out / "shards", config, sd_spec="tiny", device=device, progress=False).round_dir
+    return synthesize(clean, out / "shards", config, sd_source="tiny", device=device, progress=False).round_dir
 
 
 def _model(spec: str, device: str) -> torch.nn.Module:

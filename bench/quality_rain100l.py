@@ -1,7 +1,7 @@
 """Restoration quality on the Rain100L-split protocol: Teacher, Student, Data, M0, D4IR and Input, as in the
 paper's Table 1 (Type | Method | Params (M) | PSNR | SSIM), on RGB and on Y (BT.601).
 
-The protocol (DESIGN.md "Real data for benchmarks"), on the images under --data (shared/data):
+The protocol (docs/design.md, "Real data"), on the images under --data (shared/data):
   private  pairs 1-50 of rain100l_test train the teacher (AirNet, width per --scale) and the "Student"
            (half width, with ground truth); "Data" distils the half-width student on their degraded side.
   test     pairs 51-100; every row is scored on all of them at full size (480x320).
@@ -54,7 +54,7 @@ SCALES: dict[str, dict] = {
                        "lr_halve_every": 2},
         "prompts": _SMALL_PROMPTS,
         "synth": {"num_samples": 48, "shard_size": 16, "batch_size": 16, "steps": 10, "strength": 0.5, "size": 64},
-        "distill": {"epochs": 4, "joint_epochs": 1, "regen_every": 1, "iters_per_epoch": 100, "batch_size": 4,
+        "distill": {"epochs": 4, "joint_epochs": 1, "round_every": 1, "iters_per_epoch": 100, "batch_size": 4,
                     "crop": 48, "lr": 2e-3, "encoder_lr": 1e-5, "lr_halve_every": 2, "feedback_batch": 1},
     },
     "cpu-hour": {
@@ -64,7 +64,7 @@ SCALES: dict[str, dict] = {
         "prompts": {**_SMALL_PROMPTS, "steps": 200},
         "synth": {"num_samples": 128, "shard_size": 32, "batch_size": 16, "steps": 10, "strength": 0.5,
                   "size": 96},
-        "distill": {"epochs": 10, "joint_epochs": 3, "regen_every": 1, "iters_per_epoch": 150, "batch_size": 4,
+        "distill": {"epochs": 10, "joint_epochs": 3, "round_every": 1, "iters_per_epoch": 150, "batch_size": 4,
                     "crop": 48, "lr": 2e-3, "encoder_lr": 1e-5, "lr_halve_every": 4, "feedback_batch": 1},
     },
     "gpu": {
@@ -74,7 +74,7 @@ SCALES: dict[str, dict] = {
         "prompts": {"steps": 2000, "batch_size": 32, "crop": 64, "queue_size": 64, "prompt_tokens": 77},
         "synth": {"num_samples": 2048, "shard_size": 128, "batch_size": 64, "steps": 70, "strength": 0.5,
                   "size": 256},
-        "distill": {"epochs": 60, "joint_epochs": 15, "regen_every": 5, "iters_per_epoch": 200, "batch_size": 8,
+        "distill": {"epochs": 60, "joint_epochs": 15, "round_every": 5, "iters_per_epoch": 200, "batch_size": 8,
                     "crop": 256, "lr": 1e-3, "encoder_lr": 1e-5, "lr_halve_every": 15, "feedback_batch": 2},
     },
 }
@@ -229,7 +229,7 @@ def run_d4ir_stages(args: argparse.Namespace, scale: dict, data: Path, run: Path
     if not manifest.exists() or not json.loads(manifest.read_text()).get("complete"):
         _log("stage 2: synth round 0")
         synthesize(data / "web_clean", layout.shards, _config("synth", scale["synth"], seed=args.seed),
-                   sd_spec=args.sd, prompts_dir=layout.prompts, device=device, progress=False)
+                   sd_source=args.sd, prompts_dir=layout.prompts, device=device, progress=False)
 
 
 def distill_step(args, scale: dict, data: Path, run: Path, teacher: Path, key: str, device: str) -> Path:
@@ -241,9 +241,8 @@ def distill_step(args, scale: dict, data: Path, run: Path, teacher: Path, key: s
     source = {"data": "original", "m0": "web", "d4ir": "shards"}[key]
     if not (layout.student(key) / CONFIG_FILE).exists():  # written at the very end of `distill`
         _log(f"stage 3: distill {key} (data {source})")
-        flat = {("round_every" if k == "regen_every" else k): v for k, v in scale["distill"].items()}
-        config = _config("distill", flat, student="half", data=source, seed=args.seed)
-        distill(run, teacher, config, sd_spec=args.sd, degraded_dir=data / "web_degraded",
+        config = _config("distill", scale["distill"], student="half", data=source, seed=args.seed)
+        distill(run, teacher, config, sd_source=args.sd, degraded_dir=data / "web_degraded",
                 clean_dir=data / "web_clean", original_dir=data / "train", name=key,
                 resume=(layout.student(key) / STATE_FILE).exists(), device=device, progress=False)
     return layout.student_weights(key)

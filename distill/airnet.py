@@ -1,7 +1,7 @@
 """AirNet (Li et al., CVPR 2022), re-implemented with the official module tree and state_dict keys.
 
 The model is `R` (DGRN, the restorer) conditioned on `E` (CBDE, a MoCo pair of ResEncoders). Facts are
-from notes/architectures.md section 1; the official checkpoints (a bare state_dict, keys `R.*` and
+in docs/design.md ("Networks"); the official checkpoints (a bare state_dict, keys `R.*` and
 `E.E.*`) load with strict=True. In the official code the restorer only consumes `inter`, the
 full-resolution output of the query encoder's first block (`E_pre`), so eval skips the rest of the encoder.
 

@@ -35,6 +35,7 @@ from synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
 from synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
 from synth.moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
 from synth.plan import SynthConfig
+from synth.sd import SDSource
 from synth.sd_parts import SDParts
 from synth.worker import Distributor, synthesize
 
@@ -125,7 +126,7 @@ class FeedbackLoop(nn.Module):
             Path(base["clean_dir"]),
             layout.shards_root(student),
             config,
-            sd_spec=base["sd"],
+            sd_source=SDSource(base["sd"], base.get("sd_config")),
             prompts_dir=prompts_dir,
             device=device,
             dtype=base.get("dtype", str(self.sd.dtype).removeprefix("torch.")),

@@ -1,6 +1,6 @@
 """Restormer (Zamir et al., CVPR 2022), re-implemented with the official module tree and state_dict keys.
 
-Facts are from notes/architectures.md section 2. A 4-level U-shaped transformer of MDTA (transposed,
+Facts are in docs/design.md ("Networks"). A 4-level U-shaped transformer of MDTA (transposed,
 channel-wise attention) and GDFN (gated depthwise feed-forward) blocks, with a global image residual.
 The official deraining checkpoint (`{'params': sd}`, 494 keys) loads strictly at the defaults; students
 use dim 24 or 12. H and W must be multiples of 8 (three 2x downsamplings); `distill.inference.restore`

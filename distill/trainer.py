@@ -22,8 +22,8 @@ from shards.io import atomic_write_json, save_weights
 from shards.layout import CONFIG_FILE, EVAL_FILE, PROMPT_ENCODER_STEM, STUDENT_STEM, RunLayout
 from shards.pairs import find_pairs
 from shards.writer import check_manifest, read_manifest
-from synth.sd import load_sd_cached
-from synth.worker import Distributor
+from synth.sd import SDSource, load_sd_cached
+from synth.worker import Distributor, check_sd
 
 from .data import random_crop, to_batch
 from .ddp import DistContext, average_gradients
@@ -137,17 +137,18 @@ def check_inputs(config: DistillConfig, degraded_dir, clean_dir, original_dir) -
         raise ValueError("data 'original' needs the teacher's paired set (--original)")
 
 
-def _open_round(layout: RunLayout, config: DistillConfig, sd_spec: str) -> int:
-    """The round training starts on (the pinned one, else round 0), after checking it was made for this run."""
+def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
+    """The round training starts on (the pinned one, else round 0) and its manifest, checked to be finished and
+    made with the prompts of this run."""
     start = config.round if config.round is not None else 0
     folder = layout.round_shards(start)
-    manifest = check_manifest(folder, {"sd": sd_spec})
+    manifest = read_manifest(folder)
     if not manifest.get("complete", False):
         raise ValueError(f"shard round {start} ({folder}) is incomplete (its synthesis was interrupted): "
                          "rerun `d4ir synth` for it")
     if start == 0 and (layout.prompts / "embeddings.safetensors").exists():
         check_manifest(folder, {"encoder_sha256": load_embeddings(layout.prompts).metadata.get("encoder_sha256", "")})
-    return start
+    return start, manifest
 
 
 def _round_batches(layout: RunLayout, n: int, name: str, config: DistillConfig, ctx: DistContext) -> ShardBatches:
@@ -160,7 +161,7 @@ def distill(
     teacher_path: Path,
     config: DistillConfig,
     *,
-    sd_spec: str = "tiny",
+    sd_source: SDSource | str | None = None,
     degraded_dir: Path | None = None,
     clean_dir: Path | None = None,
     original_dir: Path | None = None,
@@ -177,7 +178,8 @@ def distill(
         run: the run folder (RUN/prompts from stage 1, RUN/shards/round-000 from stage 2).
         teacher_path: our checkpoint or an official .pth.
         config: see `DistillConfig`.
-        sd_spec: the SD the shards were made with; a round whose manifest names another is refused.
+        sd_source: the SD the shards were made with (default: the one their manifest names); when given, it is
+            loaded and a round synthesized by another SD (by fingerprint) is refused.
         degraded_dir, clean_dir: web folders (the joint phase's L_cl and feedback; data "web").
         original_dir: the teacher's paired set (data "original" uses its degraded side only).
         val_dir: paired validation set (PSNR/SSIM against the ground truth and the teacher).
@@ -203,12 +205,18 @@ def distill(
     # ---- data: a shard round (D4IR, with the feedback loop in the joint phase) or an image folder
     loop, batches, images, current_round = None, None, None, None
     if config.data == "shards":
-        current_round = _open_round(layout, config, sd_spec)
-        if config.joint:
-            base = read_manifest(layout.round_shards(0))
-            parts = load_sd_cached(sd_spec, device, base.get("dtype", "float32") if amp else "float32")
-            loop = FeedbackLoop(layout.prompts, parts, degraded_dir, clean_dir, synth_config_of(base).ccd,
-                                device=device)
+        current_round, manifest = _open_round(layout, config)
+        if sd_source is not None or config.joint:
+            source = SDSource.of(sd_source or SDSource(manifest["sd"], manifest.get("sd_config")))
+            # identity first, in the dtype the round was made in (the fingerprint covers the dtype)
+            sd = load_sd_cached(source, device, manifest.get("dtype", "float32"))
+            check_sd(manifest, sd, source, layout.round_shards(current_round))
+            if config.joint:
+                if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
+                    sd = load_sd_cached(source, device, "float32")
+                base = read_manifest(layout.round_shards(0))
+                loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
+                                    device=device)
         batches = _round_batches(layout, current_round, name, config, ctx)
     else:
         images = image_source(degraded_dir if config.data == "web" else find_pairs(original_dir)[0].degraded.parent)
@@ -217,7 +225,7 @@ def distill(
     enc_opt = None if loop is None else torch.optim.Adam(loop.encoder.parameters(), lr=config.encoder_lr,
                                                           betas=(0.9, 0.999))
     model = ctx.wrap(student)
-    settings = asdict(config) | {"teacher": str(Path(teacher_path).resolve()), "sd": sd_spec, "name": name}
+    settings = asdict(config) | {"teacher": str(Path(teacher_path).resolve()), "name": name}
     settings.pop("epochs")  # a resumed run may train for more epochs: the schedule does not depend on the count
     epochs = EpochLoop(out, epochs=config.epochs, settings=settings, rng=rng, resume=resume, writer=ctx.rank == 0)
     epochs.restore(student=student, optimizer=opt, loop=loop, encoder_optimizer=enc_opt)

@@ -33,12 +33,39 @@ def _config(stage: str, scale: str, given: dict):
     return config_from(preset_config(scale, stage), given)
 
 
+def _with(options):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 run_option = click.option("--run", type=_path, required=True, help="The run folder every stage reads and writes.")
-sd_option = click.option(
-    "--sd", "sd_spec", default="tiny", show_default=True,
-    help="The frozen SD: a diffusers folder, a single .safetensors/.ckpt file, a hub id in the local cache, "
-    "or `tiny`.",
-)
+
+
+def sd_options(default: str | None):
+    """--sd and --sd-config, combined into a synth.sd.SDSource (None when neither is given and no default)."""
+    shown = f" [default: {default}]" if default else " [default: the SD the shards were made with]"
+    return _with([
+        click.option("--sd", "sd_spec", default=default,
+                     help="The frozen SD: a diffusers folder, a single .safetensors/.ckpt file, a hub id in the "
+                     "local cache, or `tiny`." + shown),
+        click.option("--sd-config", help="For a single-file SD: a diffusers folder or cached hub id with its configs "
+                     "(needed for SD2.x files)."),
+    ])
+
+
+def _sd_source(spec: str | None, config: str | None):
+    from synth.sd import SDSource
+
+    if spec is None:
+        if config is not None:
+            raise click.UsageError("--sd-config needs --sd")
+        return None
+    return SDSource(spec, config)
+
 preset_option = click.option(
     "--preset", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
     help="Defaults for every option not given: the paper's settings, or the CPU demo scale.",
@@ -49,15 +76,6 @@ dask_options = [
     click.option("--scheduler", help="dask scheduler address: run the shard jobs on that cluster."),
     click.option("--workers", type=int, help="Start a local dask cluster of N workers (one per GPU)."),
 ]
-
-
-def _with(options):
-    def decorate(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -105,10 +123,10 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
 @main.command()
 @run_option
 @click.option("--degraded", type=_existing, required=True, help="Web-collected degraded images (searched recursively).")
-@sd_option
+@sd_options("tiny")
 @config_options(PromptsConfig)
 @_with([preset_option, device_option, resume_option])
-def prompts(run, degraded, sd_spec, preset, device, resume, **kwargs) -> None:
+def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs) -> None:
     """Stage 1: train the prompt encoder (MoCo, Eq. 3) and embed every degraded image.
 
     \b
@@ -122,7 +140,7 @@ def prompts(run, degraded, sd_spec, preset, device, resume, **kwargs) -> None:
 
     device = _device(device)
     config = _config("prompts", preset, given_options(kwargs))
-    sd = load_sd_cached(sd_spec, device, "float32")
+    sd = load_sd_cached(_sd_source(sd_spec, sd_config), device, "float32")
     r = train_prompts(degraded, sd, RunLayout(run).prompts, config, resume=resume, device=device)
     click.echo(f"prompts: {r.num_images} images embedded ({r.counts}), final loss {r.final_loss}, "
                f"prompt encoder {r.encoder_sha256[:12]}; wrote {r.out_dir}")
@@ -131,13 +149,13 @@ def prompts(run, degraded, sd_spec, preset, device, resume, **kwargs) -> None:
 @main.command()
 @run_option
 @click.option("--clean", type=_existing, required=True, help="Web-collected clean images (any size).")
-@sd_option
+@sd_options("tiny")
 @click.option("--task", type=click.Choice(sorted(WEATHER_TEXT)), default="derain", show_default=True,
               help="The weather, for the default --text of --prompt-mode text.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Default: float16 on GPU.")
 @config_options(SynthConfig)
 @_with([preset_option, device_option, *dask_options])
-def synth(run, clean, sd_spec, task, dtype, preset, device, scheduler, workers, **kwargs) -> None:
+def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler, workers, **kwargs) -> None:
     """Stage 2: content-driven conditional diffusion (Eq. 6-7) into WebDataset shards.
 
     \b
@@ -155,7 +173,7 @@ def synth(run, clean, sd_spec, task, dtype, preset, device, scheduler, workers, 
     given.setdefault(("text",), WEATHER_TEXT[task])
     config = _config("synth", preset, given)
     layout = RunLayout(run)
-    r = synthesize(clean, layout.shards, config, sd_spec=sd_spec, prompts_dir=layout.prompts,
+    r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config), prompts_dir=layout.prompts,
                    device=_device(device), dtype=dtype, distributor=make_distributor(scheduler, workers))
     click.echo(f"synth: {r.shards} shards ({r.skipped} already done), {r.images} images written, "
                f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
@@ -165,7 +183,7 @@ def synth(run, clean, sd_spec, task, dtype, preset, device, scheduler, workers, 
 @run_option
 @click.option("--teacher", "teacher_path", type=_existing,
               help="Teacher checkpoint (ours or an official .pth); default: RUN/teacher's.")
-@sd_option
+@sd_options(None)
 @click.option("--name", help="Student folder name under RUN/students (default: the student name).")
 @click.option("--degraded", type=_existing, help="Web degraded images (L_cl and the feedback; --data web).")
 @click.option("--clean", type=_existing, help="Web clean images (the feedback surrogate).")
@@ -173,8 +191,8 @@ def synth(run, clean, sd_spec, task, dtype, preset, device, scheduler, workers, 
 @click.option("--val", type=_existing, help="Paired validation set (PSNR/SSIM vs ground truth and vs teacher).")
 @config_options(DistillConfig)
 @_with([preset_option, device_option, resume_option, *dask_options])
-def distill_cmd(run, teacher_path, sd_spec, name, degraded, clean, original, val, preset, device, resume,
-                scheduler, workers, **kwargs) -> None:
+def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, original, val, preset, device,
+                resume, scheduler, workers, **kwargs) -> None:
     """Stage 3: distil a student from the teacher on the synthesized shards (Eq. 8), with the joint phase
     (Eq. 9) and regeneration rounds that close the prompt-encoder feedback loop.
 
@@ -188,7 +206,8 @@ def distill_cmd(run, teacher_path, sd_spec, name, degraded, clean, original, val
     from shards.layout import RunLayout
 
     config = _config("distill", preset, given_options(kwargs))
-    r = distill(run, teacher_path or RunLayout(run).teacher, config, sd_spec=sd_spec, degraded_dir=degraded,
+    r = distill(run, teacher_path or RunLayout(run).teacher, config, sd_source=_sd_source(sd_spec, sd_config),
+                degraded_dir=degraded,
                 clean_dir=clean, original_dir=original, val_dir=val, name=name, resume=resume,
                 device=_device(device), distributor=make_distributor(scheduler, workers))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())

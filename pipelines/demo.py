@@ -56,12 +56,12 @@ def run_demo(
     _step("prompts", log, train_prompts, web_deg, sd, layout.prompts, p_cfg, resume=True, device=device,
           progress=progress)
     s_cfg = replace(preset("demo", "synth"), seed=seed)
-    _step("synth round 0", log, synthesize, web_clean, layout.shards, s_cfg, sd_spec=SD_SPEC,
+    _step("synth round 0", log, synthesize, web_clean, layout.shards, s_cfg, sd_source=SD_SPEC,
           prompts_dir=layout.prompts, device=device, progress=progress)
 
     # stage 3 and the paper's KD baselines: the same trainer, only the data differs
     d_cfg = replace(preset("demo", "distill"), student="half", seed=seed)
-    common = dict(sd_spec=SD_SPEC, degraded_dir=web_deg, clean_dir=web_clean, original_dir=pairs, val_dir=test,
+    common = dict(sd_source=SD_SPEC, degraded_dir=web_deg, clean_dir=web_clean, original_dir=pairs, val_dir=test,
                   resume=True, device=device, progress=progress)
     _step("distill D4IR", log, distill, layout.root, layout.teacher, d_cfg, name="d4ir", **common)
     _step("distill Data", log, distill, layout.root, layout.teacher, replace(d_cfg, data="original"), name="data",

@@ -19,8 +19,7 @@ Models (sizes are given for a 256-pixel shorter side and scale with the image, d
 * snow: particle layers of several sizes (small far flakes, larger blurred near flakes) rendered as soft
   discs with random opacity, alpha-composited in a near-white colour (Snow100K-like light/medium/heavy).
 
-Convolutions run as FFTs on a canvas padded by the kernel radius, so streaks and flakes enter from
-outside the frame and the circular wrap-around never reaches the visible image.
+The kernels and the padded FFT convolution live in pipelines/weather_kernels.py.
 """
 
 from __future__ import annotations
@@ -31,12 +30,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .weather_kernels import (
+    check_image,
+    disc_kernel,
+    fft_convolve,
+    finish,
+    gaussian_kernel,
+    line_kernel,
+    normalise,
+    render_layer,
+    size_scale,
+    smooth_field,
+)
+
 TASKS = ("derain", "dehaze", "desnow")
 
 HAZE_BETA = (0.04, 0.2)  # scattering coefficient per unit depth (RESIDE OTS range)
 HAZE_AIRLIGHT = (0.8, 1.0)  # global atmospheric light, gray (RESIDE OTS range)
 HAZE_DEPTH = (2.0, 12.0)  # depth proxy units: nearest and farthest point of a photo
-REFERENCE_SIDE = 256  # lengths and radii below are in pixels of a 256-pixel shorter side
 
 
 @dataclass(frozen=True)
@@ -122,123 +133,6 @@ SNOW_LEVELS: dict[str, tuple[SnowLayer, ...]] = {
 SNOW_COLOR = (0.9, 1.0)  # gray level of the flakes
 
 
-# ---------------------------------------------------------------- helpers
-
-
-def _check_image(clean: np.ndarray) -> np.ndarray:
-    """Validate a clean image and return a float64 working copy [H, W, 3]."""
-    if not isinstance(clean, np.ndarray):
-        raise TypeError(f"clean must be a numpy array, got {type(clean).__name__}")
-    if clean.ndim != 3 or clean.shape[2] != 3 or clean.shape[0] < 1 or clean.shape[1] < 1:
-        raise ValueError(f"clean must have shape [H, W, 3], got {list(clean.shape)}")
-    if not np.issubdtype(clean.dtype, np.floating):
-        raise TypeError(
-            f"clean must be a float image in [0, 1], got dtype {clean.dtype} (convert uint8 with arr / 255)"
-        )
-    img = clean.astype(np.float64)
-    if not np.isfinite(img).all() or img.min() < 0.0 or img.max() > 1.0:
-        raise ValueError("clean must hold finite values in [0, 1]")
-    return img
-
-
-def _finish(out: np.ndarray, like: np.ndarray) -> np.ndarray:
-    return np.clip(out, 0.0, 1.0).astype(like.dtype)
-
-
-def _scale(h: int, w: int) -> float:
-    # sizes follow the image down to half the reference, so small crops keep visible streaks and flakes
-    return max(0.5, min(h, w) / REFERENCE_SIDE)
-
-
-def _gaussian_kernel(sigma: float) -> np.ndarray:
-    """Normalised 2-D Gaussian [k, k], k odd."""
-    r = max(1, math.ceil(3 * sigma))
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    g = np.exp(-0.5 * (x / sigma) ** 2)
-    g /= g.sum()
-    return np.outer(g, g)
-
-
-def _line_kernel(length: float, angle_deg: float) -> np.ndarray:
-    """Anti-aliased line [k, k] through the centre, about 1 per pixel along it (not normalised).
-
-    The angle is measured from vertical, positive leaning right at the bottom.
-    """
-    r = math.ceil(length / 2) + 1
-    n = max(2, math.ceil(length * 4))  # 4 samples per pixel, bilinearly splatted
-    s = np.linspace(-length / 2, length / 2, n)
-    a = math.radians(angle_deg)
-    ys, xs = r + s * math.cos(a), r + s * math.sin(a)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    fy, fx = ys - y0, xs - x0
-    k = np.zeros((2 * r + 2, 2 * r + 2))
-    for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        np.add.at(k, (y0 + dy, x0 + dx), wgt)
-    k = k[: 2 * r + 1, : 2 * r + 1]
-    return k * (length / n)
-
-
-def _disc_kernel(radius: float) -> np.ndarray:
-    """Anti-aliased disc [k, k] with peak 1."""
-    r = math.ceil(radius) + 1
-    y, x = np.mgrid[-r : r + 1, -r : r + 1]
-    return np.clip(radius + 0.5 - np.hypot(y, x), 0.0, 1.0)
-
-
-def _fft_convolve(canvas: np.ndarray, kernels: Sequence[np.ndarray]) -> np.ndarray:
-    """Circular convolution of canvas [h, w] with each centred odd-sized kernel in turn."""
-    h, w = canvas.shape
-    spectrum = np.fft.rfft2(canvas)
-    for k in kernels:
-        kh, kw = k.shape
-        if kh > h or kw > w:
-            raise ValueError(f"kernel {k.shape} larger than canvas {canvas.shape}")
-        padded = np.zeros((h, w))
-        padded[:kh, :kw] = k
-        padded = np.roll(padded, (-(kh // 2), -(kw // 2)), axis=(0, 1))  # kernel centre at [0, 0]
-        spectrum = spectrum * np.fft.rfft2(padded)
-    return np.fft.irfft2(spectrum, s=(h, w))
-
-
-def _scatter(h: int, w: int, n: int, rng: np.random.Generator, amp: tuple[float, float]) -> np.ndarray:
-    """Canvas [h, w] with n impulses of random amplitude at random pixels."""
-    ys = rng.integers(0, h, size=n)
-    xs = rng.integers(0, w, size=n)
-    vals = rng.uniform(amp[0], amp[1], size=n)
-    return np.bincount(ys * w + xs, weights=vals, minlength=h * w).reshape(h, w)
-
-
-def _render_layer(
-    h: int, w: int, n_per_px: float, rng: np.random.Generator, amp: tuple[float, float], kernels: Sequence[np.ndarray]
-) -> np.ndarray:
-    """Scatter impulses on a padded canvas, convolve, crop back to [h, w]."""
-    pad = sum(k.shape[0] // 2 for k in kernels) + 1
-    ch, cw = h + 2 * pad, w + 2 * pad
-    canvas = _scatter(ch, cw, round(n_per_px * ch * cw), rng, amp)
-    return _fft_convolve(canvas, kernels)[pad : pad + h, pad : pad + w]
-
-
-def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int = 4) -> np.ndarray:
-    """Smooth random field [h, w] in [0, 1]: a (cells+1)^2 random grid, smoothstep-interpolated."""
-    coarse = rng.random((cells + 1, cells + 1))
-    ys, xs = np.linspace(0, cells, h), np.linspace(0, cells, w)
-    y0 = np.minimum(np.floor(ys).astype(int), cells - 1)
-    x0 = np.minimum(np.floor(xs).astype(int), cells - 1)
-    fy, fx = ys - y0, xs - x0
-    fy, fx = (fy * fy * (3 - 2 * fy))[:, None], (fx * fx * (3 - 2 * fx))[None, :]
-    top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
-    bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    span = float(x.max() - x.min())
-    return (x - x.min()) / span if span > 1e-12 else np.zeros_like(x)
-
-
-# ---------------------------------------------------------------- haze
-
-
 def haze_depth(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Depth proxy [H, W] in HAZE_DEPTH units for a clean image [H, W, 3] in [0, 1].
 
@@ -249,15 +143,15 @@ def haze_depth(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         clean: float image [H, W, 3] in [0, 1].
         rng: random generator for the smooth field.
     """
-    img = _check_image(clean)
+    img = check_image(clean)
     h, w = img.shape[:2]
     vertical = np.broadcast_to(np.linspace(1.0, 0.0, h)[:, None], (h, w))
-    field = _smooth_field(rng, h, w)
+    field = smooth_field(rng, h, w)
     sigma = max(1.0, 0.05 * min(h, w))
     pad = math.ceil(3 * sigma)
     lum = np.pad(img.mean(axis=2), pad, mode="reflect" if min(h, w) > pad else "edge")
-    lum = _fft_convolve(lum, [_gaussian_kernel(sigma)])[pad : pad + h, pad : pad + w]
-    proxy = _normalise(0.55 * vertical + 0.25 * field + 0.20 * _normalise(lum))
+    lum = fft_convolve(lum, [gaussian_kernel(sigma)])[pad : pad + h, pad : pad + w]
+    proxy = normalise(0.55 * vertical + 0.25 * field + 0.20 * normalise(lum))
     return HAZE_DEPTH[0] + (HAZE_DEPTH[1] - HAZE_DEPTH[0]) * proxy
 
 
@@ -281,7 +175,7 @@ def add_haze(
         airlight: A, a gray level or an RGB triple in [0, 1]; None draws a gray from HAZE_AIRLIGHT.
         depth: d, a scalar or [H, W] array >= 0; None uses ``haze_depth``.
     """
-    img = _check_image(clean)
+    img = check_image(clean)
     h, w = img.shape[:2]
     drawn_beta = rng.uniform(*HAZE_BETA)
     drawn_airlight = rng.uniform(*HAZE_AIRLIGHT)
@@ -298,7 +192,7 @@ def add_haze(
         if d.shape not in ((), (h, w)) or not np.isfinite(d).all() or d.min() < 0:
             raise ValueError(f"depth must be a scalar or an [H, W] = [{h}, {w}] array >= 0, got shape {list(d.shape)}")
     t = np.exp(-b * np.broadcast_to(d, (h, w)))[..., None]  # [H, W, 1] transmission
-    return _finish(img * t + a * (1.0 - t), clean)
+    return finish(img * t + a * (1.0 - t), clean)
 
 
 # ---------------------------------------------------------------- rain
@@ -315,7 +209,7 @@ def rain_layer(h: int, w: int, rng: np.random.Generator, *, level: str = "light"
     if level not in RAIN_LEVELS:
         raise ValueError(f"unknown rain level {level!r}; choose from {sorted(RAIN_LEVELS)}")
     spec = RAIN_LEVELS[level]
-    scale = _scale(h, w)
+    scale = size_scale(h, w)
     base_angle = rng.uniform(*spec.angle)
     clear = np.ones((h, w))  # product of (1 - layer): screen combination of the layers
     for _ in range(int(rng.integers(spec.layers[0], spec.layers[1] + 1))):
@@ -323,8 +217,8 @@ def rain_layer(h: int, w: int, rng: np.random.Generator, *, level: str = "light"
         length = max(3.0, rng.uniform(*spec.length) * min(h, w))
         sigma = max(0.5, rng.uniform(*spec.thickness) * scale)
         density = rng.uniform(*spec.coverage) / length
-        streaks = _render_layer(
-            h, w, density, rng, spec.brightness, [_line_kernel(length, angle), _gaussian_kernel(sigma)]
+        streaks = render_layer(
+            h, w, density, rng, spec.brightness, [line_kernel(length, angle), gaussian_kernel(sigma)]
         )
         # the Gaussian spreads a 1-px line over ~sqrt(2 pi) sigma px; restore the streak's peak
         streaks *= max(1.0, math.sqrt(2 * math.pi) * sigma)
@@ -341,10 +235,10 @@ def add_rain(clean: np.ndarray, rng: np.random.Generator, *, level: str = "light
         rng: random generator.
         level: "light" (Rain100L-like) or "heavy" (Rain100H-like).
     """
-    img = _check_image(clean)
+    img = check_image(clean)
     s = rain_layer(img.shape[0], img.shape[1], rng, level=level)[..., None]  # [H, W, 1]
     # J + S(1 - J) rather than 1 - (1 - J)(1 - S): adding a non-negative term keeps out >= J exactly
-    return _finish(img + s * (1.0 - img), clean)
+    return finish(img + s * (1.0 - img), clean)
 
 
 # ---------------------------------------------------------------- snow
@@ -360,12 +254,12 @@ def snow_mask(h: int, w: int, rng: np.random.Generator, *, level: str = "medium"
     """
     if level not in SNOW_LEVELS:
         raise ValueError(f"unknown snow level {level!r}; choose from {sorted(SNOW_LEVELS)}")
-    scale = _scale(h, w)
+    scale = size_scale(h, w)
     clear = np.ones((h, w))
     for layer in SNOW_LEVELS[level]:
         radius = max(0.5, rng.uniform(*layer.radius) * scale)
         sigma = max(0.3, rng.uniform(*layer.blur) * scale)
-        flakes = _render_layer(h, w, layer.density, rng, layer.opacity, [_disc_kernel(radius), _gaussian_kernel(sigma)])
+        flakes = render_layer(h, w, layer.density, rng, layer.opacity, [disc_kernel(radius), gaussian_kernel(sigma)])
         clear *= 1.0 - np.clip(flakes, 0.0, 1.0)
     return 1.0 - clear
 
@@ -378,10 +272,10 @@ def add_snow(clean: np.ndarray, rng: np.random.Generator, *, level: str = "mediu
         rng: random generator.
         level: "light", "medium" or "heavy" (Snow100K S/M/L-like).
     """
-    img = _check_image(clean)
+    img = check_image(clean)
     m = snow_mask(img.shape[0], img.shape[1], rng, level=level)[..., None]  # [H, W, 1]
     color = rng.uniform(*SNOW_COLOR)
-    return _finish(img * (1.0 - m) + color * m, clean)
+    return finish(img * (1.0 - m) + color * m, clean)
 
 
 # ---------------------------------------------------------------- by task

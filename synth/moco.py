@@ -1,4 +1,4 @@
-"""MoCo pieces for the prompt adapter's contrastive loss (paper Eq. (3), He et al. 2020).
+"""MoCo pieces for the prompt encoder's contrastive loss (paper Eq. (3), He et al. 2020).
 
 The key encoder follows the query encoder by a momentum average; negatives are the keys of earlier
 batches, held in a first-in first-out queue of K feature vectors.

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from .ccd import CCDConfig
+from .sd import SDSource
 
 # Where each sample's prompt comes from (the paper's Table 3 "Prompt" column): the prompt encoder's
 # embedding of a web degraded image (D4IR), none (the empty text), a text prompt, or the prompt encoder
@@ -73,7 +74,7 @@ class ShardJob:
     Args:
         index: shard number in the round.
         round_dir: the round folder the shard is written to.
-        sd_spec: the frozen SD (`synth.sd.load_sd` spec), loaded once per process.
+        sd: where the frozen SD comes from (`synth.sd.SDSource`), loaded once per process.
         prompts_dir: the prompts folder (prompt modes encoder and content).
         config: the round's settings.
         items: (key, clean path, prompt row, sample seed) per sample.
@@ -86,7 +87,7 @@ class ShardJob:
 
     index: int
     round_dir: str
-    sd_spec: str
+    sd: SDSource
     prompts_dir: str | None
     config: SynthConfig
     items: tuple[tuple[str, str, int, int], ...]
@@ -102,7 +103,7 @@ def plan_jobs(
     config: SynthConfig,
     *,
     round_dir: Path,
-    sd_spec: str,
+    sd: SDSource,
     prompts_dir: Path | None,
     device: str = "cpu",
     dtype: str = "float32",
@@ -126,7 +127,7 @@ def plan_jobs(
             ShardJob(
                 index=start // config.shard_size,
                 round_dir=str(round_dir),
-                sd_spec=sd_spec,
+                sd=sd,
                 prompts_dir=str(prompts_dir) if prompts_dir else None,
                 config=config,
                 items=items,

@@ -1,4 +1,4 @@
-"""Evidence that the prompt adapter's features see the degradation, not the content.
+"""Evidence that the prompt encoder's features see the degradation, not the content.
 
 `probe` embeds random crops of images of known degradation types (rain, haze, snow, ...) with the frozen
 contrastive features, and scores a leave-one-image-out nearest-neighbour classifier: each crop is labelled

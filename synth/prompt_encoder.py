@@ -24,7 +24,7 @@ from torch import Tensor, nn
 # L = 77: the UNet was trained only on 77-token text contexts. Cross-attention normalises its softmax over
 # the keys, and in Stable Diffusion most of the attention mass sits on the start token; a different token
 # count changes that balance, so a short prompt equal to a truncated empty text is NOT the unconditional
-# model. With L = 77 and the empty-text embedding as base, a fresh adapter reproduces SD's empty-prompt
+# model. With L = 77 and the empty-text embedding as base, a fresh encoder reproduces SD's empty-prompt
 # conditioning exactly, and the prompts have the shape of any text prompt (every attention kernel and the
 # diffusers pipelines take them as `prompt_embeds`). The cost is storage: N x 77 x D fp16, about 118 KB
 # per image for D = 768; pass a shorter `prompt_tokens` to trade fidelity for size.

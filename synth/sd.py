@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +28,51 @@ from .sd_configs import SD15_SCHEDULER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 from .sd_files import hub_cache_dir, load_components, load_folder, load_single_file
 from .sd_parts import SDLoadError, SDParts, assemble
 
-__all__ = ["SDLoadError", "SDParts", "build_tiny_sd", "default_dtype", "load_sd", "load_sd_cached", "save_sd"]
+__all__ = ["SDLoadError", "SDParts", "SDSource", "build_tiny_sd", "default_dtype", "load_sd", "load_sd_cached",
+           "save_sd"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = ("float32", "float16", "bfloat16")
+BUILTIN = ("tiny", "sd15-layout")
+
+
+def _local(value: str) -> str:
+    """An existing local path as an absolute, normalised string (no trailing slash); anything else as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+@dataclass(frozen=True)
+class SDSource:
+    """Where the frozen SD comes from, as a user names it (the loaded model is `SDParts`; its identity is
+    `SDParts.fingerprint`, not this name).
+
+    Args:
+        spec: tiny, sd15-layout, a diffusers folder, a single .safetensors/.ckpt file, or a hub id in the local
+            cache. Local paths are kept absolute, so a later stage run from another folder names the same model.
+        config: for a single file only: a diffusers folder or cached hub id holding the configs that describe it.
+    """
+
+    spec: str
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, Path):
+            object.__setattr__(self, "spec", str(self.spec))
+        if isinstance(self.config, Path):
+            object.__setattr__(self, "config", str(self.config))
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise SDLoadError(f"SD spec must be a non-empty string, got {self.spec!r}")
+        object.__setattr__(self, "spec", self.spec if self.spec in BUILTIN else _local(self.spec.strip()))
+        if self.config is not None:
+            object.__setattr__(self, "config", _local(self.config))
+
+    @classmethod
+    def of(cls, value: SDSource | str | Path) -> SDSource:
+        return value if isinstance(value, SDSource) else cls(value)
+
+    def __str__(self) -> str:
+        return self.spec if self.config is None else f"{self.spec} (configs from {self.config})"
 
 
 def default_dtype(device: str | torch.device) -> str:
@@ -82,24 +124,23 @@ def save_sd(parts: SDParts, folder: str | Path) -> Path:
 
 
 def load_sd(
-    spec: str,
+    source: SDSource | str,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    config: str | None = None,
 ) -> SDParts:
     """Load a frozen Stable Diffusion; never downloads.
 
     Args:
-        spec: "tiny", "sd15-layout", a diffusers folder, a .safetensors/.ckpt file or a cached hub id.
+        source: an `SDSource` (or its spec string): tiny, sd15-layout, a diffusers folder, a .safetensors/.ckpt
+            file (with the configs that describe it) or a cached hub id.
         device: where the modules go.
         dtype: parameter dtype (float32 on the CPU, float16/bfloat16 on a GPU).
-        config: for single files only: a diffusers folder or cached hub id with unet/ and vae/ configs.
     Raises:
-        SDLoadError: nothing loadable at `spec`; the message lists what was tried.
+        SDLoadError: nothing loadable at `source`; the message lists what was tried.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise SDLoadError(f"SD spec must be a non-empty string, got {spec!r}")
+    source = SDSource.of(source)
+    spec, config = source.spec, source.config
     if spec == "tiny":
         return build_tiny_sd(0, device=device, dtype=dtype)
     if spec == "sd15-layout":
@@ -128,12 +169,12 @@ def load_sd(
 _CACHE: dict[tuple, SDParts] = {}
 
 
-def load_sd_cached(spec: str, device: str, dtype: str) -> SDParts:
-    """`load_sd` once per process and (spec, device, dtype); a new key frees the previous model first."""
+def load_sd_cached(source: SDSource | str, device: str, dtype: str) -> SDParts:
+    """`load_sd` once per process and (source, device, dtype); a new key frees the previous model first."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    key = (spec, device, dtype)
+    key = (SDSource.of(source), str(device), dtype)
     if key not in _CACHE:
         _CACHE.clear()  # one model per process: free the previous one first
-        _CACHE[key] = load_sd(spec, device=device, dtype=getattr(torch, dtype))
+        _CACHE[key] = load_sd(key[0], device=device, dtype=getattr(torch, dtype))
     return _CACHE[key]

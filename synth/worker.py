@@ -23,6 +23,7 @@ from shards.writer import (
     DEGRADED_FIELD,
     SHARD_FORMAT,
     check_manifest,
+    read_manifest,
     shard_done,
     write_manifest,
     write_shard,
@@ -32,11 +33,8 @@ from shards.writer import (
 from .ccd import ccd_sample, prepare_clean
 from .embed import load_prompt_encoder, prompt_encoder_file
 from .plan import ShardJob, SynthConfig, config_hash, plan_hash, plan_jobs
-from .sd import default_dtype, load_sd_cached
+from .sd import SDSource, default_dtype, load_sd_cached
 from .sd_parts import SDParts
-
-# Built-in SD specs that have no text encoder: prompt mode "text" on them is refused before any shard starts.
-_NO_TEXT_ENCODER = ("tiny", "sd15-layout")
 
 Distributor = Callable[[Callable[[ShardJob], dict], Sequence[ShardJob], Callable[[ShardJob, dict], None]], None]
 
@@ -96,7 +94,7 @@ def synthesize_shard(job: ShardJob) -> dict:
 
 def _synthesize_shard(job: ShardJob) -> dict:
     t0 = time.perf_counter()
-    parts = load_sd_cached(job.sd_spec, job.device, job.dtype)
+    parts = load_sd_cached(job.sd, job.device, job.dtype)
     prompts_for = _prompt_source(job, parts)
     cfg = job.config
     device = torch.device(job.device)
@@ -145,9 +143,22 @@ class SynthResult:
     seconds: float
 
 
-def _provenance(config: SynthConfig, sd_spec: str, prompts_dir: Path | None) -> tuple[int, dict]:
-    """(number of prompt rows, hashes recorded in the manifest and every sample) for the prompt mode."""
-    hashes: dict = {"sd": sd_spec}
+def check_sd(manifest: dict, sd: SDParts, source: SDSource, folder: Path) -> None:
+    """The round in `folder` was synthesized by the SD this run loaded (by fingerprint, whatever its path)."""
+    made_by = manifest.get("sd_fingerprint")
+    if made_by != sd.fingerprint:
+        raise ValueError(f"{folder} was synthesized by SD {manifest.get('sd')!r} (fingerprint {str(made_by)[:12]}), "
+                         f"but this run loads {source} (fingerprint {sd.fingerprint[:12]})")
+
+
+def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource, prompts_dir: Path | None) -> tuple[int, dict]:
+    """Every error a shard job would hit, found once in the parent before any shard starts.
+
+    Returns (number of prompt rows, the provenance recorded in the manifest and every sample).
+    """
+    hashes: dict = {"sd": source.spec, "sd_config": source.config, "sd_fingerprint": sd.fingerprint}
+    if config.prompt_mode == "text" and (sd.text_encoder is None or sd.tokenizer is None):
+        raise ValueError(f"prompt mode 'text' needs an SD with a text encoder; {source} has none")
     if config.prompt_mode not in ("encoder", "content"):
         return 1, hashes
     if prompts_dir is None:
@@ -156,9 +167,18 @@ def _provenance(config: SynthConfig, sd_spec: str, prompts_dir: Path | None) -> 
         hashes["prompt_encoder_file_sha256"] = sha256_file(prompt_encoder_file(prompts_dir))
         return 1, hashes
     emb = load_embeddings(prompts_dir)
+    n, _, width = emb.prompt_embeds.shape
+    if n == 0:
+        raise ValueError(f"{prompts_dir}: the prompt table is empty (0 rows); rerun `d4ir prompts`")
+    if width != sd.cross_attention_dim:
+        raise ValueError(f"{prompts_dir}: prompts are {width} wide, but SD {source} takes {sd.cross_attention_dim} "
+                         "(cross_attention_dim): make the prompts with this SD")
+    made_for = emb.metadata.get("sd_fingerprint", "")
+    if made_for and made_for != sd.fingerprint:
+        raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
+                         f"(fingerprint {made_for[:12]}), not for {source} (fingerprint {sd.fingerprint[:12]})")
     hashes["encoder_sha256"] = emb.metadata.get("encoder_sha256", "")
-    hashes["sd_fingerprint"] = emb.metadata.get("sd_fingerprint", "")
-    return emb.prompt_embeds.shape[0], hashes
+    return n, hashes
 
 
 def synthesize(
@@ -166,7 +186,7 @@ def synthesize(
     shards_root: Path,
     config: SynthConfig,
     *,
-    sd_spec: str = "tiny",
+    sd_source: SDSource | str = "tiny",
     prompts_dir: Path | None = None,
     device: str = "cpu",
     dtype: str | None = None,
@@ -179,7 +199,7 @@ def synthesize(
         clean_dir: web-collected clean photos (any size: see `prepare_clean` for the crop rule).
         shards_root: RUN/shards, or a student's shards root for its regeneration rounds.
         config: see `SynthConfig`.
-        sd_spec: the frozen SD (`load_sd` spec).
+        sd_source: the frozen SD (`SDSource` or its spec); loaded here once to check the inputs.
         prompts_dir: stage 1's folder (prompt modes encoder and content).
         device, dtype: where the SD runs and its weights' dtype (default: float16 on a GPU, else float32).
         distributor: runs the shard jobs; `local_distributor` when None.
@@ -189,17 +209,18 @@ def synthesize(
     t0 = time.perf_counter()
     dtype = dtype or default_dtype(device)
     out_dir = round_dir(shards_root, config.round)
-    # Settings errors are raised here, once, instead of failing (and being retried) in every shard job.
-    if config.prompt_mode == "text" and sd_spec in _NO_TEXT_ENCODER:
-        raise ValueError(f"prompt mode 'text' needs an SD with a text encoder; the {sd_spec!r} model has none")
+    source = SDSource.of(sd_source)
+    # Settings errors are raised here, once, instead of failing (and being retried) in every shard job. A local
+    # run loads the SD where its shards will use it (the cache keeps it); a cluster's parent only checks it.
+    local = distributor is None or distributor is local_distributor
+    sd = load_sd_cached(source, device if local else "cpu", dtype)
+    num_prompts, hashes = check_inputs(config, sd, source, prompts_dir)
     scan = scan_images(clean_dir, min_side=32)
-    num_prompts, hashes = _provenance(config, sd_spec, prompts_dir)
-    jobs = plan_jobs(scan.paths, num_prompts, config, round_dir=out_dir, sd_spec=sd_spec, prompts_dir=prompts_dir,
+    jobs = plan_jobs(scan.paths, num_prompts, config, round_dir=out_dir, sd=source, prompts_dir=prompts_dir,
                      device=device, dtype=dtype, hashes=hashes)
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
     manifest = {
         "format_version": SHARD_FORMAT,
-        "sd": sd_spec,
         "dtype": dtype,
         "config": asdict(config),
         "config_hash": config_hash(config),
@@ -216,7 +237,9 @@ def synthesize(
         raise OutputFolderError(err.errno, f"cannot create the output folder {out_dir}: {err.strerror}") from err
     if (out_dir / MANIFEST_FILE).exists():
         # resuming: the shards already there must come from the same model, prompts and config
-        old = check_manifest(out_dir, {k: manifest[k] for k in ("sd", "config_hash", "plan_hash", *hashes)})
+        check_sd(read_manifest(out_dir), sd, source, out_dir)
+        keys = ("config_hash", "plan_hash", *(k for k in hashes if k not in ("sd", "sd_config")))
+        old = check_manifest(out_dir, {k: manifest[k] for k in keys})
         # A resumed CPU round keeps the thread count its first shards were computed with (see ShardJob.threads).
         threads = int(old.get("cpu_threads") or threads) if threads else 0
     jobs = [replace(j, threads=threads) for j in jobs]

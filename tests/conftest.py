@@ -132,7 +132,7 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     run = RunLayout(base / "run")
     train_prompts(photos["web_degraded"], load_sd_cached("tiny", "cpu", "float32"), run.prompts, PROMPTS,
                   progress=False)
-    synthesize(photos["web_clean"], run.shards, synth_config(), sd_spec="tiny", prompts_dir=run.prompts,
+    synthesize(photos["web_clean"], run.shards, synth_config(), sd_source="tiny", prompts_dir=run.prompts,
                progress=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

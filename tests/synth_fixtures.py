@@ -16,12 +16,15 @@ import synth.worker as worker
 from shards.embeddings import save_embeddings
 from synth.ccd import CCDConfig
 from synth.plan import SynthConfig
+from synth.sd import build_tiny_sd
 from synth.worker import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 samples in 3 shards of 2, one UNet call per 2 images; 4 DDIM steps at strength 0.5 -> 2 denoising steps.
 CFG = SynthConfig(num_samples=6, shard_size=2, batch_size=2, ccd=CCDConfig(steps=4, strength=0.5, size=32), seed=3)
-PROMPT_META = {"encoder_sha256": "e" * 64, "sd_fingerprint": "f" * 64}
+# Prompts made for the tiny SD: stage 2 refuses prompts whose recorded SD fingerprint is another model's.
+TINY_FINGERPRINT = build_tiny_sd(0).fingerprint
+PROMPT_META = {"encoder_sha256": "e" * 64, "sd_fingerprint": TINY_FINGERPRINT, "sd_model_id": "tiny"}
 # `d4ir synth` at the demo preset, shrunk: 8 images in 4 shards of 2 at 32x32.
 CLI_OVERRIDES = ["--num-samples", "8", "--shard-size", "2", "--batch-size", "2", "--steps", "4", "--size", "32"]
 
@@ -47,7 +50,7 @@ def run(inputs: dict, round_dir: Path, config: SynthConfig = CFG, **kw) -> worke
     """Synthesize round `config.round` into `round_dir` (its parent is the shards root)."""
     assert round_dir.name == f"round-{config.round:03d}", round_dir
     kw.setdefault("prompts_dir", inputs["prompts"])
-    return synthesize(inputs["clean"], round_dir.parent, config, sd_spec=kw.pop("sd", "tiny"), progress=False, **kw)
+    return synthesize(inputs["clean"], round_dir.parent, config, sd_source=kw.pop("sd", "tiny"), progress=False, **kw)
 
 
 def rounds(path: Path) -> Path:

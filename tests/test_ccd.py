@@ -194,7 +194,7 @@ def test_prepare_clean_resizes_shorter_side_and_center_crops():
 
 
 def test_flop_count_matches_the_cost_model():
-    # notes/performance.md: SD1.5 at 256x256, 35 steps: 35 x 0.180 + 0.273 + 0.622 TFLOP.
+    # docs/design.md ("Numbers"): SD1.5 at 256x256, 35 steps: 35 x 0.180 + 0.273 + 0.622 TFLOP.
     flops = ccd_flops(SD15_UNET_CONFIG, SD15_VAE_CONFIG, CCDConfig())
     assert abs(flops["unet_step"] / 1e12 - 0.180) < 0.002
     assert abs(flops["encode"] / 1e12 - 0.273) < 0.002

@@ -24,7 +24,7 @@ from shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
 from shards.pairs import find_pairs
 from shards.writer import read_manifest
 from synth.embed import load_prompt_encoder
-from synth.sd import load_sd_cached
+from synth.sd import build_tiny_sd, load_sd_cached, save_sd
 
 # Tiny steps everywhere: 16x16 crops, batches of 2, one feedback image per step.
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
@@ -138,8 +138,11 @@ def test_second_students_reuse_shards_untouched(run_copy, monkeypatch):
 
 def test_refuses_shards_of_another_sd(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
-    with pytest.raises(ValueError, match=r"sd: shards were made with 'tiny', the run asks for 'other'"):
-        _run(r, _cfg(round=0, epochs=1), "x", sd_spec="other")
+    other = save_sd(build_tiny_sd(1), tmp_path / "other-sd")  # same layout, other weights
+    with pytest.raises(ValueError, match=r"synthesized by SD 'tiny' \(fingerprint .*\), but this run loads .*other-sd"):
+        _run(r, _cfg(round=0, epochs=1), "x", sd_source=str(other))
+    res = _run(r, _cfg(round=0, epochs=1, iters_per_epoch=1), "y", sd_source="tiny")  # the same model: accepted
+    assert res.round == 0
 
 
 def test_refuses_round0_of_another_encoder(tiny_run, tmp_path):

@@ -1,4 +1,4 @@
-"""MoCo pieces (loss by hand, momentum rule, queue order) and the prompt adapter's shapes and init."""
+"""MoCo pieces (loss by hand, momentum rule, queue order) and the prompt encoder's shapes and init."""
 
 import math
 

@@ -18,6 +18,7 @@ from shards.io import OutputFolderError
 from shards.verify import verify_shards
 from synth.ccd import CCDConfig
 from synth.plan import ShardJob, SynthConfig, plan_jobs
+from synth.sd import SDSource, build_tiny_sd
 from synth.worker import local_distributor, synthesize
 
 CFG = SynthConfig(num_samples=8, shard_size=2, batch_size=2, ccd=CCDConfig(steps=4, strength=0.5, size=32), seed=1)
@@ -27,7 +28,7 @@ def fake_jobs(tmp_path: Path, n: int = 5) -> list[ShardJob]:
     """n one-sample shard jobs; the distributor tests run stand-in functions on them, not the SD."""
     config = SynthConfig(num_samples=n, shard_size=1)
     clean = [tmp_path / "a.png", tmp_path / "b.png"]
-    return plan_jobs(clean, 3, config, round_dir=tmp_path, sd_spec="tiny", prompts_dir=None)
+    return plan_jobs(clean, 3, config, round_dir=tmp_path, sd=SDSource("tiny"), prompts_dir=None)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +124,10 @@ def test_two_worker_processes_write_the_local_shards(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(clean / f"clean{i}.png")
     embeds = torch.randn(4, 4, 32, generator=torch.Generator().manual_seed(0))
     sources = [{"path": f"degraded{i}.png", "sha256": "0" * 64} for i in range(4)]
-    save_embeddings(tmp_path / "prompts", embeds, sources, {"encoder_sha256": "e" * 64, "sd_fingerprint": "f" * 64})
+    meta = {"encoder_sha256": "e" * 64, "sd_fingerprint": build_tiny_sd(0).fingerprint}
+    save_embeddings(tmp_path / "prompts", embeds, sources, meta)
 
-    kw = {"sd_spec": "tiny", "prompts_dir": tmp_path / "prompts", "progress": False}
+    kw = {"sd_source": "tiny", "prompts_dir": tmp_path / "prompts", "progress": False}
     local = synthesize(clean, tmp_path / "local", CFG, **kw)
     dask = synthesize(clean, tmp_path / "dask", CFG, distributor=dask_distributor(workers=2), **kw)
     assert (dask.shards, dask.skipped, dask.images, dask.failures) == (4, 0, 8, 0) == (

@@ -26,6 +26,7 @@ from pipelines.cli import main
 from shards import writer
 from shards.io import OutputFolderError
 from shards.verify import verify_shards
+from synth.sd import SDSource
 from synth.worker import plan_jobs, synthesize, synthesize_shard
 
 # Runs `d4ir synth` with every UNet batch slowed down, so that a SIGKILL lands in the middle of shard 1.
@@ -102,7 +103,7 @@ def test_jobs_carry_the_thread_count_and_resume_keeps_the_first(synth_inputs, sy
         return {"count": 0, "failures": []}
 
     monkeypatch.setattr(worker, "_synthesize_shard", record)
-    job = plan_jobs([Path("a.png")], 1, CFG, round_dir=tmp_path, sd_spec="tiny", prompts_dir=None)[0]
+    job = plan_jobs([Path("a.png")], 1, CFG, round_dir=tmp_path, sd=SDSource("tiny"), prompts_dir=None)[0]
     synthesize_shard(replace(job, threads=threads + 2))
     assert seen == [(0, threads + 2, threads + 2)] and torch.get_num_threads() == threads  # set, then restored
 

@@ -9,12 +9,14 @@ from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from click.testing import CliRunner
 from synth_fixtures import (
     CFG,
     CLI_OVERRIDES,
     PROMPT_META,
+    TINY_FINGERPRINT,
     assert_same_shards,
     make_prompts,
     rounds,
@@ -26,9 +28,11 @@ from synth_fixtures import (
 
 import synth.worker as worker
 from pipelines.cli import main
+from shards.embeddings import save_embeddings
 from shards.io import save_weights
 from shards.verify import verify_shards
 from synth.prompt_encoder import PromptEncoder
+from synth.sd import build_tiny_sd, load_sd, save_sd
 from synth.worker import synthesize
 
 
@@ -40,7 +44,7 @@ def test_shard_set_is_complete_readable_and_reproducible(synth_inputs, synth_ref
     assert manifest["complete"] is True and manifest["images"] == 6 and manifest["num_shards"] == 3
     assert manifest["sd"] == "tiny" and manifest["config"] == json.loads(json.dumps(asdict(CFG)))
     assert manifest["format_version"] == 2 and manifest["dtype"] == "float32"
-    assert manifest["encoder_sha256"] == "e" * 64 and manifest["sd_fingerprint"] == "f" * 64
+    assert manifest["encoder_sha256"] == "e" * 64 and manifest["sd_fingerprint"] == TINY_FINGERPRINT
     assert json.loads((synth_reference / "sizes.json").read_text()) == {f"{i:06d}.tar": 2 for i in range(3)}
     assert all(s["count"] == 2 and s["failures"] == [] for s in stats(synth_reference).values())
     assert verify_shards(synth_reference) == []
@@ -84,8 +88,10 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(synth_inputs,
     before = tree(out)
     with pytest.raises(ValueError, match=r"do not match this run.*config_hash"):
         run(synth_inputs, out, replace(CFG, ccd=replace(CFG.ccd, steps=6)))
-    with pytest.raises(ValueError, match=r"sd: shards were made with 'tiny', the run asks for 'sd15-layout'"):
-        run(synth_inputs, out, sd="sd15-layout")
+    other_sd = save_sd(build_tiny_sd(1), tmp_path / "other-sd")  # same layout, other weights
+    with pytest.raises(ValueError, match=r"synthesized by SD 'tiny' \(fingerprint .*\), but this run loads .*other-sd"):
+        run(synth_inputs, out, sd=str(other_sd), prompts_dir=make_prompts(
+            tmp_path / "other-prompts", meta={**PROMPT_META, "sd_fingerprint": load_sd(other_sd).fingerprint}))
     other = make_prompts(tmp_path / "prompts", meta={**PROMPT_META, "encoder_sha256": "1" * 64})
     with pytest.raises(ValueError, match="encoder_sha256"):
         run(synth_inputs, out, prompts_dir=other)
@@ -123,7 +129,7 @@ def test_prompt_modes_and_z0_change_the_images(synth_inputs, tmp_path):
 
 
 def test_prompt_mode_errors_are_clear_and_early(synth_inputs, tmp_path):
-    with pytest.raises(ValueError, match="prompt mode 'text' needs an SD with a text encoder; the 'tiny'"):
+    with pytest.raises(ValueError, match="prompt mode 'text' needs an SD with a text encoder; tiny has none"):
         run(synth_inputs, rounds(tmp_path / "text"), replace(CFG, prompt_mode="text"))
     with pytest.raises(ValueError, match="prompt mode 'content' needs the prompts folder"):
         run(synth_inputs, rounds(tmp_path / "content"), replace(CFG, prompt_mode="content"), prompts_dir=None)
@@ -136,6 +142,19 @@ def test_prompt_mode_errors_are_clear_and_early(synth_inputs, tmp_path):
     with pytest.raises(ValueError, match="multiple of 8"):
         run(synth_inputs, rounds(tmp_path / "size"), replace(CFG, ccd=replace(CFG.ccd, size=30)))
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_prompt_tables_that_cannot_condition_this_sd_are_refused_before_any_shard(synth_inputs, tmp_path):
+    wide = tmp_path / "wide"
+    save_embeddings(wide, torch.zeros(3, 4, 48), [{"path": "x.png", "sha256": "0" * 64}] * 3, PROMPT_META)
+    empty = tmp_path / "empty"
+    save_embeddings(empty, torch.zeros(0, 4, 32), [], PROMPT_META)
+    foreign = make_prompts(tmp_path / "foreign", meta={**PROMPT_META, "sd_fingerprint": "1" * 64})
+    for folder, message in ((wide, "prompts are 48 wide, but SD tiny takes 32"), (empty, "prompt table is empty"),
+                            (foreign, "prompts were made for SD 'tiny' \\(fingerprint 111111111111\\)")):
+        with pytest.raises(ValueError, match=message):
+            run(synth_inputs, rounds(tmp_path / "out"), prompts_dir=folder)
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

@@ -12,7 +12,6 @@ from pipelines.weather import (
     HAZE_DEPTH,
     RAIN_LEVELS,
     SNOW_LEVELS,
-    _line_kernel,
     add_haze,
     add_rain,
     add_snow,
@@ -21,6 +20,7 @@ from pipelines.weather import (
     rain_layer,
     snow_mask,
 )
+from pipelines.weather_kernels import line_kernel
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -106,11 +106,11 @@ def test_light_rain_streaks_are_near_vertical_lines():
 
 
 def test_line_kernel_mass_and_direction():
-    k = _line_kernel(9.0, 0.0)  # vertical
+    k = line_kernel(9.0, 0.0)  # vertical
     assert k.sum() == pytest.approx(9.0)
     centre = k.shape[1] // 2
     assert k[:, centre].sum() > 0.95 * k.sum()
-    k45 = _line_kernel(9.0, 45.0)
+    k45 = line_kernel(9.0, 45.0)
     assert k45.sum() == pytest.approx(9.0)
     assert np.trace(k45) > 0.5 * k45.sum()  # top-left to bottom-right: leans right at the bottom
 
