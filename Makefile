@@ -43,24 +43,24 @@ data: $(STAMP)  ## build the embedded demo data (scikit-image photos, physical r
 
 teacher: data  ## train a (demo-width AirNet) teacher on the demo pairs of TASK into RUN/teacher
 	$(D4IR) teacher --arch airnet --pairs $(DEMO)/$(TASK)/original --val $(DEMO)/$(TASK)/test \
-		--run $(RUN) --preset demo --resume $(ARGS)
+		--run-dir $(RUN) --preset demo --resume $(ARGS)
 
 prompts: data  ## stage 1: train the prompt encoder on DEGRADED, write RUN/prompts
-	$(D4IR) prompts --run $(RUN) --degraded $(DEGRADED) --sd $(SD) --preset demo --resume $(ARGS)
+	$(D4IR) prompts --run-dir $(RUN) --degraded $(DEGRADED) --sd $(SD) --preset demo --resume $(ARGS)
 
 synth: prompts  ## stage 2: synthesize degraded images from CLEAN with RUN/prompts into RUN/shards
-	$(D4IR) synth --run $(RUN) --task $(TASK) --clean $(CLEAN) --sd $(SD) --preset demo $(ARGS)
+	$(D4IR) synth --run-dir $(RUN) --task $(TASK) --clean $(CLEAN) --sd $(SD) --preset demo $(ARGS)
 
 # RUN's own teacher is trained first when TEACHER is not given
 distill: synth $(if $(TEACHER),,teacher)  ## stage 3: distill STUDENT from TEACHER (with regeneration rounds)
-	$(D4IR) distill --run $(RUN) $(if $(TEACHER),--teacher $(TEACHER)) --student $(STUDENT) --sd $(SD) \
+	$(D4IR) distill --run-dir $(RUN) $(if $(TEACHER),--teacher $(TEACHER)) --student $(STUDENT) --sd $(SD) \
 		--degraded $(DEGRADED) --clean $(CLEAN) --val $(DEMO)/$(TASK)/test --preset demo --resume $(ARGS)
 
 eval: $(STAMP)  ## evaluate RUN's STUDENT on the demo test pairs (against ground truth and the teacher)
-	$(D4IR) eval --run $(RUN) --student $(STUDENT) --pairs $(DEMO)/$(TASK)/test $(if $(TEACHER),--reference $(TEACHER))
+	$(D4IR) eval --run-dir $(RUN) --student $(STUDENT) --pairs $(DEMO)/$(TASK)/test $(if $(TEACHER),--reference $(TEACHER))
 
 demo: $(STAMP)  ## the whole pipeline on the embedded demo, ending in runs/demo/report.md
-	$(D4IR) demo --data $(DEMO) --run runs/demo $(ARGS)
+	$(D4IR) demo --data $(DEMO) --run-dir runs/demo $(ARGS)
 
 clean:  ## remove runs and demo data (keeps .venv)
 	rm -rf runs $(DEMO)

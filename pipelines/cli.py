@@ -42,7 +42,8 @@ def _with(options):
     return decorate
 
 
-run_option = click.option("--run", type=_path, required=True, help="The run folder every stage reads and writes.")
+run_option = click.option("--run-dir", "run", type=_path, required=True,
+                          help="The run folder every stage reads and writes.")
 
 
 def sd_options(default: str | None):
@@ -94,7 +95,7 @@ def main() -> None:
 @main.command()
 @click.option("--pairs", type=_existing, required=True, help="Paired training set (any layout `shards.pairs` knows).")
 @click.option("--val", type=_existing, help="Paired validation set, scored after every epoch.")
-@click.option("--run", type=_path, help="Write the teacher into RUN/teacher (or give --out).")
+@click.option("--run-dir", "run", type=_path, help="Write the teacher into RUN/teacher (or give --out).")
 @click.option("--out", type=_path, help="Output folder (instead of RUN/teacher): NAME.safetensors/.json, state.")
 @click.option("--name", default="teacher", show_default=True, help="Stem of the written model files.")
 @config_options(SupervisedConfig)
@@ -109,7 +110,7 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
     from shards.layout import RunLayout
 
     if (run is None) == (out is None):
-        raise click.UsageError("give exactly one of --run (writes RUN/teacher) or --out")
+        raise click.UsageError("give exactly one of --run-dir (writes RUN/teacher) or --out")
     given = given_options(kwargs)
     if given.get(("arch",), "airnet") != "airnet":
         given.setdefault(("arch_kwargs",), None)  # a preset's arch_kwargs are AirNet's

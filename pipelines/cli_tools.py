@@ -93,8 +93,8 @@ def models() -> None:
 @click.command("eval")
 @click.option("--model", "model_path",
               help="A checkpoint (ours .safetensors, official .pth) or `identity` to score the degraded inputs.")
-@click.option("--run", type=_path, help="With --student: score RUN's student against RUN's teacher.")
-@click.option("--student", help="With --run: the student (as given to `d4ir distill --student`, or its --name).")
+@click.option("--run-dir", "run", type=_path, help="With --student: score the run's student against its teacher.")
+@click.option("--student", help="With --run-dir: the student (as given to `d4ir distill --student`, or its --name).")
 @click.option("--pairs", type=_existing, required=True, help="Paired test set.")
 @click.option("--reference", type=_existing, help="Also score against this model's outputs (e.g. the teacher).")
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
@@ -115,7 +115,7 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
 
     device = _device(device)
     if (model_path is None) == (run is None or student is None):
-        raise click.UsageError("give --model, or --run with --student")
+        raise click.UsageError("give --model, or --run-dir with --student")
     if model_path is None:
         layout = RunLayout(run)
         model_path = layout.student_weights(student if layout.student(student).is_dir() else student_name(student))
@@ -218,7 +218,7 @@ def report(run: Path, test: Path | None) -> None:
 
 @click.command()
 @click.option("--data", type=_path, default=Path("data/demo"), show_default=True, help="Demo data folder.")
-@click.option("--run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
+@click.option("--run-dir", "run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
 @click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed of every stage: CPU runs repeat exactly.")
 @_device_option

@@ -272,7 +272,7 @@ def test_cli_baselines_write_students(tiny_run, tmp_path, data):
 
     r = tiny_run.copy_to(tmp_path / "run")
     source = ["--original", str(r.original)] if data == "original" else ["--degraded", str(r.degraded)]
-    args = ["distill", "--run", str(r.root), "--teacher", str(r.teacher), "--data", data, *source, "--epochs", "1",
+    args = ["distill", "--run-dir", str(r.root), "--teacher", str(r.teacher), "--data", data, *source, "--epochs", "1",
             "--joint-epochs", "0", "--iters-per-epoch", "1", "--batch-size", "2", "--crop", "16", "--device", "cpu",
             "--name", f"cli-{data}"]
     result = CliRunner().invoke(main, args)
