@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from pipelines.demo_data import build_demo_data  # noqa: E402
 from pipelines.figures import probe_plot  # noqa: E402
-from shards.images import list_files  # noqa: E402
+from shards.folders import list_files  # noqa: E402
 from synth.embed import load_prompt_encoder  # noqa: E402
 from synth.moco import MoCoConfig  # noqa: E402
 from synth.probe import probe  # noqa: E402

@@ -1,28 +1,67 @@
-"""Training samples for the supervised (teacher, Student baseline) and KD trainers: random crops and flips.
+"""Paired sets in memory and training samples for the supervised and KD trainers: random crops and flips.
 
-Images are held as uint8 arrays [H, W, 3]; a crop is taken with a seeded numpy Generator so CPU runs repeat.
-Images smaller than the crop are reflect-padded up to it (demo photos are small; real ones rarely are).
+A paired set is read whole before any work starts (`load_pairs`): a pair whose image is truncated, empty,
+too large or of a mismatching size is skipped and counted with its reason, and a set with no usable pair left
+is an error. Images are held as uint8 arrays [H, W, 3]; a crop is taken with a seeded numpy Generator so CPU
+runs repeat. Images smaller than the crop are reflect-padded up to it (demo photos are small; real ones
+rarely are).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from shards.images import random_windows, read_rgb
-from shards.pairs import Pair
+from shards.images import DEFAULT_MAX_PIXELS, ImageSkipped, random_windows, read_rgb
+from shards.pairs import Pair, find_pairs
+
+log = logging.getLogger(__name__)
 
 
-def load_pairs(pairs: Sequence[Pair]) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Read every pair into memory as (name, degraded, clean) uint8; sizes must agree (clear error)."""
-    out = []
-    for p in pairs:
-        deg, cln = read_rgb(p.degraded, min_side=1), read_rgb(p.clean, min_side=1)
-        deg, cln = match_sizes(deg, cln, p.name)
-        out.append((p.name, deg, cln))
-    return out
+@dataclass
+class PairSet:
+    """A paired set in memory: (name, degraded [H,W,3] uint8, clean [H,W,3] uint8) items, and the pairs skipped
+    with their reason."""
+
+    items: list[tuple[str, np.ndarray, np.ndarray]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    root: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray, np.ndarray]:
+        return self.items[i]
+
+
+def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PairSet:
+    """Read every pair (a paired-set folder, or its `find_pairs`) into memory; bad pairs are skipped and
+    counted; none left is a ValueError naming the folder and the reasons."""
+    root = Path(pairs) if isinstance(pairs, (str, Path)) else None
+    listed = find_pairs(root) if root is not None else list(pairs)
+    items, skipped = [], []
+    for p in listed:
+        try:
+            deg = read_rgb(p.degraded, min_side=1, max_pixels=max_pixels)
+            cln = read_rgb(p.clean, min_side=1, max_pixels=max_pixels)
+            items.append((p.name, *match_sizes(deg, cln, p.name)))
+        except ImageSkipped as err:
+            skipped.append((p.name, f"{err.path.name}: {err.reason}"))
+        except ValueError as err:  # sizes that cannot be matched
+            skipped.append((p.name, str(err)))
+    where = root or (listed[0].degraded.parent.parent if listed else "the paired set")
+    if skipped:
+        log.warning("%s: skipped %d of %d pairs: %s", where, len(skipped), len(listed),
+                    "; ".join(f"{n} ({r})" for n, r in skipped[:5]))
+    if not items:
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:5]) or "no pairs"
+        raise ValueError(f"{where}: no usable pair ({len(skipped)} skipped: {reasons})")
+    return PairSet(items, skipped, root)
 
 
 def match_sizes(degraded: np.ndarray, clean: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:

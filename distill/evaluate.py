@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shards.images import read_rgb, to_tensor
+from shards.images import to_tensor
 from shards.io import atomic_write_json
-from shards.pairs import Pair, find_pairs
+from shards.pairs import Pair
 
-from .data import match_sizes
+from .data import PairSet, load_pairs
 from .inference import restore
 from .metrics import psnr, ssim
 from .registry import count_parameters, load_model
@@ -45,29 +45,33 @@ def _fit(target: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module | None, pairs: Sequence[Pair], *, device: str = "cpu", reference: nn.Module | None = None,
-    tile: int | None = None, border: int = 0, limit: int | None = None, progress: bool = True,
+    model: nn.Module | None, pairs: Sequence[Pair] | PairSet, *, device: str = "cpu",
+    reference: nn.Module | None = None, tile: int | None = None, border: int = 0, limit: int | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Score `model` (None: the degraded input itself, "identity") on `pairs`.
+    """Score `model` (None: the degraded input itself, "identity") on `pairs` (read whole first: bad pairs are
+    skipped and listed, see `distill.data.load_pairs`).
 
     Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
-    "seconds_per_image", "device"}.
+    "seconds_per_image", "device", "count", "skipped": [[name, reason], ...]}.
     """
     from tqdm import tqdm
 
-    pairs = list(pairs)[:limit] if limit else list(pairs)
-    if not pairs:
-        raise ValueError("no pairs to evaluate")
+    if not isinstance(pairs, PairSet):
+        pairs = list(pairs)[:limit] if limit else list(pairs)
+        if not pairs:
+            raise ValueError("no pairs to evaluate")
+        pairs = load_pairs(pairs)
+    items = pairs.items[:limit] if limit else pairs.items
     rows, seconds = [], 0.0
-    for p in tqdm(pairs, desc="eval", disable=not progress, leave=False):
-        deg, cln = match_sizes(read_rgb(p.degraded, min_side=1), read_rgb(p.clean, min_side=1), p.name)
+    for name, deg, cln in tqdm(items, desc="eval", disable=not progress, leave=False):
         degraded, clean = to_tensor(deg)[None].to(device), to_tensor(cln)[None].to(device)
         t0 = time.perf_counter()
         out = degraded if model is None else restore(model, degraded, tile=tile)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
-        row = {"name": p.name, **_scores(out, _fit(clean, out), border)}
+        row = {"name": name, **_scores(out, _fit(clean, out), border)}
         if reference is not None:
             ref = restore(reference, degraded, tile=tile)
             row.update({f"ref_{k}": v for k, v in _scores(out, _fit(ref, out), border).items()})
@@ -75,7 +79,8 @@ def evaluate_model(
     keys = [k for k in rows[0] if k != "name"]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"images": rows, "mean": mean, "params": count_parameters(model) if model is not None else 0,
-            "seconds_per_image": seconds / len(rows), "device": device, "count": len(rows)}
+            "seconds_per_image": seconds / len(rows), "device": device, "count": len(rows),
+            "skipped": [list(s) for s in pairs.skipped]}
 
 
 def write_eval(path: Path, result: dict, **info) -> Path:
@@ -120,7 +125,7 @@ def evaluate(
         net, loaded = load_model(model, arch=arch)
         net, name = net.to(device).eval(), loaded["name"]
     ref = load_model(reference)[0].to(device).eval() if reference else None
-    result = evaluate_model(net, find_pairs(pairs_dir), device=device, reference=ref, tile=tile, border=border,
+    result = evaluate_model(net, load_pairs(pairs_dir), device=device, reference=ref, tile=tile, border=border,
                             limit=limit, progress=progress)
     result |= {"name": name, "model": str(model), "pairs": str(pairs_dir), "reference": str(reference or "")}
     write_eval(out, result, **info)

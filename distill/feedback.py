@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.images import read_rgb, scan_images
+from shards.folders import scan_images
+from shards.images import read_rgb
 from shards.layout import RunLayout
 from shards.writer import read_manifest
 from synth.ccd import CCDConfig, feedback_surrogate, prepare_clean

@@ -9,6 +9,7 @@ AirNet's bare state_dict and Restormer's BasicSR `{'params': sd}`.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from distill.airnet import AirNet, airnet_kwargs_from_state_dict
 from distill.restormer import Restormer
 from shards.io import load_weights, save_weights
+from shards.state import is_unsafe, unsafe_reason
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
     "airnet": (AirNet, dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5)),
@@ -135,8 +137,12 @@ def restormer_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
 def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors vary by torch version
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {err}") from err
+    except pickle.UnpicklingError as err:
+        if is_unsafe(err):
+            raise ValueError(f"{path}: refused: {unsafe_reason(err)}") from err
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {' '.join(str(err).split())}") from err
+    except Exception as err:  # zip/format errors vary by torch version
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {' '.join(str(err).split())}") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state_dict or {{'params': state_dict}}, got {type(obj).__name__}")
     container = None

@@ -1,59 +1,92 @@
-"""Where stage 3's batches come from: a shard round, streamed through webdataset and a DataLoader.
+"""Where stage 3's batches come from: a shard round, checked whole, streamed through webdataset and a DataLoader.
 
-Samples are decoded (PNG -> uint8) in DataLoader workers; the trainer's seeded generator picks the random
-crop and flips in the main process, so a CPU run repeats exactly for a given worker count. Shards are
-shuffled per epoch and split by rank and worker (`shards.reader.shard_dataset`); a sample buffer mixes
-images across shards.
+Before a round is used, every shard is checked against its stats (present, size, sha256, sample count) and the
+manifest's plan (`shards.verify.verify_shards`): a damaged round is an error naming the shard, unless the caller
+opts in to skipping damaged shards, which is warned about with the count and shrinks the epoch to what is
+left. Samples are decoded (PNG -> uint8) in DataLoader workers; one that fails to decode is counted here, in the
+training process, and reported per epoch. The trainer's seeded generator picks the random crop and flips, so a
+CPU run repeats exactly for a given worker count. Shards are shuffled per epoch and split by rank and worker
+(`shards.reader.shard_dataset`); a sample buffer mixes images across shards. When a round has fewer shards than
+ranks x workers, the DataLoader workers are reduced (with a message) so that every worker has a shard.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from shards.layout import parse_shard, shard_name
 from shards.reader import shard_dataset, shard_urls
+from shards.verify import verify_shards
+from shards.writer import read_stats
 
 from .data import random_crop, to_batch
+
+log = logging.getLogger(__name__)
+_SHARD_IN = re.compile(r"\b(\d{6,})\.(?:tar|stats\.json)\b")
 
 
 def _as_is(sample: dict) -> dict:
     return sample
 
 
+def _damaged(problems: list[str]) -> tuple[set[str], list[str]]:
+    """(shard names the problems are about, the problems that name no shard: those no skip can mend)."""
+    shards, other = set(), []
+    for p in problems:
+        found = {shard_name(int(i)) for i in _SHARD_IN.findall(p)}
+        shards |= found
+        if not found:
+            other.append(p)
+    return shards, other
+
+
 class ShardBatches:
     """Endless batches of random crops from the finished shards of one round.
 
     Args:
-        directory: the round folder (RUN/shards/round-NNN).
+        directory: the round folder (RUN/shards/round-NNN or a student's round).
         config: needs batch_size, crop, seed and num_workers (a `DistillConfig`).
         rank, world: this process's place in a torchrun job (shards are split between ranks).
+        skip_damaged: drop damaged shards with a warning instead of refusing the round.
     """
 
-    def __init__(self, directory: Path, config, *, rank: int = 0, world: int = 1, shuffle_buffer: int = 256):
+    def __init__(self, directory: Path, config, *, rank: int = 0, world: int = 1, shuffle_buffer: int = 256,
+                 skip_damaged: bool = False):
         self.directory = Path(directory)
-        urls = shard_urls(self.directory)
-        if not urls:
-            raise FileNotFoundError(f"no finished shard in {self.directory}: run `d4ir synth` first")
-        if len(urls) < world * max(config.num_workers, 1):
-            raise ValueError(
-                f"{len(urls)} shards cannot feed {world} ranks x {max(config.num_workers, 1)} "
-                f"workers: synthesize more, smaller shards (--shard-size)"
-            )
-        sizes_path = self.directory / "sizes.json"
-        self.total = sum(json.loads(sizes_path.read_text()).values()) if sizes_path.exists() else 0
+        problems = verify_shards(self.directory)
+        damaged, unmendable = _damaged(problems)
+        if problems and (not skip_damaged or unmendable):
+            raise ValueError(f"shard round {self.directory} is damaged: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                             + ("" if skip_damaged else "; rerun `d4ir synth` to redo it, or pass "
+                                "--skip-damaged-shards to train on the rest"))
+        urls = [u for u in shard_urls(self.directory) if Path(u).name not in damaged]
+        if damaged:
+            log.warning("skipping %d damaged shard(s) of %s: %s", len(damaged), self.directory, sorted(damaged))
+        if len(urls) < world:
+            raise ValueError(f"{len(urls)} usable shards in {self.directory} cannot feed {world} ranks: synthesize "
+                             "more, smaller shards (--shard-size)")
+        workers = config.num_workers
+        if len(urls) < world * max(workers, 1):
+            workers = max(len(urls) // world, 1) if workers else 0
+            log.warning("%d shards for %d ranks x %d DataLoader workers: using %d workers per rank",
+                        len(urls), world, config.num_workers, workers)
+        self.skipped = sorted(damaged)
+        self.total = sum(int(read_stats(self.directory, parse_shard(Path(u).name))["count"]) for u in urls)
         self.batch_size, self.crop, self.world = config.batch_size, config.crop, world
-        self.dataset = shard_dataset(
-            urls, seed=config.seed, rank=rank, world_size=world, shuffle_buffer=min(shuffle_buffer, max(self.total, 1))
-        )
+        self.decode_errors = 0  # samples that failed to decode, counted in this process
+        self.dataset = shard_dataset(urls, seed=config.seed, rank=rank, world_size=world, report_errors=True,
+                                     shuffle_buffer=min(shuffle_buffer, max(self.total, 1)))
         # collate_fn keeps samples as they are (the default would turn the uint8 arrays into tensors)
-        self.loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=config.num_workers, collate_fn=_as_is, persistent_workers=False
-        )
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                 persistent_workers=False)
         self._iter = None
 
     def iters_per_epoch(self) -> int:
@@ -67,11 +100,17 @@ class ShardBatches:
     def _sample(self) -> np.ndarray:
         if self._iter is None:
             self._iter = iter(self.loader)
-        for _ in range(2):
+        for _ in range(2 + 1000):
             try:
-                return next(self._iter)["degraded"]
+                sample = next(self._iter)
             except StopIteration:
                 self._iter = iter(self.loader)  # a new pass over this rank's shards
+                continue
+            if "error" in sample:
+                self.decode_errors += 1
+                log.warning("skipped an undecodable sample: %s", sample["error"])
+                continue
+            return sample["degraded"]
         raise RuntimeError(f"no readable sample in {self.directory} for this rank")
 
     def next(self, rng: np.random.Generator, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -16,8 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.pairs import find_pairs
-
 from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch
 from .epochs import EpochLoop, halved_lr
@@ -91,8 +89,8 @@ def train_supervised(
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    data = load_pairs(find_pairs(pairs_dir))
-    val = find_pairs(val_dir) if val_dir else None
+    data = load_pairs(pairs_dir)  # every pair read now: bad ones are skipped and counted before any training
+    val = load_pairs(val_dir) if val_dir else None
     torch.manual_seed(config.seed)
     model = build(config.arch, **(config.arch_kwargs or {})).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))

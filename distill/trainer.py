@@ -25,7 +25,7 @@ from shards.writer import check_manifest, read_manifest
 from synth.sd import SDSource, load_sd_cached
 from synth.worker import Distributor, check_sd
 
-from .data import random_crop, to_batch
+from .data import load_pairs, random_crop, to_batch
 from .ddp import DistContext, average_gradients
 from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model, write_eval
@@ -59,6 +59,8 @@ class DistillConfig:
         loss: KD terms and their weights, e.g. l2=1 (Eq. 8) or l1=1,ssim=0.1.
         feedback_batch: images per step through the differentiable surrogate (0: no L_kd feedback).
         round: train on this existing round of RUN/shards only and regenerate nothing (reuse).
+        skip_damaged_shards: train on the intact shards of a damaged round (warned, counted, epoch shortened)
+            instead of refusing it.
         seed: seeds the student, crops and flips: CPU runs repeat exactly.
         amp: bf16 autocast (default: on for CUDA).
         num_workers: DataLoader workers decoding shards.
@@ -80,6 +82,7 @@ class DistillConfig:
     loss: dict = field(default_factory=lambda: {"l2": 1.0})
     feedback_batch: int = 2
     round: int | None = None
+    skip_damaged_shards: bool = False
     seed: int = 0
     amp: bool | None = None
     num_workers: int = 0
@@ -153,7 +156,7 @@ def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
 
 def _round_batches(layout: RunLayout, n: int, name: str, config: DistillConfig, ctx: DistContext) -> ShardBatches:
     folder = layout.round_shards(n, None if n == 0 or config.round is not None else name)
-    return ShardBatches(folder, config, rank=ctx.rank, world=ctx.world)
+    return ShardBatches(folder, config, rank=ctx.rank, world=ctx.world, skip_damaged=config.skip_damaged_shards)
 
 
 def distill(
@@ -188,6 +191,7 @@ def distill(
     from tqdm import tqdm
 
     check_inputs(config, degraded_dir, clean_dir, original_dir)
+    val = load_pairs(val_dir) if val_dir else None  # read now: a bad pair is counted before any epoch runs
     ctx = DistContext.start(device)
     device, layout = ctx.device, RunLayout(run)
     torch.manual_seed(config.seed + ctx.rank)
@@ -215,6 +219,9 @@ def distill(
                 if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
                     sd = load_sd_cached(source, device, "float32")
                 base = read_manifest(layout.round_shards(0))
+                if config.round_every and not Path(base["clean_dir"]).is_dir():
+                    raise FileNotFoundError(f"round 0 was synthesized from {base['clean_dir']}, which is gone: the "
+                                            "regeneration rounds need the same clean photos (or --round-every 0)")
                 loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
                                     device=device)
         batches = _round_batches(layout, current_round, name, config, ctx)
@@ -233,7 +240,6 @@ def distill(
     if epochs.resumed.get("round") not in (None, current_round):
         current_round = int(epochs.resumed["round"])
         batches = _round_batches(layout, current_round, name, config, ctx)
-    val = find_pairs(val_dir) if val_dir else None
     iters = config.iters_per_epoch or (
         batches.iters_per_epoch() if batches else max(len(images) // config.batch_size, 1)
     )
@@ -257,6 +263,7 @@ def distill(
                 g["lr"] = halved_lr(config.encoder_lr, epoch, config.lr_halve_every)
         if batches is not None:
             batches.set_epoch(epoch)
+            errors_before = batches.decode_errors
 
         # ---- one epoch of KD steps
         t0, sums = time.perf_counter(), {"kd": 0.0, "fb": 0.0, "cl": 0.0}
@@ -294,6 +301,8 @@ def distill(
         # ---- end of epoch: validate, log, save (rank 0)
         record = {"round": current_round, "lr": lr, "joint": joint, "seconds": time.perf_counter() - t0,
                   **{f"loss_{k}": v / iters for k, v in sums.items()}}
+        if batches is not None:
+            record |= {"decode_errors": batches.decode_errors - errors_before, "skipped_shards": batches.skipped}
         if ctx.rank == 0:
             if val:
                 metrics = evaluate_model(student, val, device=device, reference=teacher, progress=False)["mean"]
@@ -309,6 +318,8 @@ def distill(
                              student=student, optimizer=opt, loop=loop, encoder_optimizer=enc_opt)
             if progress:
                 shown = f", val PSNR {metrics['psnr']:.2f} (vs teacher {metrics['ref_psnr']:.2f})" if val else ""
+                if record.get("decode_errors"):
+                    shown += f", {record['decode_errors']} undecodable samples skipped"
                 tqdm.write(f"distill {name} epoch {epoch + 1}: kd {record['loss_kd']:.5f}{shown}")
 
     # ---- the final evaluation and what made this student

@@ -16,6 +16,7 @@ from distill.trainer import DistillConfig
 from synth.plan import WEATHER_TEXT, SynthConfig
 from synth.prompts import PromptsConfig
 
+from .errors import OneLineErrors, no_empty_folders
 from .options import config_from, config_options, given_options
 from .presets import preset as preset_config
 
@@ -79,8 +80,9 @@ dask_options = [
 ]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-def main() -> None:
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, envvar="D4IR_DEBUG", help="Show the traceback of an expected failure too.")
+def main(debug: bool) -> None:
     """D4IR: distil a weather-restoration network into a smaller one without its training data.
 
     \b
@@ -89,6 +91,7 @@ def main() -> None:
       synth     synthesize degraded images from web clean photos with a frozen Stable Diffusion
       distill   train a small student to mimic the teacher on the synthesized images
     Helpers: data (check folders, build the demo data), teacher, eval, models, probe, shards, report, demo.
+    An expected failure (a missing file, a full disk, a bad value) ends with one line and exit status 2.
     """
 
 
@@ -116,7 +119,8 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
         given.setdefault(("arch_kwargs",), None)  # a preset's arch_kwargs are AirNet's
     config = _config("teacher", preset, given)
     out = out or RunLayout(run).teacher_dir
-    r = train_supervised(pairs, out, config, val_dir=val, name=name, resume=resume, device=_device(device))
+    with no_empty_folders(out):
+        r = train_supervised(pairs, out, config, val_dir=val, name=name, resume=resume, device=_device(device))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     click.echo(f"{name}: {r.params:,} parameters, {r.epochs} epochs; {shown}; wrote {r.weights}")
 
@@ -142,7 +146,8 @@ def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs)
     device = _device(device)
     config = _config("prompts", preset, given_options(kwargs))
     sd = load_sd_cached(_sd_source(sd_spec, sd_config), device, "float32")
-    r = train_prompts(degraded, sd, RunLayout(run).prompts, config, resume=resume, device=device)
+    with no_empty_folders(RunLayout(run).prompts):
+        r = train_prompts(degraded, sd, RunLayout(run).prompts, config, resume=resume, device=device)
     click.echo(f"prompts: {r.num_images} images embedded ({r.counts}), final loss {r.final_loss}, "
                f"prompt encoder {r.encoder_sha256[:12]}; wrote {r.out_dir}")
 
@@ -174,8 +179,10 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
     given.setdefault(("text",), WEATHER_TEXT[task])
     config = _config("synth", preset, given)
     layout = RunLayout(run)
-    r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config), prompts_dir=layout.prompts,
-                   device=_device(device), dtype=dtype, distributor=make_distributor(scheduler, workers))
+    with no_empty_folders(layout.round_shards(config.round)):
+        r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config),
+                       prompts_dir=layout.prompts, device=_device(device), dtype=dtype,
+                       distributor=make_distributor(scheduler, workers))
     click.echo(f"synth: {r.shards} shards ({r.skipped} already done), {r.images} images written, "
                f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
 
@@ -202,15 +209,15 @@ def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, or
     train.jsonl, state.pt, eval.json (with --val), config.json; its regeneration rounds go to
     RUN/students/NAME/prompts/round-NNN and RUN/students/NAME/shards/round-NNN.
     """
-    from distill.trainer import distill
+    from distill.trainer import distill, student_name
     from pipelines.runners import make_distributor
     from shards.layout import RunLayout
 
     config = _config("distill", preset, given_options(kwargs))
-    r = distill(run, teacher_path or RunLayout(run).teacher, config, sd_source=_sd_source(sd_spec, sd_config),
-                degraded_dir=degraded,
-                clean_dir=clean, original_dir=original, val_dir=val, name=name, resume=resume,
-                device=_device(device), distributor=make_distributor(scheduler, workers))
+    with no_empty_folders(RunLayout(run).student(name or student_name(config.student))):
+        r = distill(run, teacher_path or RunLayout(run).teacher, config, sd_source=_sd_source(sd_spec, sd_config),
+                    degraded_dir=degraded, clean_dir=clean, original_dir=original, val_dir=val, name=name,
+                    resume=resume, device=_device(device), distributor=make_distributor(scheduler, workers))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     click.echo(f"distill: {r.params:,} parameters, last round {r.round}; {shown}; wrote {r.student_dir}")
 

@@ -41,7 +41,8 @@ def data_check(folder: Path, min_side: int, max_pixels: int, verbose: bool) -> N
     orientation) or skipped with a reason (zero bytes, not an image, truncated, corrupt, too small, too
     large). Exits non-zero only when nothing usable is left.
     """
-    from shards.images import scan_images
+
+    from shards.folders import scan_images
 
     try:
         scan = scan_images(folder, min_side=min_side, max_pixels=max_pixels)

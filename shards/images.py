@@ -1,22 +1,24 @@
-"""Reading image folders into RGB uint8, with a stated rule for every odd file.
+"""Reading one image file into RGB uint8, with a stated rule for every odd file.
 
-Conversion rules (the file is kept):
+Conversion rules (the file is kept; `read_rgb` reports each rule it applied in `notes`):
 - EXIF orientation is applied first, so pixels are stored the way a viewer shows them.
 - Grayscale ("1", "L", "I;16", "I", "F") and palette ("P") images are expanded to RGB.
 - Alpha ("RGBA", "LA", "PA", palette transparency) is composited over white: web photos with alpha are
   mostly cut-outs on a transparent page, and white keeps them from reading as dark or hazy.
-- 16-bit samples are scaled to 8 bits by rounding value / 257 (65535 -> 255); float images are taken as
-  [0, 1] when their maximum is at most 1, else as [0, 255], and clipped.
+- 16-bit samples, grayscale and colour, are scaled to 8 bits by rounding value / 257 (65535 -> 255). Pillow
+  itself keeps only the high byte of 16-bit colour (value >> 8, off by one for a quarter of the values), so
+  such files are decoded a second time for the low byte. Float images are taken as [0, 1] when their maximum
+  is at most 1, else as [0, 255], and clipped.
 - CMYK (and YCbCr, LAB, HSV) is converted to RGB by Pillow's colour conversion.
+- A multi-frame file (animated PNG/WebP, multi-page TIFF) gives its first frame.
 
-Skip rules (the file is counted with its reason, never half-read): see `SKIP_REASONS`.
+Skip rules (the file is counted with its reason, never half-read): see `SKIP_REASONS`. Folders are scanned by
+`shards.folders.scan_images`.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 
@@ -27,7 +29,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .io import atomic_write_bytes
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-SKIP_REASONS = ("zero bytes", "not an image", "truncated", "corrupt", "too small", "too large")
+SKIP_REASONS = ("zero bytes", "not an image", "truncated", "corrupt", "too small", "too large",
+                "permission denied", "dangling symlink", "symlink loop", "not a regular file")
+CONVERSIONS = ("16-bit", "multi-frame (first frame)", "alpha over white", "grayscale", "palette", "cmyk or other")
 DEFAULT_MIN_SIDE = 32
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000
 
@@ -41,37 +45,85 @@ class ImageSkipped(Exception):
         super().__init__(f"{path}: {reason}" + (f" ({detail})" if detail else ""))
 
 
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
+def _to_rgb_array(im: Image.Image, notes: list[str]) -> np.ndarray:
     """Pillow image of any mode -> [H, W, 3] uint8 by the module's conversion rules."""
     if im.mode == "P":
+        notes.append("palette")
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        scale = 257.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
-        gray = np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8)
+        wide = arr.max(initial=0) > 255 or im.mode.startswith("I;16")
+        notes += ["grayscale"] + (["16-bit"] if wide else [])
+        gray = np.clip(np.rint(arr / (257.0 if wide else 1.0)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if im.mode == "F":
+        notes.append("grayscale")
         arr = np.asarray(im, dtype=np.float64)
         arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
         gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        notes.append("alpha over white")
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, rgba)
+    elif im.mode in ("1", "L"):
+        notes.append("grayscale")
+    elif im.mode != "RGB":
+        notes.append("cmyk or other")
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
+def _wide_colour(path: Path, im: Image.Image) -> np.ndarray | None:
+    """16-bit colour (RGB, RGBA, LA) as float64 [H, W, C] in [0, 65535], or None for any other image.
+
+    Pillow unpacks 16-bit colour samples by keeping the high byte ("RGB;16B"). Decoding once more with the
+    little-endian unpacker ("RGB;16L") keeps the other byte of each sample from the same unfiltered stream, so
+    the two decodes together give the exact 16-bit values.
+    """
+    if im.mode not in ("RGB", "RGBA", "LA") or len(im.tile) != 1 or not isinstance(im.tile[0].args, str):
+        return None
+    rawmode = im.tile[0].args
+    if not rawmode.endswith((";16B", ";16L")):
+        return None
+    swapped = rawmode[:-1] + ("L" if rawmode.endswith("B") else "B")
+    with Image.open(path) as other:
+        other.tile = [other.tile[0]._replace(args=swapped)]
+        low = np.asarray(other, dtype=np.float64)
+    im.load()
+    return np.asarray(im, dtype=np.float64) * 256.0 + low
+
+
+def _wide_to_rgb(wide: np.ndarray, notes: list[str]) -> np.ndarray:
+    """[H, W, C] 16-bit values -> [H, W, 3] uint8: alpha over white in 16 bits, then rounded value / 257."""
+    notes.append("16-bit")
+    if wide.shape[2] in (2, 4):  # LA or RGBA
+        notes.append("alpha over white")
+        colour, alpha = wide[..., :-1], wide[..., -1:] / 65535.0
+        wide = colour * alpha + 65535.0 * (1.0 - alpha)
+    if wide.shape[2] == 1:
+        wide = np.repeat(wide, 3, axis=2)
+    return np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+
+
 def read_rgb(
-    path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path, *, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
-    """Decode one file to [H, W, 3] uint8 RGB, or raise `ImageSkipped` with the reason."""
+    """Decode one file to [H, W, 3] uint8 RGB, or raise `ImageSkipped` with the reason.
+
+    Args:
+        path: the image file.
+        min_side, max_pixels: smaller or larger images are skipped ("too small", "too large").
+        notes: when given, the conversion rules applied (CONVERSIONS) are appended to it.
+    """
     path = Path(path)
+    notes = [] if notes is None else notes
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ImageSkipped("not an image", path, f"extension {path.suffix or '(none)'}")
-    if path.stat().st_size == 0:
-        raise ImageSkipped("zero bytes", path)
     try:
+        if path.stat().st_size == 0:
+            raise ImageSkipped("zero bytes", path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -80,11 +132,20 @@ def read_rgb(
                     raise ImageSkipped("too large", path, f"{w}x{h} > {max_pixels} pixels")
                 if min(w, h) < min_side:
                     raise ImageSkipped("too small", path, f"{w}x{h}, shorter side < {min_side}")
+                if getattr(im, "n_frames", 1) > 1:
+                    notes.append("multi-frame (first frame)")
+                    im.seek(0)
+                wide = _wide_colour(path, im)  # before getexif(), which loads the image and drops its tiles
+                if wide is not None:
+                    out = _wide_to_rgb(wide, notes)
+                    return np.ascontiguousarray(_orient(out, im.getexif().get(0x0112, 1)))
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return _to_rgb_array(im)
+                return _to_rgb_array(im, notes)
     except ImageSkipped:
         raise
+    except PermissionError as err:
+        raise ImageSkipped("permission denied", path, str(err)) from err
     except UnidentifiedImageError as err:
         raise ImageSkipped("not an image", path, str(err)) from err
     except Image.DecompressionBombError as err:
@@ -94,45 +155,12 @@ def read_rgb(
         raise ImageSkipped("truncated" if truncated else "corrupt", path, str(err)) from err
 
 
-@dataclass
-class ImageScan:
-    """Result of scanning a folder: usable paths (sorted) and skipped files with reasons."""
-
-    root: Path
-    paths: list[Path] = field(default_factory=list)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        c = Counter(reason for _, reason in self.skipped)
-        return {"usable": len(self.paths), **{r: c[r] for r in SKIP_REASONS if c[r]}}
-
-    def summary(self) -> str:
-        skipped = ", ".join(f"{n} {r}" for r, n in self.counts().items() if r != "usable")
-        return f"{len(self.paths)} usable" + (f", skipped: {skipped}" if skipped else "")
-
-
-def list_files(root: str | Path) -> list[Path]:
-    """Every regular file below `root`, recursively, sorted; hidden files and folders are ignored."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:])
-    )
-
-
-def scan_images(
-    root: str | Path, *, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> ImageScan:
-    """Decode every file below `root` once and sort it into usable or skipped (with reason)."""
-    scan = ImageScan(Path(root))
-    for p in list_files(root):
-        try:
-            read_rgb(p, min_side=min_side, max_pixels=max_pixels)
-            scan.paths.append(p)
-        except ImageSkipped as skip:
-            scan.skipped.append((p, skip.reason))
-    return scan
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """EXIF orientation 1-8 applied to [H, W, 3] (the transposes ImageOps.exif_transpose applies)."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a[::-1], -1),
+           8: lambda a: np.rot90(a)}
+    return ops.get(orientation, lambda a: a)(arr)
 
 
 def random_windows(rng: np.random.Generator, h: int, w: int, size: int, n: int = 1) -> list[tuple[int, int]]:

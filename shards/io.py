@@ -6,10 +6,13 @@ and renamed, so a killed run never leaves a half-written file under the final na
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import socket
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -154,4 +157,62 @@ def load_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
     for p in (weights, cfg):
         if not p.exists():
             raise FileNotFoundError(f"missing {p} (expected {stem}.safetensors and {stem}.json side by side)")
-    return load_file(str(weights), device=device), json.loads(cfg.read_text())
+    try:
+        tensors = load_file(str(weights), device=device)
+    except Exception as err:  # SafetensorError for a truncated or foreign file; its text varies by version
+        raise ValueError(f"{weights}: unreadable safetensors file (truncated or not safetensors): {err}") from err
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{cfg}: not valid JSON ({err})") from err
+    return tensors, config
+
+
+class FolderBusyError(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(path: str | Path) -> Iterator[None]:
+    """Hold `path` (a lock file) for the block: one writer at a time for a folder's manifest and shards.
+
+    The file holds the owner's host and pid; a lock left by a killed process on this host is taken over, a live
+    owner's is refused with a `FolderBusyError` naming it.
+    """
+    path = Path(path)
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+                path.unlink(missing_ok=True)  # stale: its owner was killed
+                continue
+            raise FolderBusyError(f"{path.parent} is being written by another process (pid {owner.get('pid')} on "
+                                  f"{owner.get('host')}, lock {path.name}); wait for it, or delete the lock if it is "
+                                  "gone") from None
+        except OSError as err:
+            _raise_folder_error(path, err)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise FolderBusyError(f"{path.parent}: cannot take the lock {path.name}")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

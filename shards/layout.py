@@ -32,6 +32,7 @@ EMBEDDINGS_FILE = "embeddings.safetensors"
 INDEX_FILE = "index.jsonl"
 MANIFEST_FILE = "manifest.json"
 SIZES_FILE = "sizes.json"
+LOCK_FILE = "synth.lock"  # held by the one process writing a round
 # Stems of weight pairs (`stem.safetensors` + `stem.json`, see shards.io.save_weights).
 PROMPT_ENCODER_STEM = "prompt_encoder"
 TEACHER_STEM = "teacher"

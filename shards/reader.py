@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from shards.layout import parse_shard
+from shards.layout import parse_shard, shard_name
 from shards.writer import DEGRADED_FIELD, META_FIELD, shard_done
 
 
@@ -49,6 +49,15 @@ def decode_sample(raw: dict) -> dict:
         degraded = np.array(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3], writable copy
     meta = json.loads(raw[META_FIELD])
     return {"key": key, "degraded": degraded, "meta": meta}
+
+
+def decode_or_report(raw: dict) -> dict:
+    """`decode_sample`, or {"key", "error"} for a sample that cannot be decoded: the consumer counts it in its
+    own process (a DataLoader worker's handler count would stay in the worker)."""
+    try:
+        return decode_sample(raw)
+    except Exception as err:  # noqa: BLE001 - any undecodable sample is reported, not raised
+        return {"key": raw.get("__key__"), "error": f"{raw.get('__url__', '?')}: {type(err).__name__}: {err}"}
 
 
 class CountingHandler:
@@ -179,6 +188,7 @@ def shard_dataset(
     epoch: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    report_errors: bool = False,
 ) -> ShardDataset:
     """A webdataset pipeline over `urls` yielding {"key", "degraded": uint8 [H,W,3], "meta": dict}.
 
@@ -191,6 +201,7 @@ def shard_dataset(
         shuffle_buffer: samples held for an in-stream shuffle; 0 keeps shard order.
         handler: called with each read/decode error; return True to go on. Default: `CountingHandler`.
         rank, world_size: explicit node split (tests, custom launchers).
+        report_errors: yield {"key", "error"} for a sample that fails to decode instead of skipping it.
     """
     if not urls:
         raise ValueError("shard_dataset needs at least one shard url")
@@ -210,7 +221,7 @@ def shard_dataset(
     stages = [wds.tarfile_to_samples(handler=handler)]
     if shuffle_buffer > 0:
         stages.append(_SampleShuffle(shuffle_buffer, shard_list))
-    stages.append(wds.map(decode_sample, handler=handler))
+    stages.append(wds.map(decode_or_report) if report_errors else wds.map(decode_sample, handler=handler))
     return ShardDataset(shard_list, *stages, handler=handler)
 
 
@@ -230,6 +241,15 @@ def _read_tar(path: Path) -> Iterator[dict]:
             current[field] = tar.extractfile(info).read()
     if current is not None:
         yield current
+
+
+def iter_raw_metas(directory: str | Path, index: int) -> Iterator[tuple[str, dict]]:
+    """(key, provenance JSON) of every sample of shard `index`, without decoding its images."""
+    with tarfile.open(Path(directory) / shard_name(index), "r") as tar:
+        for info in tar:
+            key, _, field = info.name.partition(".")
+            if info.isreg() and field == META_FIELD:
+                yield key, json.loads(tar.extractfile(info).read())
 
 
 def iter_samples(directory: str | Path) -> Iterator[dict]:

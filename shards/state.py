@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,18 @@ class StateError(ValueError):
     """A resumable state that cannot be used (unreadable, unsafe, or written by other settings)."""
 
 
+def is_unsafe(err: BaseException) -> bool:
+    """True when a weights_only load failed because the file asks for Python objects (not for a broken file)."""
+    return bool(re.search(r"GLOBAL|global|REDUCE|BUILD", str(err))) and "Unsupported operand" not in str(err)
+
+
+def unsafe_reason(err: BaseException) -> str:
+    """What a weights_only load refused, in one short clause (torch's own text suggests loading it unsafely)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    what = f"the Python object {found.group(1)}" if found else "Python objects"
+    return f"it holds {what}, not plain tensors and values; d4ir never unpickles code"
+
+
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` atomically (a kill leaves the previous state or the new one, never half a file)."""
     atomic_torch_save(path, state)
@@ -35,7 +48,9 @@ def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise StateError(f"{path}: refused: not a plain training state (it asks to run code: {err})") from err
+        if not is_unsafe(err):
+            raise StateError(f"{path}: unreadable training state ({' '.join(str(err).split())[:200]})") from err
+        raise StateError(f"{path}: refused: {unsafe_reason(err)}") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise StateError(f"{path}: unreadable training state ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):

@@ -1,6 +1,10 @@
-"""Checking a round folder: every problem with its shards named in one line each.
+"""Checking shards: every problem named in one line each.
 
-Used by `d4ir shards verify` and before distillation starts. It reads every tar once (hash and parse).
+`check_shard_files` judges the files of one folder (stats vs tar: missing, unfinished, truncated, altered,
+unreadable, miscounted; leftovers). `verify_shards` judges a *complete round*: its manifest (the plan) must
+exist and be marked complete, every planned shard must be finished and nothing else may be there; given a
+shards root it verifies every round in it. Used by `d4ir shards verify` and before distillation starts. It
+reads every tar once (hash and parse).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 from shards.io import sha256_file
-from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_shard, parse_stats, shard_name, stats_name
+from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_round, parse_shard, parse_stats, shard_name, stats_name
 
 
 def _load_json(path: Path, problems: list[str]) -> object | None:
@@ -70,17 +74,57 @@ def _listed_shards(manifest: dict) -> set[str]:
     return names
 
 
-def verify_shards(directory: str | Path) -> list[str]:
-    """Name every problem in a round folder; an empty list means the shards are complete and intact.
+def verify_shards(path: str | Path) -> list[str]:
+    """Name every problem of a round, or of every round under a shards root; [] means complete and intact.
+
+    A round is complete when its manifest exists and says so, every one of its `num_shards` shards passes
+    `check_shard_files` and sizes.json lists them. A folder that is neither a round nor holds rounds is a
+    problem itself (an image folder, an empty folder).
+
+    Args:
+        path: a round folder (RUN/shards/round-000) or a shards root (RUN/shards).
+    Returns:
+        One line per problem, each starting with the file or round it is about.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: shard folder does not exist"]
+    rounds = sorted((n, p) for p in path.iterdir() if p.is_dir() and (n := parse_round(p.name)) is not None)
+    has_shards = any(parse_shard(p.name) is not None or parse_stats(p.name) is not None for p in path.iterdir())
+    if rounds and not has_shards and not (path / MANIFEST_FILE).exists():
+        return [f"{p.name}/{problem}" for _, p in rounds for problem in _verify_round(p)]
+    return _verify_round(path)
+
+
+def _verify_round(directory: Path) -> list[str]:
+    problems = check_shard_files(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.exists():
+        if not problems and not any(parse_shard(p.name) is not None for p in directory.iterdir()):
+            return [f"{directory}: not a shard round (no {MANIFEST_FILE}, no NNNNNN.tar shards)"]
+        return [f"{MANIFEST_FILE}: missing (the round's plan): shards without a plan cannot be trusted"] + problems
+    manifest = _load_json(manifest_path, problems)
+    if not isinstance(manifest, dict):
+        return problems
+    if manifest.get("complete") is not True:
+        problems.append(f"{MANIFEST_FILE}: the round is not complete (its synthesis was interrupted or failed)")
+    num = manifest.get("num_shards")
+    if not isinstance(num, int) or num < 1:
+        problems.append(f"{MANIFEST_FILE}: no num_shards: not a round written by `d4ir synth`")
+        return problems
+    extra = sorted(p.name for p in directory.iterdir() if (i := parse_shard(p.name)) is not None and i >= num)
+    problems += [f"{name}: not in the plan ({num} shards)" for name in extra]
+    if not (directory / SIZES_FILE).exists() and manifest.get("complete") is True:
+        problems.append(f"{SIZES_FILE}: missing")
+    return problems
+
+
+def check_shard_files(directory: str | Path) -> list[str]:
+    """Name every problem with the shard files of one folder (no manifest needed); [] when they are intact.
 
     Checks: stats without tar (missing), tar without stats (unfinished), size mismatch (truncated), sha256
     mismatch (altered), an unreadable tar or a sample count unlike the stats, shards listed in sizes.json or
     in the manifest ("shards", "num_shards") but not finished, and leftover `.tmp` files.
-
-    Args:
-        directory: the round folder (e.g. runs/dehaze/shards/round-000).
-    Returns:
-        One line per problem, each starting with the file it is about.
     """
     directory = Path(directory)
     if not directory.is_dir():

@@ -9,8 +9,11 @@ Sample layout (what `write_shard` takes, one dict per sample):
     {"__key__": "r000-0000017", "degraded.png": <png bytes>, "json": {...}, ...}
     every field not starting with "_" becomes the tar member `<key>.<field>`; bytes are stored as they are,
     str as UTF-8, dict/list as JSON with sorted keys.
-    {"__key__": "...", "__error__": "why"} marks a sample that failed upstream: it is counted in the
-    stats' `failures`, nothing is written for it.
+    {"__key__": "...", "__error__": "why"} marks a sample whose input could not be used (a bad source image):
+    it is counted in the stats' `failures`, nothing is written for it. Any exception the samples' iterator
+    raises (a crashed sampler, an out-of-memory) fails the whole shard instead: nothing is kept, so the
+    distributor retries it and a rerun redoes it; a shard is complete only with every planned sample either
+    written or counted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,6 @@ SHARD_FORMAT = 2
 _FOLDER_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
 # Core stats keys that `extra_stats` may not override.
 _CORE_STATS = ("shard", "index", "count", "failures", "sha256", "bytes")
-# A custom iterator that keeps raising would loop forever; stop after this many errors in a row.
-_MAX_CONSECUTIVE_ERRORS = 1000
 
 
 def _folder_error(directory: Path, what: str, err: OSError) -> OutputFolderError:
@@ -70,7 +71,8 @@ def _encode_field(key: str, field: str, value: Any) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        # ASCII escapes keep any file name lossless, also one that is not valid UTF-8 (a surrogate escape)
+        return json.dumps(value, sort_keys=True).encode("ascii")
     raise TypeError(
         f"sample {key!r} field {field!r}: expected bytes, str, dict or list, got {type(value).__name__}"
     )
@@ -97,31 +99,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _next_samples(samples: Iterable[dict], failures: list[dict]) -> Iterator[dict]:
-    """Yield samples; an exception raised by the source is recorded as a failure instead of propagating.
-
-    A generator that raises is finished (its next call stops), so the shard ends there with what it has.
-    """
-    it = iter(samples)
-    position, errors_in_a_row = 0, 0
-    while True:
-        try:
-            sample = next(it)
-        except StopIteration:
-            return
-        except Exception as exn:  # the source's fault, not the writer's: count it, keep the shard
-            failures.append({"key": f"<source item {position}>", "error": f"{type(exn).__name__}: {exn}"})
-            position += 1
-            errors_in_a_row += 1
-            if errors_in_a_row >= _MAX_CONSECUTIVE_ERRORS:
-                failures.append({"key": None, "error": f"source gave {errors_in_a_row} errors in a row"})
-                return
-            continue
-        errors_in_a_row = 0
-        position += 1
-        yield sample
-
-
 def write_shard(
     directory: str | Path, index: int, samples: Iterable[dict], *, extra_stats: dict | None = None
 ) -> dict:
@@ -130,8 +107,8 @@ def write_shard(
     Args:
         directory: the round folder (created if missing).
         index: shard number; the files are `{index:06d}.tar` and `{index:06d}.stats.json`.
-        samples: iterable of sample dicts (module docstring); failures ({"__key__", "__error__"}) and
-            exceptions raised by the iterable are counted in `failures` and do not stop the shard.
+        samples: iterable of sample dicts (module docstring); failures ({"__key__", "__error__"}) are counted in
+            `failures`; an exception raised by the iterable fails the shard (re-raised, nothing left behind).
         extra_stats: JSON-serialisable values added to the stats (e.g. seconds, hashes); may not
             override the core keys shard/index/count/failures/sha256/bytes.
     Returns:
@@ -166,7 +143,7 @@ def write_shard(
             out = _HashingWriter(f)
             # Stream mode ("w|") only ever calls write(), so the hashing wrapper sees every byte.
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for sample in _next_samples(samples, failures):
+                for sample in samples:
                     if not isinstance(sample, dict):
                         raise TypeError(f"shard {name}: a sample must be a dict, got {type(sample).__name__}")
                     key = _check_key(sample.get("__key__"))

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.images import ImageSkipped, list_files, random_windows, read_rgb, to_tensor
+from shards.folders import list_files
+from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 
 
 def images_by_subfolder(root: str | Path) -> dict[str, list[Path]]:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shards.images import ImageSkipped, random_windows, read_rgb, scan_images, to_tensor
+from shards.folders import scan_images
+from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from shards.io import append_jsonl, state_dict_sha256
 from shards.layout import LOG_FILE, STATE_FILE
 from shards.state import StateError, load_state, save_state, trim_log

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from shards.embeddings import load_embeddings
-from shards.images import encode_png, read_rgb, scan_images
-from shards.io import OutputFolderError, sha256_file
-from shards.layout import MANIFEST_FILE, round_dir
+from shards.folders import scan_images
+from shards.images import encode_png, read_rgb
+from shards.io import OutputFolderError, folder_lock, sha256_file
+from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir
+from shards.reader import iter_raw_metas
 from shards.writer import (
     DEGRADED_FIELD,
     SHARD_FORMAT,
@@ -151,6 +153,33 @@ def check_sd(manifest: dict, sd: SDParts, source: SDSource, folder: Path) -> Non
                          f"but this run loads {source} (fingerprint {sd.fingerprint[:12]})")
 
 
+def _adopt(out_dir: Path, manifest: dict, jobs: list[ShardJob], sd: SDParts, source: SDSource, threads: int,
+           hashes: dict) -> int:
+    """Resume only what this plan made: shards there without a manifest, or a manifest or samples that disagree
+    with this run's plan, are refused. Returns the CPU thread count the round's shards are computed with."""
+    names = [p.name for p in out_dir.iterdir()]
+    shards_there = any(parse_shard(n) is not None or parse_stats(n) is not None for n in names)
+    if MANIFEST_FILE not in names:
+        if shards_there:
+            raise ValueError(f"{out_dir} holds shards but no {MANIFEST_FILE}: the plan that made them is unknown, "
+                             "so they cannot be resumed; restore the manifest or delete the shards")
+        return threads
+    old = read_manifest(out_dir)
+    check_sd(old, sd, source, out_dir)
+    check_manifest(out_dir, {k: manifest[k] for k in ("config_hash", "plan_hash", *hashes)
+                             if k not in ("sd", "sd_config")})
+    for job in jobs:  # each finished shard's samples are the ones its job plans
+        if not shard_done(out_dir, job.index):
+            continue
+        planned = {key: (clean, row, seed) for key, clean, row, seed in job.items}
+        for key, meta in iter_raw_metas(out_dir, job.index):
+            if planned.get(key) != (meta.get("clean"), meta.get("prompt_row"), meta.get("seed")):
+                raise ValueError(f"{out_dir}: shard {job.index} sample {key} does not match the manifest's plan "
+                                 "(made by another run?); delete the round or use another one")
+    # A resumed CPU round keeps the thread count its first shards were computed with (see ShardJob.threads).
+    return int(old.get("cpu_threads") or threads) if threads else 0
+
+
 def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource, prompts_dir: Path | None) -> tuple[int, dict]:
     """Every error a shard job would hit, found once in the parent before any shard starts.
 
@@ -235,30 +264,28 @@ def synthesize(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputFolderError(err.errno, f"cannot create the output folder {out_dir}: {err.strerror}") from err
-    if (out_dir / MANIFEST_FILE).exists():
-        # resuming: the shards already there must come from the same model, prompts and config
-        check_sd(read_manifest(out_dir), sd, source, out_dir)
-        keys = ("config_hash", "plan_hash", *(k for k in hashes if k not in ("sd", "sd_config")))
-        old = check_manifest(out_dir, {k: manifest[k] for k in keys})
-        # A resumed CPU round keeps the thread count its first shards were computed with (see ShardJob.threads).
-        threads = int(old.get("cpu_threads") or threads) if threads else 0
-    jobs = [replace(j, threads=threads) for j in jobs]
-    manifest["cpu_threads"] = threads
-    write_manifest(out_dir, manifest | {"complete": False})
-    todo = [j for j in jobs if not shard_done(out_dir, j.index)]
-    bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
-    bar.update(config.num_samples - sum(len(j.items) for j in todo))
-    totals = {"images": 0, "failures": 0}
+    with folder_lock(out_dir / LOCK_FILE):
+        threads = _adopt(out_dir, manifest, jobs, sd, source, threads, hashes)
+        jobs = [replace(j, threads=threads) for j in jobs]
+        manifest["cpu_threads"] = threads
+        write_manifest(out_dir, manifest | {"complete": False})
+        todo = [j for j in jobs if not shard_done(out_dir, j.index)]
+        bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
+        bar.update(config.num_samples - sum(len(j.items) for j in todo))
+        totals = {"images": 0, "failures": 0}
 
-    def on_done(job: ShardJob, stats: dict) -> None:
-        totals["images"] += stats.get("count", 0)
-        totals["failures"] += len(stats.get("failures", []))
-        bar.update(len(job.items))
+        def on_done(job: ShardJob, stats: dict) -> None:
+            totals["images"] += stats.get("count", 0)
+            totals["failures"] += len(stats.get("failures", []))
+            bar.update(len(job.items))
 
-    (distributor or local_distributor)(synthesize_shard, todo, on_done)
-    bar.close()
-    sizes = write_sizes(out_dir)
-    write_manifest(out_dir, manifest | {"complete": True, "images": sum(sizes.values())})
+        (distributor or local_distributor)(synthesize_shard, todo, on_done)
+        bar.close()
+        unfinished = [j.index for j in jobs if not shard_done(out_dir, j.index)]
+        if unfinished:  # a distributor that returned without every shard: the round stays incomplete
+            raise RuntimeError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
+        sizes = write_sizes(out_dir)
+        write_manifest(out_dir, manifest | {"complete": True, "images": sum(sizes.values())})
     return SynthResult(
         out_dir, len(jobs), len(jobs) - len(todo), totals["images"], totals["failures"], time.perf_counter() - t0
     )

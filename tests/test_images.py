@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.images import ImageSkipped, read_rgb, scan_images, to_tensor, to_uint8
+from shards.folders import scan_images
+from shards.images import ImageSkipped, read_rgb, to_tensor, to_uint8
 
 
 def _rgb(h=40, w=48, seed=0):

@@ -26,7 +26,7 @@ from shards.reader import (
     shard_dataset,
     shard_urls,
 )
-from shards.verify import verify_shards
+from shards.verify import check_shard_files
 from shards.writer import (
     check_manifest,
     read_manifest,
@@ -154,60 +154,45 @@ def test_stats_written_last_and_rerun_fixes_a_killed_shard(tmp_path, monkeypatch
     (tmp_path / "000001.stats.json").unlink()
     assert not shard_done(tmp_path, 1)
     assert [Path(u).name for u in shard_urls(tmp_path)] == ["000000.tar"]
-    assert any("000001.tar: unfinished" in p for p in verify_shards(tmp_path))
+    assert any("000001.tar: unfinished" in p for p in check_shard_files(tmp_path))
     write_shard(tmp_path, 1, _samples(1))
-    assert shard_done(tmp_path, 1) and verify_shards(tmp_path) == []
+    assert shard_done(tmp_path, 1) and check_shard_files(tmp_path) == []
 
 
-class _FlakySource:
-    """An iterator that raises on its second item and then goes on (like a per-item loader)."""
-
-    def __init__(self, items):
-        self.items, self.i = items, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.i += 1
-        if self.i > len(self.items) + 1:
-            raise StopIteration
-        if self.i == 2:
-            raise OSError("cannot read clean/broken.png")
-        return self.items[self.i - 1 if self.i < 2 else self.i - 2]
-
-
-def test_failures_are_counted_not_fatal(tmp_path):
+def test_bad_samples_are_counted_and_a_failing_source_fails_the_shard(tmp_path):
+    """A sample the source marks bad (`__error__`, e.g. an unreadable clean photo) is counted and the shard is
+    complete without it; an exception from the source itself (a crashed sampler, an out-of-memory) fails the
+    whole shard: it propagates, and neither a tar nor a stats file nor a temporary is left."""
     samples = _samples(0, 4)
-    samples[2] = {"__key__": samples[2]["__key__"], "__error__": "NaN in synthesized image"}
-    stats = write_shard(tmp_path, 0, _FlakySource(samples))
+    samples[2] = {"__key__": samples[2]["__key__"], "__error__": "ImageSkipped: clean/broken.png: truncated"}
+    stats = write_shard(tmp_path, 0, samples)
     assert stats["count"] == 3
-    assert {"key": samples[2]["__key__"], "error": "NaN in synthesized image"} in stats["failures"]
-    assert any("cannot read clean/broken.png" in f["error"] for f in stats["failures"])
-    assert len(stats["failures"]) == 2
+    assert stats["failures"] == [{"key": samples[2]["__key__"], "error": "ImageSkipped: clean/broken.png: truncated"}]
     assert [s["key"] for s in iter_samples(tmp_path)] == [samples[i]["__key__"] for i in (0, 1, 3)]
-    assert verify_shards(tmp_path) == []
+    assert check_shard_files(tmp_path) == []
 
     def generator():
         yield samples[0]
-        raise RuntimeError("sampler crashed")
+        raise RuntimeError("CUDA out of memory")
 
-    stats = write_shard(tmp_path, 1, generator())
-    assert stats["count"] == 1 and "sampler crashed" in stats["failures"][0]["error"]
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        write_shard(tmp_path, 1, generator())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("000001")) == []
+    assert not shard_done(tmp_path, 1)
 
 
 def test_verify_names_truncated_altered_missing_and_leftovers(tmp_path):
     _write(tmp_path, 4)
     write_sizes(tmp_path)
     write_manifest(tmp_path, {"sd": {"model_id": "tiny"}, "num_shards": 5})
-    assert verify_shards(tmp_path) == ["manifest.json: lists 000004.tar, which does not exist"]
+    assert check_shard_files(tmp_path) == ["manifest.json: lists 000004.tar, which does not exist"]
     write_manifest(tmp_path, {"sd": {"model_id": "tiny"}, "shards": ["000000.tar", "000007.tar"]})
-    assert verify_shards(tmp_path) == ["manifest.json: lists 000007.tar, which does not exist"]
+    assert check_shard_files(tmp_path) == ["manifest.json: lists 000007.tar, which does not exist"]
     write_manifest(tmp_path, {"sd": {"model_id": "tiny"}, "num_shards": 4})
-    assert verify_shards(tmp_path) == []
+    assert check_shard_files(tmp_path) == []
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "000001.tar": 9}))
-    assert verify_shards(tmp_path) == ["sizes.json: gives 000001.tar 9 samples, its stats say 3"]
+    assert check_shard_files(tmp_path) == ["sizes.json: gives 000001.tar 9 samples, its stats say 3"]
     write_sizes(tmp_path)
 
     t0 = tmp_path / "000000.tar"
@@ -219,7 +204,7 @@ def test_verify_names_truncated_altered_missing_and_leftovers(tmp_path):
     (tmp_path / "000002.tar").unlink()
     (tmp_path / "000009.tar.tmp").write_bytes(b"half")
     (tmp_path / "000003.stats.json").write_text('{"count": 3}')
-    problems = verify_shards(tmp_path)
+    problems = check_shard_files(tmp_path)
     text = "\n".join(problems)
     assert "000000.tar: truncated" in text
     assert "000001.tar: altered" in text
@@ -229,10 +214,10 @@ def test_verify_names_truncated_altered_missing_and_leftovers(tmp_path):
     assert len(problems) == 5, problems
     # A shard gone entirely (tar and stats) is caught through sizes.json and the manifest.
     (tmp_path / "000002.stats.json").unlink()
-    text = "\n".join(verify_shards(tmp_path))
+    text = "\n".join(check_shard_files(tmp_path))
     assert "sizes.json: lists 000002.tar, which does not exist" in text
     assert "manifest.json: lists 000002.tar, which does not exist" in text
-    assert verify_shards(tmp_path / "nope") == [f"{tmp_path / 'nope'}: shard folder does not exist"]
+    assert check_shard_files(tmp_path / "nope") == [f"{tmp_path / 'nope'}: shard folder does not exist"]
 
 
 def test_reader_skips_a_truncated_tar_and_counts_it(tmp_path):

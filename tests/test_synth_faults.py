@@ -96,14 +96,16 @@ def test_jobs_carry_the_thread_count_and_resume_keeps_the_first(synth_inputs, sy
     # CPU float sums (so a few pixels) depend on torch's thread count: the run's count travels with each job.
     threads = torch.get_num_threads()
     assert json.loads((synth_reference / "manifest.json").read_text())["cpu_threads"] == threads
-    seen = []
+    seen, real = [], worker._synthesize_shard
 
     def record(job):
         seen.append((job.index, job.threads, torch.get_num_threads()))
-        return {"count": 0, "failures": []}
+        return real(job)
 
     monkeypatch.setattr(worker, "_synthesize_shard", record)
-    job = plan_jobs([Path("a.png")], 1, CFG, round_dir=tmp_path, sd=SDSource("tiny"), prompts_dir=None)[0]
+    clean = sorted(synth_inputs["clean"].iterdir())[:1]
+    job = plan_jobs(clean, 1, replace(CFG, prompt_mode="none"), round_dir=tmp_path / "t", sd=SDSource("tiny"),
+                    prompts_dir=None)[0]
     synthesize_shard(replace(job, threads=threads + 2))
     assert seen == [(0, threads + 2, threads + 2)] and torch.get_num_threads() == threads  # set, then restored
 
@@ -226,3 +228,33 @@ def test_an_unwritable_output_folder_is_an_output_folder_error(synth_inputs, tmp
     with pytest.raises(OutputFolderError, match="No space left"):
         run(synth_inputs, rounds(tmp_path / "full"))
     assert not list(rounds(tmp_path / "full").iterdir())
+
+
+def test_a_sampler_error_fails_the_shard_and_is_retried_never_a_short_shard(synth_inputs, synth_reference, tmp_path,
+                                                                             monkeypatch):
+    """A transient error inside the sampler (e.g. CUDA out of memory) must not end a shard early with its stats
+    written: the shard fails, is retried, and the round ends equal to an uninterrupted one. If it keeps failing,
+    the run raises, the shard is absent, and the round stays incomplete (verify says so)."""
+    real, calls = worker.ccd_sample, []
+
+    def oom_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first batch of shard 1
+            raise RuntimeError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "ccd_sample", oom_once)
+    r = run(synth_inputs, rounds(tmp_path / "once"))
+    assert (r.images, r.failures) == (6, 0)
+    assert_same_shards(synth_reference, r.round_dir)
+
+    def always(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(worker, "ccd_sample", always)
+    out = rounds(tmp_path / "always")
+    with pytest.raises(RuntimeError, match="shard 0 failed after 3 attempts: CUDA out of memory"):
+        run(synth_inputs, out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert any("not complete" in p for p in verify_shards(out))

@@ -179,4 +179,4 @@ def test_cli_help_and_a_demo_run_with_overrides(synth_inputs, tmp_path):
     assert verify_shards(round_dir) == []
 
     bad = cli.invoke(main, [*args, "--round", "1", "--prompt-mode", "text"])
-    assert bad.exit_code != 0 and "text encoder" in str(bad.exception)
+    assert bad.exit_code == 2 and "d4ir: error: prompt mode 'text' needs an SD with a text encoder" in bad.output

@@ -1,0 +1,70 @@
+"""Expected failures as one line: the `d4ir` command group's error handler, and no empty folders left behind.
+
+A user error (a missing or truncated file, a full disk, a bad option value, a state written by other settings,
+a shard that keeps failing) ends the command with `d4ir: error: <message>` on stderr and exit status 2. A bug
+(TypeError, AttributeError, ...) keeps its traceback. `--debug` or D4IR_DEBUG=1 shows every traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from shards.images import ImageSkipped
+
+EXIT_ERROR = 2
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, ImageSkipped, SafetensorError)
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])
+    return text
+
+
+def debugging(ctx: click.Context | None = None) -> bool:
+    flag = bool(ctx and ctx.find_root().params.get("debug"))
+    return flag or os.environ.get("D4IR_DEBUG", "") not in ("", "0")
+
+
+class OneLineErrors(click.Group):
+    """A click group whose commands end expected failures with one line and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except _expected() as err:
+            if debugging(ctx):
+                raise
+            click.echo(f"d4ir: error: {one_line(err)}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@contextlib.contextmanager
+def no_empty_folders(*paths: Path | None) -> Iterator[None]:
+    """Remove the folders among `paths` (and their parents) that a failing block created and left empty."""
+    created = []
+    for path in filter(None, paths):
+        for folder in (Path(path), *Path(path).parents):
+            if folder.exists():
+                break
+            created.append(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only empty folders go; anything written stays
+        raise
