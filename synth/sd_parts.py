@@ -65,8 +65,9 @@ class SDParts:
         """CLIP embeddings of `texts`, padded to the tokenizer's length: [B, L, D] in the UNet's dtype."""
         if self.text_encoder is None or self.tokenizer is None:
             raise RuntimeError(
-                f"SD model '{self.model_id}' has no text encoder (none was found beside its UNet and VAE). Pass "
-                f"prompt embeddings [B,L,{self.cross_attention_dim}] instead of text."
+                f"SD model '{self.model_id}' has no text encoder loaded (a folder without text_encoder/, or a single "
+                f"file loaded without --sd-config). Pass prompt embeddings [B,L,{self.cross_attention_dim}] instead "
+                "of text."
             )
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode_text expects a list of strings")

@@ -121,7 +121,8 @@ def save_folder(kind: str, folder: Path, seed: int = 0) -> Path:
                          heads=cfg["num_attention_heads"], intermediate=cfg["intermediate_size"],
                          hidden_act=cfg["hidden_act"], seed=seed + 1, **{k: cfg[k] for k in keep})
     (folder / "text_encoder").mkdir()
-    weights = {f"text_model.{k}": v.contiguous() for k, v in encoder.state_dict().items()}  # transformers 4 keys
+    weights = {"text_model." + k.removeprefix("text_model."): v.contiguous()  # the keys transformers 4 wrote
+               for k, v in encoder.state_dict().items()}
     save_file(weights, str(folder / "text_encoder" / "model.safetensors"), metadata={"format": "pt"})
     (folder / "text_encoder" / "config.json").write_text(json.dumps(cfg | {"vocab_size": len(tokenizer)}, indent=2))
 
