@@ -4,11 +4,14 @@ Names map to (class, default kwargs); any width can be built by overriding kwarg
 `stem.safetensors` + `stem.json` pair written by `shards.io.save_weights`; the JSON holds
 {"arch": base key, "name": registry name, "kwargs": constructor kwargs}, so `load_model` rebuilds the
 model without being told the architecture. Official `.pth` files are read with `weights_only=True`:
-AirNet's bare state_dict and Restormer's BasicSR `{'params': sd}`.
+AirNet's bare state_dict and Restormer's BasicSR `{'params': sd}`; the wrappers of common training code
+(`{'params_ema'}`, `{'state_dict'}`, `{'model'}`, `{'net'}`, nested ones, and the `module.` prefix of
+DataParallel/DDP) are unwrapped, and the log says which entry the weights came from.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -33,6 +36,11 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
 _BASE: dict[type[nn.Module], str] = {AirNet: "airnet", Restormer: "restormer"}
 _BY_BASE: dict[str, type[nn.Module]] = {v: k for k, v in _BASE.items()}
 _OFFICIAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
+# Entries that hold the weights in checkpoints of BasicSR ('params', 'params_ema') and common training loops,
+# in the order they are preferred when several are present.
+WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model", "net")
+
+log = logging.getLogger(__name__)
 
 
 def build(name: str, **overrides) -> nn.Module:
@@ -90,11 +98,27 @@ def save_model(stem: str | Path, model: nn.Module, name: str | None = None, meta
     return save_weights(stem, model.state_dict(), config, metadata)
 
 
-def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_module(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Drop the `module.` prefix that DataParallel/DDP put on every key."""
     if sd and all(k.startswith("module.") for k in sd):
+        log.info("%s: stripped the 'module.' prefix (a DataParallel/DDP state_dict)", path)
         return {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _unwrap(obj: dict, path: Path) -> tuple[dict, str | None]:
+    """The state_dict inside training-code wrappers ({'params': sd}, {'model': {'state_dict': sd}}, ...) and
+    the entry it came from ('model/state_dict'; None for a bare state_dict)."""
+    used: list[str] = []
+    while True:
+        found = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)]
+        if not found:
+            break
+        used.append(found[0])
+        others = f" (also present: {', '.join(found[1:])})" if len(found) > 1 else ""
+        log.info("%s: weights from the checkpoint's %r entry%s", path, "/".join(used), others)
+        obj = obj[found[0]]
+    return obj, "/".join(used) or None
 
 
 def _guess_arch(sd: dict[str, torch.Tensor]) -> str | None:
@@ -145,12 +169,8 @@ def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {' '.join(str(err).split())}") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state_dict or {{'params': state_dict}}, got {type(obj).__name__}")
-    container = None
-    for key in ("params", "params_ema", "state_dict"):  # BasicSR and common training wrappers
-        if isinstance(obj.get(key), dict):
-            container, obj = key, obj[key]
-            break
-    sd = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    obj, container = _unwrap(obj, path)
+    sd = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
     guessed = _guess_arch(sd)
     arch = arch or guessed
     if arch is None:

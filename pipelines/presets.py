@@ -36,7 +36,7 @@ DEMO: dict[str, Any] = {
     "teacher": replace(PAPER["teacher"], epochs=6, crop=48, batch_size=4, lr=1e-3, lr_halve_every=0,
                        arch_kwargs=DEMO_TEACHER_KWARGS),
     "prompts": replace(PAPER["prompts"], steps=60, batch_size=16, crop=32, moco=MoCoConfig(queue_size=64),
-                       prompt_tokens=8, embed_side=64, checkpoint_every=20),
+                       embed_side=64, checkpoint_every=20),
     "synth": replace(PAPER["synth"], num_samples=48, shard_size=16, batch_size=16,
                      ccd=replace(CCDConfig(), steps=10, size=64)),
     "distill": replace(PAPER["distill"], epochs=6, joint_epochs=2, round_every=1, crop=48, batch_size=4,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +141,20 @@ def _resume_args(config: PromptsConfig, dim: int, paths: list[Path], base: torch
     }
 
 
+def _warn_about_base(sd: SDParts, base: torch.Tensor | None, tokens: int) -> None:
+    """Stage 1 starts from the empty-text prompt; say so loudly when it cannot, or when it is truncated."""
+    if base is None:
+        msg = (f"SD {sd.model_id!r} has no text encoder: the prompt encoder's base prompt is zeros, not the empty-text "
+               "embedding, so a fresh encoder is not SD's unconditional context (see synth/prompt_encoder.py)")
+        warnings.warn(msg, stacklevel=3)
+        return
+    length = int(getattr(getattr(sd, "tokenizer", None), "model_max_length", tokens))
+    if tokens < length:
+        msg = (f"prompt_tokens={tokens} < the text encoder's {length} tokens: the base prompt is the empty text cut "
+               f"to {tokens} tokens, which is not SD's unconditional context (see synth/prompt_encoder.py)")
+        warnings.warn(msg, stacklevel=3)
+
+
 def train_prompts(
     degraded_dir: str | Path,
     sd: SDParts,
@@ -168,6 +183,7 @@ def train_prompts(
             raise TypeError(f"sd must be a loaded SD (synth.sd.load_sd); {type(sd).__name__} has no {attr}")
     dim = int(sd.cross_attention_dim)
     base = sd.empty_prompt(num_tokens=config.prompt_tokens)
+    _warn_about_base(sd, base, config.prompt_tokens)
     if base is not None:
         base = base.detach().float().cpu()
         if base.ndim != 3 or base.shape[0] != 1 or base.shape[1] != config.prompt_tokens:
@@ -271,6 +287,7 @@ def train_prompts(
     if encoder.has_base:
         encoder.set_prompt_strength(config.prompt_strength)
     training = {k: v for k, v in args.items() if k != "images"} | {
+        "base": "zeros" if base is None else "empty-text",
         "steps": config.steps,
         "prompt_strength": config.prompt_strength,
         "embed_side": config.embed_side,

@@ -3,13 +3,15 @@
 A spec is, in this order:
 
 - ``"tiny"``: a Stable-Diffusion-shaped model built from a config with fixed-seed random weights (4 latent
-  channels, 8x VAE downsampling, cross-attention width 32). It proves the plumbing offline; its images are
-  noise-like. For unit tests.
+  channels, 8x VAE downsampling, cross-attention width 32) and a tiny CLIP text encoder and tokenizer
+  (synth/text_encoder.py). It proves the plumbing offline; its images are noise-like. For unit tests.
 - ``"sd15-layout"``: the real SD1.5 UNet/VAE layout with random weights, for benchmarks only.
-- a diffusers folder (``unet/``, ``vae/``, optional ``scheduler/``, ``text_encoder/``, ``tokenizer/``);
-- a single ``.safetensors``/``.ckpt`` file in the original (CompVis) layout; SD1.x files load offline with
-  built-in configs, other layouts need ``config=`` (a diffusers folder or cached hub id with the configs);
-- a hub id (``org/name``), loaded only from the local Hugging Face cache.
+- a diffusers folder (``unet/``, ``vae/``, optional ``scheduler/``, ``text_encoder/`` + ``tokenizer/``);
+- a single ``.safetensors``/``.ckpt`` file in the original (CompVis) layout, UNet, VAE and text encoder
+  (SD1.x HF-CLIP or SD2.x OpenCLIP keys) converted by diffusers with the configs and tokenizer of ``config=``
+  (a diffusers folder or cached hub id). SD1.x files also load without it, from built-in UNet/VAE configs,
+  but then without their text encoder (a warning says so);
+- a hub id (``org/name``), loaded only from the local Hugging Face cache (its refs/main snapshot).
 
 `load_sd_cached` keeps one loaded model per process: a dask worker or a training run loads it once.
 """
@@ -25,8 +27,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from .sd_configs import SD15_SCHEDULER_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, random_modules, sd15_modules
-from .sd_files import hub_cache_dir, load_components, load_folder, load_single_file
+from .sd_files import hub_cache_dir, hub_snapshot, load_folder, load_single_file
 from .sd_parts import SDLoadError, SDParts, assemble
+from .text_encoder import save_tokenizer, tiny_text_parts
 
 __all__ = ["SDLoadError", "SDParts", "SDSource", "build_tiny_sd", "default_dtype", "load_sd", "load_sd_cached",
            "save_sd"]
@@ -81,7 +84,8 @@ def default_dtype(device: str | torch.device) -> str:
 
 
 def build_tiny_sd(seed: int = 0, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDParts:
-    """A tiny Stable-Diffusion-shaped model with fixed-seed random weights (no text encoder).
+    """A tiny Stable-Diffusion-shaped model with fixed-seed random weights, text encoder and tokenizer included
+    (D = 32, 77 tokens; see synth/text_encoder.py).
 
     Args:
         seed: weight seed; equal seeds give equal weights and fingerprints.
@@ -89,7 +93,8 @@ def build_tiny_sd(seed: int = 0, *, device: str | torch.device = "cpu", dtype: t
         dtype: parameter dtype.
     """
     vae, unet = random_modules(TINY_UNET_CONFIG, TINY_VAE_CONFIG, seed, device, dtype)
-    return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "tiny")
+    text_encoder, tokenizer = tiny_text_parts(seed, device=device, dtype=dtype)
+    return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "tiny", text_encoder, tokenizer)
 
 
 def build_sd15_layout(
@@ -108,7 +113,9 @@ def build_sd15_layout(
 
 
 def save_sd(parts: SDParts, folder: str | Path) -> Path:
-    """Write `parts` as a diffusers folder (unet/, vae/, scheduler/, model_index.json) that `load_sd` reads."""
+    """Write `parts` as a diffusers folder that `load_sd` reads: unet/, vae/, scheduler/, text_encoder/ and
+    tokenizer/ (vocab.json + merges.txt, as SD repositories ship it) when there is a text encoder, and
+    model_index.json."""
     folder = Path(folder)
     parts.unet.save_pretrained(folder / "unet")
     parts.vae.save_pretrained(folder / "vae")
@@ -118,7 +125,14 @@ def save_sd(parts: SDParts, folder: str | Path) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
     }
+    if parts.text_encoder is not None and parts.tokenizer is not None:
+        parts.text_encoder.save_pretrained(folder / "text_encoder")
+        save_tokenizer(parts.tokenizer, folder / "tokenizer")
+        index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
 
@@ -155,9 +169,11 @@ def load_sd(
     tried = [f"folder '{path}': does not exist", f"file '{path}': does not exist"]
     if _HUB_ID.match(spec) and not spec.endswith((".safetensors", ".ckpt")):
         try:
-            return load_components(spec, spec, device, dtype, local_only=True)
+            snapshot = hub_snapshot(spec)
         except Exception as exc:
             tried.append(f"hub id '{spec}' in the local cache {hub_cache_dir(spec)}: {type(exc).__name__}: {exc}")
+        else:
+            return load_folder(snapshot, device, dtype, model_id=spec)
     else:
         tried.append("hub id: not of the form 'org/name'")
     raise SDLoadError(

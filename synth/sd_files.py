@@ -1,13 +1,20 @@
 """Loading a frozen Stable Diffusion from disk: a diffusers folder, a single CompVis checkpoint file, or a
 hub id in the local Hugging Face cache. Nothing is ever downloaded (``local_files_only=True``).
 
+- folder: unet/, vae/, optional scheduler/; text_encoder/ + tokenizer/ when the model has a text encoder (a
+  folder without text_encoder/ loads as "no text encoder", one whose text encoder fails to load is an error);
+- hub id: the cache's snapshot of refs/main (models--org--name/snapshots/<hash>/), loaded as a folder;
+- single file: the CompVis keys (``model.diffusion_model.*``, ``first_stage_model.*`` and the text encoder,
+  SD1.x's HF-CLIP ``cond_stage_model.transformer.*`` or SD2.x's OpenCLIP ``cond_stage_model.model.*``) are
+  converted by diffusers' own single-file loaders, with the configs (and the tokenizer) of a diffusers folder
+  or cached hub id.
+
 Whatever the source, the sampler is DDIM: the source's scheduler config (e.g. SD1.5's PNDM config) is re-read
 as a DDIMScheduler, the usual diffusers swap.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 import warnings
@@ -21,63 +28,99 @@ from .sd_configs import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from .sd_parts import SDLoadError, SDParts, assemble
 
 
-def _from_pretrained(cls: Any, source: str, subfolder: str, dtype: torch.dtype, local_only: bool) -> Any:
-    # Some repositories ship only the fp16 variant of the weights; try the plain files first.
+def _from_pretrained(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
+    # Some repositories ship only the fp16 variant of the weights; try the plain files first. diffusers takes
+    # the dtype as torch_dtype, transformers 5 as dtype.
+    kwargs = {"subfolder": subfolder, "local_files_only": True}
+    kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, local_files_only=local_only)
+        return cls.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as plain_error:
         try:
-            return cls.from_pretrained(
-                source, subfolder=subfolder, torch_dtype=dtype, local_files_only=local_only, variant="fp16"
-            )
+            return cls.from_pretrained(str(folder), **kwargs, variant="fp16")
         except (OSError, ValueError):
             raise plain_error from None
 
 
-def _scheduler_from(source: str | None, local_only: bool) -> DDIMScheduler:
-    if source is not None:
+def _scheduler_from(folder: Path | None) -> DDIMScheduler:
+    if folder is not None:
         try:
-            return DDIMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_only)
+            return DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
         except (OSError, ValueError):
-            warnings.warn(f"no scheduler config in '{source}': using SD1.5's DDIM settings", stacklevel=3)
+            warnings.warn(f"no scheduler config in '{folder}': using SD1.5's DDIM settings", stacklevel=3)
     return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
 
 
-def _text_parts(source: str, dtype: torch.dtype, local_only: bool) -> tuple[Any, Any]:
-    """CLIP text encoder and tokenizer, or (None, None) when transformers or the files are missing."""
-    if importlib.util.find_spec("transformers") is None:
+def _has_text_files(folder: Path) -> bool:
+    """A diffusers folder describes a text encoder: text_encoder/config.json (tokenizer/ is then required)."""
+    return (folder / "text_encoder" / "config.json").is_file()
+
+
+def _tokenizer_from(folder: Path, what: str) -> Any:
+    from .text_encoder import load_tokenizer
+
+    if not (folder / "tokenizer").is_dir():
+        raise SDLoadError(f"{what}: '{folder}' has text_encoder/ but no tokenizer/ (a CLIP text encoder needs both)")
+    return load_tokenizer(folder / "tokenizer")
+
+
+def _folder_text_parts(folder: Path, dtype: torch.dtype, what: str) -> tuple[Any, Any]:
+    """CLIP text encoder and tokenizer of a diffusers folder; (None, None) when it has no text_encoder/ (prompts
+    then come as embeddings); an SDLoadError when they exist but do not load."""
+    if not _has_text_files(folder):
         return None, None
+    from transformers import CLIPTextModel
+
     try:
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
-        enc = CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", torch_dtype=dtype, local_files_only=local_only
-        )
-        return enc, tok
-    except Exception as exc:  # a missing text encoder is allowed: prompts come as embeddings
-        warnings.warn(f"SD '{source}': text encoder not loaded ({exc}); text prompts unavailable", stacklevel=3)
-        return None, None
+        tokenizer = _tokenizer_from(folder, what)
+        return _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype), tokenizer
+    except SDLoadError:
+        raise
+    except Exception as exc:
+        raise SDLoadError(f"{what}: the text encoder in '{folder}' (text_encoder/, tokenizer/) does not load: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
-def load_components(source: str, model_id: str, device: Any, dtype: torch.dtype, local_only: bool) -> SDParts:
-    unet = _from_pretrained(UNet2DConditionModel, source, "unet", dtype, local_only)
-    vae = _from_pretrained(AutoencoderKL, source, "vae", dtype, local_only)
-    scheduler = _scheduler_from(source, local_only)
-    text_encoder, tokenizer = _text_parts(source, dtype, local_only)
-    if text_encoder is not None:
-        text_encoder = text_encoder.to(device)
-    return assemble(vae.to(device), unet.to(device), scheduler, model_id, text_encoder, tokenizer)
-
-
-def load_folder(folder: Path, device: Any, dtype: torch.dtype) -> SDParts:
+def load_folder(folder: Path, device: Any, dtype: torch.dtype, model_id: str | None = None) -> SDParts:
+    """A diffusers folder (or a hub cache snapshot, then named by `model_id`): unet/, vae/ and optionally
+    scheduler/, text_encoder/ + tokenizer/."""
     missing = [f"{sub}/config.json" for sub in ("unet", "vae") if not (folder / sub / "config.json").is_file()]
     if missing:
         raise SDLoadError(
             f"'{folder}' is not a diffusers Stable Diffusion folder: missing {', '.join(missing)} "
             "(expected unet/, vae/ and optionally scheduler/, text_encoder/, tokenizer/)"
         )
-    return load_components(str(folder), str(folder), device, dtype, local_only=True)
+    model_id = model_id or str(folder)
+    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", dtype)
+    vae = _from_pretrained(AutoencoderKL, folder, "vae", dtype)
+    text_encoder, tokenizer = _folder_text_parts(folder, dtype, f"SD '{model_id}'")
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device)
+    return assemble(vae.to(device), unet.to(device), _scheduler_from(folder), model_id, text_encoder, tokenizer)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot folder of `repo_id` (refs/main); never downloads."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, local_files_only=True))
+
+
+def load_hub(repo_id: str, device: Any, dtype: torch.dtype) -> SDParts:
+    """A hub id from the local cache: its snapshot is loaded as a diffusers folder, named by the hub id."""
+    return load_folder(hub_snapshot(repo_id), device, dtype, model_id=repo_id)
+
+
+def config_folder(config: str) -> Path:
+    """The folder holding a single file's configs: `config` itself, or the cache snapshot of a hub id."""
+    path = Path(config).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        return hub_snapshot(config)
+    except Exception as exc:
+        raise SDLoadError(f"SD config '{config}' is neither a folder nor a hub id in the local cache "
+                          f"{hub_cache_dir(config)} ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -100,13 +143,50 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _single_file_text(
+    state: dict[str, torch.Tensor], path: Path, folder: Path | None, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    """The CLIP text encoder a CompVis file holds (SD1.x `cond_stage_model.transformer.*`, SD2.x OpenCLIP
+    `cond_stage_model.model.*`), converted by diffusers, with config and tokenizer from `folder`."""
+    from diffusers.loaders.single_file_utils import (
+        create_diffusers_clip_model_from_ldm,
+        is_clip_model,
+        is_open_clip_model,
+    )
+
+    if not (is_clip_model(state) or is_open_clip_model(state)):
+        return None, None
+    if folder is None:
+        warnings.warn(f"SD file '{path}' holds a text encoder, but its config and tokenizer are not in the file: "
+                      "give config= (--sd-config) a diffusers folder or cached hub id of the same SD version to "
+                      "load it; text prompts and the empty-text base prompt are unavailable", stacklevel=4)
+        return None, None
+    what = f"SD file '{path}'"
+    if not _has_text_files(folder):
+        raise SDLoadError(f"{what} holds a text encoder, but its configs '{folder}' have no text_encoder/ and "
+                          "tokenizer/ to load it with")
+    from transformers import CLIPTextModel
+
+    tokenizer = _tokenizer_from(folder, what)
+    try:
+        encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=state, subfolder="text_encoder",
+                                                       config=str(folder), torch_dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise SDLoadError(f"{what}: its text encoder does not load with the config in '{folder}/text_encoder': "
+                          f"{type(exc).__name__}: {exc}") from exc
+    return encoder, tokenizer
+
+
 def load_single_file(path: Path, device: Any, dtype: torch.dtype, config: str | None) -> SDParts:
+    """A CompVis single file; its configs from `config` (a diffusers folder or cached hub id), or for an SD1.x
+    file without one the built-in SD1.5 UNet/VAE configs (its text encoder is then not loaded, with a warning)."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     state = _read_checkpoint(path)
     kind = infer_diffusers_model_type(state)
+    folder = None if config is None else config_folder(config)
     with tempfile.TemporaryDirectory() as tmp:
-        source = config
+        source = folder
         if source is None:
             if kind != "v1":
                 raise SDLoadError(
@@ -117,21 +197,23 @@ def load_single_file(path: Path, device: Any, dtype: torch.dtype, config: str | 
             for sub, cfg in (("unet", SD15_UNET_CONFIG), ("vae", SD15_VAE_CONFIG)):
                 (Path(tmp) / sub).mkdir()
                 (Path(tmp) / sub / "config.json").write_text(json.dumps(cfg))
-            source = tmp
+            source = Path(tmp)
         try:
             unet = UNet2DConditionModel.from_single_file(
-                state, config=source, subfolder="unet", torch_dtype=dtype, local_files_only=True
+                state, config=str(source), subfolder="unet", torch_dtype=dtype, local_files_only=True
             )
             vae = AutoencoderKL.from_single_file(
-                state, config=source, subfolder="vae", torch_dtype=dtype, local_files_only=True
+                state, config=str(source), subfolder="vae", torch_dtype=dtype, local_files_only=True
             )
         except Exception as exc:
             raise SDLoadError(
                 f"cannot load single-file SD checkpoint '{path}' (detected type '{kind}') with configs from "
                 f"'{config or 'built-in SD1.5'}': {exc}. Pass config=<diffusers folder> matching the file."
             ) from exc
-    scheduler = _scheduler_from(config, local_only=True)
-    return assemble(vae.to(device), unet.to(device), scheduler, str(path))
+    text_encoder, tokenizer = _single_file_text(state, path, folder, dtype)
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device)
+    return assemble(vae.to(device), unet.to(device), _scheduler_from(folder), str(path), text_encoder, tokenizer)
 
 
 def hub_cache_dir(repo_id: str) -> str:

@@ -8,7 +8,6 @@ stage 3's feedback surrogate relies on). Its `fingerprint` identifies the model 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,8 @@ class SDParts:
         unet: UNet2DConditionModel; its ``encoder_hidden_states`` are the prompt embeddings [B,L,D].
         scheduler: DDIMScheduler (the template; samplers copy it, so it is never mutated by them).
         model_id: "tiny", "sd15-layout", the folder/file path or the hub id.
-        fingerprint: sha256 of the UNet/VAE/scheduler configs and a sample of the weights (see `sd_fingerprint`).
+        fingerprint: sha256 of the UNet/VAE/scheduler (and text encoder) configs and a sample of the weights (see
+            `sd_fingerprint`).
         text_encoder: CLIP text model or None.
         tokenizer: CLIP tokenizer or None.
     """
@@ -64,15 +64,10 @@ class SDParts:
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP embeddings of `texts`, padded to the tokenizer's length: [B, L, D] in the UNet's dtype."""
         if self.text_encoder is None or self.tokenizer is None:
-            why = (
-                "the tiny model has no text encoder"
-                if self.model_id == "tiny"
-                else "it was not found or could not be loaded (it needs the `transformers` package"
-                + (", which is not installed)" if importlib.util.find_spec("transformers") is None else ")")
-            )
             raise RuntimeError(
-                f"SD model '{self.model_id}' has no text encoder: {why}. Pass prompt embeddings [B,L,"
-                f"{self.cross_attention_dim}] instead of text."
+                f"SD model '{self.model_id}' has no text encoder loaded (a folder without text_encoder/, or a single "
+                f"file loaded without --sd-config). Pass prompt embeddings [B,L,{self.cross_attention_dim}] instead "
+                "of text."
             )
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("encode_text expects a list of strings")
@@ -127,14 +122,47 @@ def _weight_sample_digest(h: Any, module: torch.nn.Module, per_tensor: int = 64)
         h.update(values)
 
 
-def sd_fingerprint(vae: AutoencoderKL, unet: UNet2DConditionModel, scheduler: DDIMScheduler) -> str:
+# The CLIPTextConfig fields that decide the text encoder's output (its config also holds bookkeeping such as
+# "architectures" and "transformers_version", which differ between a built and a loaded model).
+TEXT_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
+                      "pad_token_id")
+
+
+def text_identity(text_encoder: torch.nn.Module, tokenizer: Any | None) -> dict[str, Any]:
+    """What decides `encode_text`: the text model's class and config fields, and the tokenizer's BPE model
+    (vocabulary and merges), length and padding token."""
+    cfg = text_encoder.config
+    ident: dict[str, Any] = {"class": type(text_encoder).__name__}
+    ident |= {k: getattr(cfg, k, None) for k in TEXT_CONFIG_FIELDS}
+    if tokenizer is not None:
+        model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+        bpe = json.dumps({"vocab": model.get("vocab"), "merges": model.get("merges")}, sort_keys=True)
+        ident["tokenizer"] = {"bpe_sha256": hashlib.sha256(bpe.encode()).hexdigest(),
+                              "model_max_length": int(tokenizer.model_max_length),
+                              "pad_token": str(tokenizer.pad_token)}
+    return ident
+
+
+def sd_fingerprint(
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    text_encoder: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+) -> str:
     """sha256 over the UNet, VAE and scheduler configs and a sample of the weights as loaded (dtype
-    included: the same model in fp16 and fp32 gives different images, hence different fingerprints)."""
+    included: the same model in fp16 and fp32 gives different images, hence different fingerprints); when
+    there is a text encoder, also over `text_identity` and a sample of its weights."""
     h = hashlib.sha256()
     configs = {k: _public_config(m.config) for k, m in (("unet", unet), ("vae", vae), ("scheduler", scheduler))}
+    if text_encoder is not None:
+        configs["text_encoder"] = text_identity(text_encoder, tokenizer)
     h.update(json.dumps(configs, sort_keys=True, default=str).encode())
     _weight_sample_digest(h, unet)
     _weight_sample_digest(h, vae)
+    if text_encoder is not None:
+        _weight_sample_digest(h, text_encoder)
     return h.hexdigest()
 
 
@@ -153,7 +181,7 @@ def assemble(
         unet=unet,
         scheduler=scheduler,
         model_id=model_id,
-        fingerprint=sd_fingerprint(vae, unet, scheduler),
+        fingerprint=sd_fingerprint(vae, unet, scheduler, text_encoder, tokenizer),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
     )

@@ -1,23 +1,34 @@
-"""Stage 3 under torchrun-style DDP on the CPU: two gloo processes run `distill` on the tiny run (2 shards,
-joint phase and one regeneration round on) and must end with equal students and encoders, having read
-disjoint shards."""
+"""Stage 3 under torchrun itself: `torchrun --nproc-per-node 2 -m pipelines.cli distill ...`, the README's
+multi-GPU line with two gloo ranks on the CPU, on the tiny run (2 shards, the joint phase and one regeneration
+round). Both ranks must end with equal students and encoders, having read disjoint shards, and only rank 0
+writes. What the ranks end with is dumped by tests/ddp_probe.py, loaded through a sitecustomize hook."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import socket
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from shards.io import load_weights, read_jsonl
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-CONFIG = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0,
-              epochs=2, joint_epochs=1, round_every=1)
+SMALL = ["--batch-size", "2", "--crop", "16", "--iters-per-epoch", "2", "--feedback-batch", "1", "--epochs", "2",
+         "--joint-epochs", "1", "--round-every", "1", "--device", "cpu", "--preset", "demo"]
+
+
+def _torchrun() -> str:
+    """The torchrun beside this interpreter (.venv/bin/torchrun), else the one on PATH."""
+    local = Path(sys.executable).parent / "torchrun"
+    return str(local) if local.exists() else shutil.which("torchrun") or "torchrun"
 
 
 def _free_port() -> int:
@@ -26,50 +37,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, run: str, teacher: str, degraded: str, clean: str, port: int, out: str) -> None:
-    """One rank: the env a torchrun launch would give, then `distill`; dumps what the rank ended with."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    import distill.trainer as trainer_mod
-
-    seen: dict = {"shards": [], "student": None, "loop": None}
-    real_build, real_batches, real_loop = trainer_mod.build, trainer_mod.ShardBatches, trainer_mod.FeedbackLoop
-
-    def build(*a, **kw):
-        seen["student"] = real_build(*a, **kw)
-        return seen["student"]
-
-    class Batches(real_batches):
-        def set_epoch(self, epoch: int) -> None:
-            super().set_epoch(epoch)
-            seen["shards"].append([Path(u).relative_to(run).as_posix() for u in self.dataset.shard_list.ordered()])
-
-    class Loop(real_loop):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            seen["loop"] = self
-
-    trainer_mod.build, trainer_mod.ShardBatches, trainer_mod.FeedbackLoop = build, Batches, Loop
-    trainer_mod.distill(Path(run), Path(teacher), trainer_mod.DistillConfig(**CONFIG), degraded_dir=Path(degraded),
-                        clean_dir=Path(clean), name="ddp", progress=False)
-    student = seen["student"]
-    torch.save({"student": student.state_dict(), "params": {k: v.detach() for k, v in student.named_parameters()},
-                "encoder": dict(seen["loop"].encoder.named_parameters()), "shards": seen["shards"]},
-               Path(out) / f"rank{rank}.pt")
+def readme_torchrun() -> list[str]:
+    """The README's torchrun command as words (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "torchrun " in line and "pipelines.cli" in line)
+    return shlex.split(line)
 
 
-def test_two_gloo_ranks_end_equal(run_copy, tmp_path):
+def _flags(words: list[str]) -> list[str]:
+    return [w for w in words if w.startswith("--")]
+
+
+def test_readme_line_runs_under_torchrun(run_copy, tmp_path):
     r = run_copy
-    args = (str(r.root), str(r.teacher), str(r.degraded), str(r.clean), _free_port(), str(tmp_path))
-    ctx = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise AssertionError("the DDP run did not finish in 120 s")
-    dumps = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
+    readme = readme_torchrun()
+    assert Path(readme[0]).name == "torchrun" and readme[1:5] == ["--nproc-per-node", "8", "-m", "pipelines.cli"]
+    assert readme[5] == "distill"
+    values = {"--run-dir": r.root, "--teacher": r.teacher, "--student": "half-airnet", "--degraded": r.degraded,
+              "--clean": r.clean, "--val": r.val, "--num-workers": 1}  # 2 shards feed 2 ranks x 1 worker
+    assert set(_flags(readme[5:])) == set(values)  # the README's flags, each one given below
+    cmd = [_torchrun(), "--nproc-per-node", str(WORLD), "-m", "pipelines.cli", "distill"]
+    cmd += [str(w) for flag, value in values.items() for w in (flag, value)] + SMALL
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('D4IR_DDP_DUMP') and 'RANK' in os.environ:\n"
+        "    import ddp_probe\n    ddp_probe.install(os.environ['D4IR_DDP_DUMP'])\n"
+    )
+    dumps_dir = tmp_path / "dumps"
+    dumps_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "tests"), str(ROOT)]),
+               D4IR_DDP_DUMP=str(dumps_dir), PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"distill: [\d,]+ parameters, last round 1", done.stdout), done.stdout[-2000:]
+    dumps = [torch.load(dumps_dir / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
+    assert [d["world"] for d in dumps] == [WORLD, WORLD]
 
     # each epoch the two ranks read disjoint shards that together are the whole round
     for epoch, (a, b) in enumerate(zip(dumps[0]["shards"], dumps[1]["shards"])):
@@ -85,11 +91,12 @@ def test_two_gloo_ranks_end_equal(run_copy, tmp_path):
     s0, s1 = dumps[0]["student"], dumps[1]["student"]
     assert all(k.endswith(("running_mean", "running_var")) for k in s0 if not torch.equal(s0[k], s1[k]))
     e0, e1 = dumps[0]["encoder"], dumps[1]["encoder"]
-    assert all(torch.equal(e0[k], e1[k]) for k in e0)
+    assert e0 and e0.keys() == e1.keys() and all(torch.equal(e0[k], e1[k]) for k in e0)
 
     # only rank 0 wrote: one log line per epoch, and its student file is what both ranks ended with
-    out = r.root / "students" / "ddp"
+    out = r.root / "students" / "half-airnet"
     assert [rec["epoch"] for rec in read_jsonl(out / "train.jsonl")] == [1, 2]
-    saved, _ = load_weights(out / "student")
-    assert all(torch.equal(saved[k], s0[k]) for k in s0)
+    saved, info = load_weights(out / "student")
+    assert info["name"] == "half-airnet" and all(torch.equal(saved[k], s0[k]) for k in s0)
     assert json.loads((out / "shards" / "round-001" / "manifest.json").read_text())["complete"]
+    assert json.loads((out / "eval.json").read_text())  # --val: rank 0 scored the student

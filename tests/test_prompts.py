@@ -90,6 +90,7 @@ def test_writes_every_file_with_shapes_and_metadata(degraded, first_run):
     assert emb.metadata["encoder_sha256"] == cfg["sha256"] == res.encoder_sha256
     assert emb.metadata["sd_model_id"] == "fake/sd" and emb.metadata["sd_fingerprint"] == "f" * 64
     assert cfg["encoder"]["prompt_dim"] == D and cfg["training"]["steps"] == 4
+    assert cfg["training"]["base"] == "empty-text"
     paths = sorted(degraded.glob("img*.png"))
     assert [r["path"] for r in emb.index] == [str(p) for p in paths]
     assert emb.index[3]["sha256"] == sha256_file(paths[3])
@@ -166,7 +167,9 @@ def test_width_mismatch_is_an_error_before_training(degraded, first_run, tmp_pat
 
 
 def test_no_text_encoder_and_zero_strength(degraded, tmp_path):
-    res = train_prompts(degraded, FakeSD(text=False), tmp_path / "notext", steps=1)
+    with pytest.warns(UserWarning, match="'fake/sd' has no text encoder: the prompt encoder's base prompt is zeros"):
+        res = train_prompts(degraded, FakeSD(text=False), tmp_path / "notext", steps=1)
+    assert json.loads((res.out_dir / "prompt_encoder.json").read_text())["training"]["base"] == "zeros"
     emb = load_embeddings(res.out_dir).prompt_embeds.float()
     rms = emb.pow(2).mean(-1).sqrt()  # without a base each token is layer-normed: unit RMS
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-2)
@@ -228,9 +231,19 @@ def test_probe_runs_on_a_prompt_encoder(tmp_path):
     assert enc.training  # mode restored
 
 
-def test_the_tiny_sd_sets_the_width(degraded, tmp_path):
-    res = train_prompts(degraded, load_sd("tiny"), tmp_path, steps=1)
-    emb = load_embeddings(tmp_path)
-    assert emb.prompt_embeds.shape == (N_IMAGES, L, 32)  # the tiny UNet's cross_attention_dim
+def test_the_tiny_sd_sets_the_width_and_the_empty_text_base(degraded, tmp_path, recwarn):
+    sd = load_sd("tiny")
+    res = train_prompts(degraded, sd, tmp_path / "full", steps=1, prompt_tokens=77, prompt_strength=0.0)
+    assert not [w for w in recwarn if "prompt_tokens" in str(w.message) or "text encoder" in str(w.message)]
+    emb = load_embeddings(tmp_path / "full")
+    assert emb.prompt_embeds.shape == (N_IMAGES, 77, 32)  # the tiny UNet's cross_attention_dim
     assert emb.metadata["sd_model_id"] == "tiny" and len(emb.metadata["sd_fingerprint"]) == 64
-    assert load_prompt_encoder(res.encoder_path).prompt_dim == 32
+    encoder = load_prompt_encoder(res.encoder_path)
+    assert encoder.prompt_dim == 32 and encoder.has_base
+    # strength 0: every prompt is the tiny CLIP's embedding of the empty text (stored as fp16)
+    empty = sd.encode_text([""]).half().expand(N_IMAGES, 77, 32)
+    assert torch.equal(emb.prompt_embeds, empty)
+    # fewer tokens than the text encoder's 77 were asked for: allowed, with a warning
+    with pytest.warns(UserWarning, match="prompt_tokens=4 < the text encoder's 77 tokens"):
+        train_prompts(degraded, sd, tmp_path / "short", steps=1)
+    assert load_embeddings(tmp_path / "short").prompt_embeds.shape == (N_IMAGES, L, 32)

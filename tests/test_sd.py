@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,7 +36,10 @@ def test_tiny_is_sd_shaped_and_frozen(tiny):
     assert (sched.beta_schedule, sched.beta_start, sched.beta_end) == ("scaled_linear", 0.00085, 0.012)
     assert (sched.num_train_timesteps, sched.set_alpha_to_one, sched.steps_offset) == (1000, False, 1)
     assert (sched.clip_sample, sched.prediction_type) == (False, "epsilon")
-    for module in (tiny.unet, tiny.vae):
+    text = tiny.text_encoder.config
+    assert (text.hidden_size, text.num_hidden_layers, text.max_position_embeddings) == (32, 2, 77)
+    assert tiny.tokenizer.model_max_length == 77
+    for module in (tiny.unet, tiny.vae, tiny.text_encoder):
         assert not module.training
         assert not any(p.requires_grad for p in module.parameters())
     with torch.inference_mode():
@@ -58,10 +63,50 @@ def test_build_leaves_global_rng_untouched():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_no_text_encoder_is_reported(tiny):
-    assert tiny.text_encoder is None and tiny.empty_prompt() is None
+def test_tiny_text_encoder_embeds_text(tiny):
+    emb = tiny.encode_text(["a photo", "a hazy photo, thick fog"])
+    assert emb.shape == (2, 77, 32) and emb.dtype == torch.float32 and torch.isfinite(emb).all()
+    assert not torch.equal(emb[0], emb[1])
+    torch.testing.assert_close(tiny.empty_prompt(), tiny.encode_text([""]), rtol=0, atol=0)
+    assert tiny.empty_prompt(8).shape == (1, 8, 32)
+    with pytest.raises(ValueError, match="exceeds the text encoder's length 77"):
+        tiny.empty_prompt(78)
+    with pytest.raises(TypeError, match="list of strings"):
+        tiny.encode_text("rain")
+
+
+def test_fingerprint_covers_the_text_encoder(tiny):
+    from synth.sd_parts import sd_fingerprint
+
+    assert sd_fingerprint(tiny.vae, tiny.unet, tiny.scheduler) != tiny.fingerprint  # without it: another model
+    other = build_tiny_sd(0)
+    with torch.no_grad():
+        other.text_encoder.final_layer_norm.weight[0] += 1.0  # one weight the sample reads (index 0)
+    parts = (other.vae, other.unet, other.scheduler, other.text_encoder, other.tokenizer)
+    assert sd_fingerprint(*parts) != tiny.fingerprint
+
+
+def test_folder_without_text_encoder_loads_silently(tiny, tmp_path, recwarn):
+    bare = replace(tiny, text_encoder=None, tokenizer=None)
+    folder = save_sd(bare, tmp_path / "sd")
+    assert not (folder / "text_encoder").exists()
+    loaded = load_sd(str(folder))
+    assert loaded.text_encoder is None and loaded.tokenizer is None and loaded.empty_prompt() is None
+    assert not [w for w in recwarn if "text encoder" in str(w.message)]
     with pytest.raises(RuntimeError, match=r"no text encoder.*prompt embeddings \[B,L,32\]"):
-        tiny.encode_text(["rain"])
+        loaded.encode_text(["rain"])
+
+
+def test_broken_text_encoder_is_an_error(tiny, tmp_path):
+    folder = save_sd(tiny, tmp_path / "sd")
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    with pytest.raises(SDLoadError, match="text encoder in .* does not load"):
+        load_sd(str(folder))
+    no_tokenizer = save_sd(tiny, tmp_path / "sd2")
+    shutil.rmtree(no_tokenizer / "tokenizer")
+    with pytest.raises(SDLoadError, match="has text_encoder/ but no tokenizer/"):
+        load_sd(str(no_tokenizer))
 
 
 def test_folder_round_trip(tiny, tmp_path):
@@ -70,8 +115,12 @@ def test_folder_round_trip(tiny, tmp_path):
     loaded = load_sd(str(folder))
     assert loaded.model_id == str(folder)
     assert loaded.fingerprint == tiny.fingerprint  # load path is not part of the identity
-    ref = tiny.unet.state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in loaded.unet.state_dict().items())
+    for name in ("unet", "vae", "text_encoder"):
+        ref = getattr(tiny, name).state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in getattr(loaded, name).state_dict().items())
+    assert {p.name for p in (folder / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert loaded.tokenizer("a hazy photo").input_ids == tiny.tokenizer("a hazy photo").input_ids
+    torch.testing.assert_close(loaded.encode_text(["a photo"]), tiny.encode_text(["a photo"]), rtol=0, atol=1e-6)
     # CPU kernels may round differently with other allocations: equal weights, near-equal outputs.
     torch.testing.assert_close(_unet_out(loaded), _unet_out(tiny), rtol=0, atol=1e-5)
     assert not any(p.requires_grad for p in loaded.unet.parameters())

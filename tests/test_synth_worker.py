@@ -112,6 +112,7 @@ def test_prompt_modes_and_z0_change_the_images(synth_inputs, tmp_path):
     for name, config, kw in [
         ("encoder", small, {}),
         ("none", replace(small, prompt_mode="none"), {"prompts_dir": None}),
+        ("text", replace(small, prompt_mode="text"), {"prompts_dir": None}),
         ("content", replace(small, prompt_mode="content"), {"prompts_dir": enc_path.parent}),
         ("noise", replace(small, ccd=replace(small.ccd, z0="noise")), {}),
     ]:
@@ -124,13 +125,20 @@ def test_prompt_modes_and_z0_change_the_images(synth_inputs, tmp_path):
         images[name] = np.stack([img for img, _ in got.values()]).astype(float)
     manifest = json.loads((rounds(tmp_path / "content") / "manifest.json").read_text())
     assert len(manifest["prompt_encoder_file_sha256"]) == 64
-    for name in ("none", "content", "noise"):
+    for name in ("none", "text", "content", "noise"):
         assert np.abs(images[name] - images["encoder"]).mean() > 0.5, name
+    assert np.abs(images["text"] - images["none"]).mean() > 0.5  # the caption is not the empty text
+
+
+def _sd_without_text_encoder(folder):
+    return save_sd(replace(build_tiny_sd(0), text_encoder=None, tokenizer=None), folder)
 
 
 def test_prompt_mode_errors_are_clear_and_early(synth_inputs, tmp_path):
-    with pytest.raises(ValueError, match="prompt mode 'text' needs an SD with a text encoder; tiny has none"):
-        run(synth_inputs, rounds(tmp_path / "text"), replace(CFG, prompt_mode="text"))
+    bare = _sd_without_text_encoder(tmp_path / "bare")
+    with pytest.raises(ValueError, match="prompt mode 'text' needs an SD with a text encoder; .*bare has none"):
+        run(synth_inputs, rounds(tmp_path / "text"), replace(CFG, prompt_mode="text"), sd=str(bare))
+    shutil.rmtree(bare)
     with pytest.raises(ValueError, match="prompt mode 'content' needs the prompts folder"):
         run(synth_inputs, rounds(tmp_path / "content"), replace(CFG, prompt_mode="content"), prompts_dir=None)
     with pytest.raises(FileNotFoundError, match="no prompt encoder at"):
@@ -178,5 +186,10 @@ def test_cli_help_and_a_demo_run_with_overrides(synth_inputs, tmp_path):
     assert manifest["config"]["ccd"]["strength"] == 0.5  # from the demo preset
     assert verify_shards(round_dir) == []
 
-    bad = cli.invoke(main, [*args, "--round", "1", "--prompt-mode", "text"])
+    text = cli.invoke(main, [*args, "--round", "1", "--prompt-mode", "text", "--task", "dehaze"])
+    assert text.exit_code == 0, text.output
+    manifest = json.loads((run_dir / "shards" / "round-001" / "manifest.json").read_text())
+    assert (manifest["config"]["prompt_mode"], manifest["config"]["text"]) == ("text", "a hazy photo, thick fog")
+    bare = _sd_without_text_encoder(tmp_path / "bare")
+    bad = cli.invoke(main, [*args, "--round", "2", "--prompt-mode", "text", "--sd", str(bare)])
     assert bad.exit_code == 2 and "d4ir: error: prompt mode 'text' needs an SD with a text encoder" in bad.output

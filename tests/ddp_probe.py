@@ -1,0 +1,50 @@
+"""Observes one rank of a real `torchrun ... -m pipelines.cli distill` run for tests/test_distill_ddp.py.
+
+The test puts a `sitecustomize.py` on the workers' PYTHONPATH that calls `install` when D4IR_DDP_DUMP names a
+folder and torchrun's RANK is set. `install` wraps (never changes) what `distill.trainer.distill` builds: the
+student, the shard batches of each epoch and the feedback loop; at exit the rank writes what it ended with to
+D4IR_DDP_DUMP/rank<RANK>.pt (plain tensors and lists: read back with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+
+
+def install(out: str) -> None:
+    import torch
+
+    import distill.trainer as trainer_mod
+
+    seen: dict = {"shards": [], "student": None, "loop": None}
+    real_build, real_batches, real_loop = trainer_mod.build, trainer_mod.ShardBatches, trainer_mod.FeedbackLoop
+
+    def build(*args, **kwargs):
+        seen["student"] = real_build(*args, **kwargs)
+        return seen["student"]
+
+    class Batches(real_batches):
+        def set_epoch(self, epoch: int) -> None:
+            super().set_epoch(epoch)
+            seen["shards"].append([Path(u).as_posix() for u in self.dataset.shard_list.ordered()])
+
+    class Loop(real_loop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["loop"] = self
+
+    trainer_mod.build, trainer_mod.ShardBatches, trainer_mod.FeedbackLoop = build, Batches, Loop
+
+    def dump() -> None:
+        student, loop = seen["student"], seen["loop"]
+        if student is None:
+            return
+        torch.save({"student": student.state_dict(),
+                    "params": {k: v.detach() for k, v in student.named_parameters()},
+                    "encoder": {k: v.detach() for k, v in loop.encoder.named_parameters()} if loop else {},
+                    "shards": seen["shards"], "world": int(os.environ["WORLD_SIZE"])},
+                   Path(out) / f"rank{os.environ['RANK']}.pt")
+
+    atexit.register(dump)

@@ -1,0 +1,66 @@
+"""distill/registry.py: official-style .pth files in the wrappers of common training code load the same
+weights, and the log names the entry they came from."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from distill.airnet import AirNet
+from distill.registry import load_model
+from distill.restormer import Restormer
+
+WRAPPERS = ("model", "net", "state_dict", "params", "params_ema")
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if arch == "airnet":
+            return AirNet(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=5).eval()
+        return Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4]).eval()
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("arch", ["airnet", "restormer"])
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_each_wrapper_unwraps_and_is_named(arch, wrapper, tmp_path, caplog):
+    src = _tiny(arch)
+    path = tmp_path / "ckpt.pth"
+    torch.save({wrapper: src.state_dict(), "epoch": 7, "optimizer": {"lr": 1e-3}}, path)
+    with caplog.at_level(logging.INFO, logger="distill.registry"):
+        model, info = load_model(path)
+    assert info["arch"] == arch and info["container"] == wrapper and _same(model, src)
+    assert f"weights from the checkpoint's '{wrapper}' entry" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["airnet", "restormer"])
+def test_module_prefix_and_nested_wrappers(arch, tmp_path, caplog):
+    src = _tiny(arch)
+    ddp = {f"module.{k}": v for k, v in src.state_dict().items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"state_dict": ddp}}, path)
+    with caplog.at_level(logging.INFO, logger="distill.registry"):
+        model, info = load_model(path)
+    assert info["container"] == "model/state_dict" and _same(model, src)
+    assert "'model/state_dict' entry" in caplog.text and "stripped the 'module.' prefix" in caplog.text
+    torch.save(ddp, path)  # a bare DDP state_dict
+    model, info = load_model(path)
+    assert info["container"] is None and _same(model, src)
+
+
+def test_basicsr_prefers_params_and_says_what_else_was_there(tmp_path, caplog):
+    src, other = _tiny("restormer"), Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
+                                               heads=[1, 2, 2, 4])
+    path = tmp_path / "net_g.pth"
+    torch.save({"params_ema": other.state_dict(), "params": src.state_dict()}, path)
+    with caplog.at_level(logging.INFO, logger="distill.registry"):
+        model, info = load_model(path)
+    assert info["container"] == "params" and _same(model, src)
+    assert "(also present: params_ema)" in caplog.text
