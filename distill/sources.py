@@ -118,3 +118,28 @@ class ShardBatches:
         bytes of float32, and converted on the device)."""
         crops = [random_crop(rng, self.crop, self._sample())[0] for _ in range(self.batch_size)]
         return to_batch(crops, device)
+
+
+class ImageBatches:
+    """Endless batches of random crops (with flips) from images held in memory: the baselines' web degraded
+    photos (M0) or the teacher's own degraded inputs (Data).
+
+    Args:
+        images: uint8 [H, W, 3] arrays.
+        batch_size, crop: the batch of random crop x crop windows.
+    """
+
+    def __init__(self, images: list[np.ndarray], *, batch_size: int, crop: int) -> None:
+        if not images:
+            raise ValueError("no usable image to train on")
+        self.images, self.batch_size, self.crop = images, batch_size, crop
+
+    def iters_per_epoch(self) -> int:
+        return max(len(self.images) // self.batch_size, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to reshuffle: every batch is drawn from the trainer's generator."""
+
+    def next(self, rng: np.random.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        picks = rng.integers(0, len(self.images), self.batch_size)
+        return to_batch([random_crop(rng, self.crop, self.images[i])[0] for i in picks], device)

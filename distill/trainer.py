@@ -10,9 +10,8 @@ and DataLoader worker, rank 0 writes files and regenerates, the others wait.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,95 +24,16 @@ from shards.writer import check_manifest, read_manifest
 from synth.sd import SDSource, load_sd_cached
 from synth.worker import Distributor, check_sd
 
-from .data import load_pairs, random_crop, to_batch
+from .config import DistillConfig
+from .data import load_pairs
+from .datafree import AdversarialSource
 from .ddp import DistContext, average_gradients
 from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model, write_eval
 from .feedback import FeedbackLoop, image_source, synth_config_of
-from .losses import kd_loss, parse_weights
+from .losses import kd_loss
 from .registry import build, count_parameters, half_of, load_model, save_model
-from .sources import ShardBatches
-
-DATA_SOURCES = ("shards", "original", "web")
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Stage 3's settings (paper defaults).
-
-    Args:
-        student: registry name (`d4ir models`) or half (the teacher's architecture at half width).
-        student_kwargs: student constructor overrides, e.g. n_feats=24,encoder_first=24.
-        data: shards (D4IR), original (the paper's "Data": the teacher's own degraded inputs, no ground
-            truth) or web (M0: the web degraded images directly).
-        epochs: epochs in all (0: only evaluate the untrained student).
-        joint_epochs: the first epochs, in which the prompt encoder trains with the student (Eq. 9).
-        round_every: R, regenerate the shards every R epochs of the joint phase (0: never).
-        iters_per_epoch: steps per epoch (default: one pass over the round's images).
-        batch_size: random crops per step.
-        crop: side of the random crops (with flips).
-        lr: Adam (0.9, 0.999) learning rate of the student.
-        encoder_lr: Adam learning rate of the prompt encoder in the joint phase.
-        lr_halve_every: halve both learning rates every this many epochs.
-        gamma: weight of L_cl in the joint phase (Eq. 9).
-        loss: KD terms and their weights, e.g. l2=1 (Eq. 8) or l1=1,ssim=0.1.
-        feedback_batch: images per step through the differentiable surrogate (0: no L_kd feedback).
-        round: train on this existing round of RUN/shards only and regenerate nothing (reuse).
-        skip_damaged_shards: train on the intact shards of a damaged round (warned, counted, epoch shortened)
-            instead of refusing it.
-        seed: seeds the student, crops and flips: CPU runs repeat exactly.
-        amp: bf16 autocast (default: on for CUDA).
-        num_workers: DataLoader workers decoding shards.
-    """
-
-    student: str = "half"
-    student_kwargs: dict | None = None
-    data: Literal["shards", "original", "web"] = "shards"
-    epochs: int = 200
-    joint_epochs: int = 50
-    round_every: int = 10
-    iters_per_epoch: int | None = None
-    batch_size: int = 8
-    crop: int = 256
-    lr: float = 1e-3
-    encoder_lr: float = 1e-5
-    lr_halve_every: int = 15
-    gamma: float = 0.5
-    loss: dict = field(default_factory=lambda: {"l2": 1.0})
-    feedback_batch: int = 2
-    round: int | None = None
-    skip_damaged_shards: bool = False
-    seed: int = 0
-    amp: bool | None = None
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.data not in DATA_SOURCES:
-            raise ValueError(f"data must be one of {', '.join(DATA_SOURCES)}, got {self.data!r}")
-        for name in ("batch_size", "crop"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("epochs", "joint_epochs", "round_every", "lr_halve_every", "feedback_batch", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
-            raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
-        if self.round is not None and self.round < 0:
-            raise ValueError(f"round must be >= 0, got {self.round}")
-        object.__setattr__(self, "loss", parse_weights(self.loss))
-
-    @property
-    def joint(self) -> bool:
-        """True when the prompt encoder trains: D4IR data, a joint phase, and a loss that reaches it."""
-        return (self.data == "shards" and self.round is None and self.joint_epochs > 0
-                and (self.gamma > 0 or self.feedback_batch > 0))
-
-    def round_for_epoch(self, epoch: int) -> int:
-        """The regeneration round training must be on when epoch `epoch` (0-based) starts."""
-        if not self.round_every or not self.joint:
-            return 0
-        return min(epoch, self.joint_epochs) // self.round_every
+from .sources import ImageBatches, ShardBatches
 
 
 @dataclass
@@ -138,6 +58,8 @@ def check_inputs(config: DistillConfig, degraded_dir, clean_dir, original_dir) -
         raise ValueError("data 'web' (M0) needs the web degraded folder (--degraded)")
     if config.data == "original" and original_dir is None:
         raise ValueError("data 'original' needs the teacher's paired set (--original)")
+    if config.data in ("dfsr", "dfmc") and config.iters_per_epoch is None:
+        raise ValueError(f"data {config.data!r} has no dataset to count an epoch by: give --iters-per-epoch")
 
 
 def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
@@ -206,8 +128,9 @@ def distill(
     name = name or student_name(config.student)
     out = layout.student(name)
 
-    # ---- data: a shard round (D4IR, with the feedback loop in the joint phase) or an image folder
-    loop, batches, images, current_round = None, None, None, None
+    # ---- data: a shard round (D4IR, with the feedback loop in the joint phase), an image folder (Data, M0)
+    # or a generator trained against the student (DFSR, DFMC); all give source.next(rng, device)
+    loop, batches, adversarial, current_round = None, None, None, None
     if config.data == "shards":
         current_round, manifest = _open_round(layout, config)
         if sd_source is not None or config.joint:
@@ -225,8 +148,13 @@ def distill(
                 loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
                                     device=device)
         batches = _round_batches(layout, current_round, name, config, ctx)
+    elif config.data in ("dfsr", "dfmc"):
+        datafree = replace(config.datafree, method=config.data, loss=config.loss, seed=config.seed)
+        adversarial = AdversarialSource(config.crop, config.batch_size, datafree, device, teacher=teacher,
+                                        rank=ctx.rank)
     else:
-        images = image_source(degraded_dir if config.data == "web" else find_pairs(original_dir)[0].degraded.parent)
+        folder = degraded_dir if config.data == "web" else find_pairs(original_dir)[0].degraded.parent
+        batches = ImageBatches(image_source(folder), batch_size=config.batch_size, crop=config.crop)
 
     opt = torch.optim.Adam(student.parameters(), lr=config.lr, betas=(0.9, 0.999))
     enc_opt = None if loop is None else torch.optim.Adam(loop.encoder.parameters(), lr=config.encoder_lr,
@@ -235,14 +163,13 @@ def distill(
     settings = asdict(config) | {"teacher": str(Path(teacher_path).resolve()), "name": name}
     settings.pop("epochs")  # a resumed run may train for more epochs: the schedule does not depend on the count
     epochs = EpochLoop(out, epochs=config.epochs, settings=settings, rng=rng, resume=resume, writer=ctx.rank == 0)
-    epochs.restore(student=student, optimizer=opt, loop=loop, encoder_optimizer=enc_opt)
+    epochs.restore(student=student, optimizer=opt, loop=loop, encoder_optimizer=enc_opt, generator=adversarial)
     metrics = epochs.resumed.get("metrics", {})
     if epochs.resumed.get("round") not in (None, current_round):
         current_round = int(epochs.resumed["round"])
         batches = _round_batches(layout, current_round, name, config, ctx)
-    iters = config.iters_per_epoch or (
-        batches.iters_per_epoch() if batches else max(len(images) // config.batch_size, 1)
-    )
+    iters = config.iters_per_epoch or batches.iters_per_epoch()
+    source = adversarial or batches
     weights = config.loss
 
     for epoch in range(epochs.start, config.epochs):
@@ -261,24 +188,21 @@ def distill(
         if enc_opt is not None:
             for g in enc_opt.param_groups:
                 g["lr"] = halved_lr(config.encoder_lr, epoch, config.lr_halve_every)
-        if batches is not None:
-            batches.set_epoch(epoch)
-            errors_before = batches.decode_errors
+        source.set_epoch(epoch)
+        errors_before = getattr(source, "decode_errors", 0)
 
         # ---- one epoch of KD steps
-        t0, sums = time.perf_counter(), {"kd": 0.0, "fb": 0.0, "cl": 0.0}
+        t0, sums = time.perf_counter(), {"kd": 0.0, "fb": 0.0, "cl": 0.0, "gen": 0.0}
         bar = tqdm(range(iters), desc=f"distill {name} {epoch + 1}/{config.epochs}",
                    disable=not progress or ctx.rank, leave=False)
-        for _ in bar:
-            if batches is not None:
-                x = batches.next(rng, device)
-            else:
-                picks = rng.integers(0, len(images), config.batch_size)
-                x = to_batch([random_crop(rng, config.crop, images[i])[0] for i in picks], device)
+        for i in bar:
+            x = source.next(rng, device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 with torch.no_grad():
                     target = teacher(x)
-                loss = l_kd = kd_loss(model(x), target, weights)
+                student_out = model(x)
+                loss = l_kd = kd_loss(student_out, target, weights) if adversarial is None else \
+                    adversarial.student_loss(student_out, target, x)
                 if joint:
                     l_fb = (loop.feedback_loss(model, teacher, rng, config.feedback_batch, weights, device)
                             if config.feedback_batch else torch.zeros((), device=device))
@@ -295,14 +219,17 @@ def distill(
             opt.step()
             if joint:
                 enc_opt.step()
+            if adversarial is not None and adversarial.due(epoch * iters + i):  # DFSR's min-max: G's turn
+                sync = (lambda g: average_gradients(g, ctx)) if ctx.world > 1 else None
+                sums["gen"] += adversarial.generator_step(student, teacher, amp=amp, sync_grads=sync)["generator_loss"]
             sums["kd"] += float(l_kd.detach())
             bar.set_postfix(kd=f"{float(l_kd.detach()):.5f}")
 
         # ---- end of epoch: validate, log, save (rank 0)
         record = {"round": current_round, "lr": lr, "joint": joint, "seconds": time.perf_counter() - t0,
                   **{f"loss_{k}": v / iters for k, v in sums.items()}}
-        if batches is not None:
-            record |= {"decode_errors": batches.decode_errors - errors_before, "skipped_shards": batches.skipped}
+        if isinstance(source, ShardBatches):
+            record |= {"decode_errors": source.decode_errors - errors_before, "skipped_shards": source.skipped}
         if ctx.rank == 0:
             if val:
                 metrics = evaluate_model(student, val, device=device, reference=teacher, progress=False)["mean"]
@@ -315,7 +242,8 @@ def distill(
                                  {"arch": "PromptEncoder", "encoder": loop.encoder.config})
 
             epochs.end_epoch(epoch, record, save, extra={"round": current_round, "metrics": metrics},
-                             student=student, optimizer=opt, loop=loop, encoder_optimizer=enc_opt)
+                             student=student, optimizer=opt, loop=loop, encoder_optimizer=enc_opt,
+                             generator=adversarial)
             if progress:
                 shown = f", val PSNR {metrics['psnr']:.2f} (vs teacher {metrics['ref_psnr']:.2f})" if val else ""
                 if record.get("decode_errors"):

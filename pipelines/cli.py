@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
+from distill.config import DATAFREE_DERIVED, DistillConfig
 from distill.teacher import SupervisedConfig
-from distill.trainer import DistillConfig
 from synth.plan import WEATHER_TEXT, SynthConfig
 from synth.prompts import PromptsConfig
 
@@ -197,7 +197,7 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
 @click.option("--clean", type=_existing, help="Web clean images (the feedback surrogate).")
 @click.option("--original", type=_existing, help="The teacher's paired set (--data original: degraded side only).")
 @click.option("--val", type=_existing, help="Paired validation set (PSNR/SSIM vs ground truth and vs teacher).")
-@config_options(DistillConfig)
+@config_options(DistillConfig, exclude=DATAFREE_DERIVED)
 @_with([preset_option, device_option, resume_option, *dask_options])
 def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, original, val, preset, device,
                 resume, scheduler, workers, **kwargs) -> None:

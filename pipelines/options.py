@@ -128,8 +128,9 @@ def _shown(value: Any) -> str:
 
 
 def config_options(cls: type, *, exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator adding one click option per leaf field of config class `cls` (default: not given)."""
-    leaves = [leaf for leaf in _leaves(cls, cls()) if leaf.path[-1] not in exclude]
+    """Decorator adding one click option per leaf field of config class `cls` (default: not given); `exclude`
+    names fields by their dotted path (e.g. "datafree.seed") that the command sets itself."""
+    leaves = [leaf for leaf in _leaves(cls, cls()) if ".".join(leaf.path) not in exclude]
     names = [leaf.option for leaf in leaves]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
