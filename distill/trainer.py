@@ -134,13 +134,13 @@ def distill(
     if config.data == "shards":
         current_round, manifest = _open_round(layout, config)
         if sd_source is not None or config.joint:
-            source = SDSource.of(sd_source or SDSource(manifest["sd"], manifest.get("sd_config")))
+            sd_from = SDSource.of(sd_source or SDSource(manifest["sd"], manifest.get("sd_config")))
             # identity first, in the dtype the round was made in (the fingerprint covers the dtype)
-            sd = load_sd_cached(source, device, manifest.get("dtype", "float32"))
-            check_sd(manifest, sd, source, layout.round_shards(current_round))
+            sd = load_sd_cached(sd_from, device, manifest.get("dtype", "float32"))
+            check_sd(manifest, sd, sd_from, layout.round_shards(current_round))
             if config.joint:
                 if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
-                    sd = load_sd_cached(source, device, "float32")
+                    sd = load_sd_cached(sd_from, device, "float32")
                 base = read_manifest(layout.round_shards(0))
                 if config.round_every and not Path(base["clean_dir"]).is_dir():
                     raise FileNotFoundError(f"round 0 was synthesized from {base['clean_dir']}, which is gone: the "
@@ -180,7 +180,7 @@ def distill(
                 loop.regenerate(layout, due, name, distributor=distributor, device=device, progress=progress)
             ctx.barrier()
             current_round = due
-            batches = _round_batches(layout, current_round, name, config, ctx)
+            source = batches = _round_batches(layout, current_round, name, config, ctx)
         joint = loop is not None and epoch < config.joint_epochs
         lr = halved_lr(config.lr, epoch, config.lr_halve_every)
         for g in opt.param_groups:
