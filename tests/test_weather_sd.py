@@ -25,7 +25,7 @@ from pipelines.weather_sd.data import (
 from pipelines.weather_sd.folder import save_weather_sd
 from pipelines.weather_sd.loop import LoopConfig, step_generator, train_loop
 from pipelines.weather_sd.unet import Latents, build_unet, scheduler, unet_batch_loss, unet_config
-from pipelines.weather_sd.vae import build_vae, posterior_moments, vae_config, vae_loss
+from pipelines.weather_sd.vae import build_vae, posterior_moments, vae_batch_loss, vae_config, vae_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(vae_config(4, widths=(32, 32, 32)), sample_size=32)
@@ -125,6 +125,24 @@ def test_tiny_vae_step_lowers_the_loss(tiny_set):
 
     first, last = _overfit(loss_fn, [vae])
     assert last < 0.8 * first
+
+
+def test_vae_trains_on_random_windows(tiny_set):
+    vae = build_vae(TINY_VAE, seed=0)
+    loss = vae_batch_loss(tiny_set, vae, batch_size=2, edge_weight=0.5, kl_weight=1e-6, crop=16)
+    out = loss(0, step_generator(0, 0))
+    assert out["loss"].ndim == 0 and out["loss"].requires_grad
+    with pytest.raises(ValueError, match="multiple of 8"):
+        vae_batch_loss(tiny_set, vae, 2, 0.5, 1e-6, crop=12)
+
+
+def test_time_capped_stage_is_recorded_as_finished(tmp_path):
+    bench = _bench()
+    assert bench._capped(tmp_path, 100, cap_minutes=5.0, pause_minutes=0.0) == (100, 5.0)
+    result = bench._finish_if_capped(tmp_path, {"step": 37, "done": False}, 5.0, 0.0)
+    assert result["done"] and bench._capped(tmp_path, 100, 5.0, 0.0) == (37, 0.0)
+    paused = bench._finish_if_capped(tmp_path / "p", {"step": 3, "done": False}, 5.0, 1.0)
+    assert not paused["done"]  # a pause (shorter than the cap) is resumable, not the end
 
 
 def _tiny_text(bench):
