@@ -8,6 +8,7 @@
   VAE latents, conditioned on a text encoder passed in as an argument.
 - `folder`: writing the diffusers folder (vae/, unet/, scheduler/, text_encoder/, tokenizer/).
 - `loop`: the seeded, resumable training loop both models share.
+- `probe`: does a weather caption put its weather on a clean photo under CCD (synth.ccd)?
 
 `bench/train_weather_sd.py` runs the whole training.
 """
