@@ -11,7 +11,6 @@ import pytest
 import skimage.data
 import torch
 
-from pipelines.presets import TASK_TEXT
 from pipelines.weather_sd.data import (
     CAPTIONS,
     EXCLUDED,
@@ -26,6 +25,7 @@ from pipelines.weather_sd.folder import save_weather_sd
 from pipelines.weather_sd.loop import LoopConfig, step_generator, train_loop
 from pipelines.weather_sd.unet import Latents, build_unet, scheduler, unet_batch_loss, unet_config
 from pipelines.weather_sd.vae import build_vae, posterior_moments, vae_batch_loss, vae_config, vae_loss
+from synth.plan import WEATHER_TEXT as TASK_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(vae_config(4, widths=(32, 32, 32)), sample_size=32)

@@ -14,7 +14,7 @@ Recipe for crop k of photo p (all randomness from seeded generators, so equal se
 
 with random strengths: rain level "light" or "heavy" (Rain100L/H-like), haze beta ~ U(0.02, 0.3) and gray
 airlight ~ U(0.7, 1.0) (the demo's web range), snow level "light", "medium" or "heavy". Captions are "a photo"
-for clean images and `pipelines.presets.TASK_TEXT` for the weathers, so the pipeline's text prompts match.
+for clean images and `synth.plan.WEATHER_TEXT` for the weathers, so the pipeline's text prompts match.
 Items are ordered photo-major, then crop, then weather: the four renders of a crop are consecutive and
 `clean_index` points each one at its clean render.
 """
@@ -32,8 +32,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA
-from pipelines.presets import TASK_TEXT
 from pipelines.weather import degrade
+from synth.plan import WEATHER_TEXT as TASK_TEXT
 
 WEATHERS = ("clean", "derain", "dehaze", "desnow")
 CAPTIONS: dict[str, str] = {"clean": "a photo", **TASK_TEXT}

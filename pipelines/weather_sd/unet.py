@@ -25,7 +25,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from pipelines.weather_sd.data import CAPTIONS, WEATHERS
-from synth.sd import SD15_SCHEDULER_CONFIG
+from synth.sd_configs import SD15_SCHEDULER_CONFIG
 
 EVAL_TIMESTEPS = (50, 200, 400, 600, 800)
 
