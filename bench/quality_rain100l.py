@@ -11,8 +11,9 @@ The protocol (docs/design.md, "Real data"), on the images under --data (shared/d
            images of spa, test1200, test2800 and rain100l_fullsize/train_sample. Any web image whose full
            frame or top-left 480x320 crop is pixel-identical to a rain100l_test image (either side) is
            left out and listed in data.json: rain100l_fullsize holds test pairs 1 and 56 uncropped.
-  M0       distils on the web degraded images directly; D4IR runs prompts -> synth (the tiny random SD
-           unless --sd names a real one) -> distill with its joint phase and regeneration rounds.
+  M0       distils on the web degraded images directly; D4IR runs prompts -> synth (the shipped 64x64 weather
+           LDM, synth/weights/weather-ldm, unless --sd names another) -> distill with its joint phase and
+           regeneration rounds.
 
 Layout (WORK = --work, default /tmp/d4ir_rain100l; nothing is written into the repository):
   WORK/data/{train,test}/{degraded,clean}/  WORK/data/{web_clean,web_degraded}/  WORK/data/data.json
@@ -21,9 +22,10 @@ Layout (WORK = --work, default /tmp/d4ir_rain100l; nothing is written into the r
 Every step is skipped when its output exists (training steps resume after their last finished epoch), so
 a killed run is rerun with the same command; WORK/<scale>/settings.json refuses a rerun with other settings.
 
-Scales: cpu-small (a tiny AirNet, short schedules, the tiny SD: 14 minutes measured on the shared 2-core
-machine with --threads 1), cpu-hour (the same networks trained about 3x longer, within an hour), gpu
-(official AirNet width, paper-like settings; needs --sd for meaningful D4IR images).
+Scales: cpu-small (a tiny AirNet, short schedules, 64x64 synthesis: 14 minutes measured on the shared 2-core
+machine with --threads 1 with the tiny SD), cpu-hour (the same networks trained about 3x longer, within an
+hour; 96x96 synthesis, above the weather LDM's training size), gpu (official AirNet width, paper-like settings,
+256x256: needs --sd naming a real SD for meaningful D4IR images).
 
   python bench/quality_rain100l.py --scale cpu-small --threads 1
 """
@@ -99,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=_HERE.parents[1] / "shared" / "data",
                    help="the shared benchmark images (rain100l_test and the other sets)")
     p.add_argument("--work", type=Path, default=Path("/tmp/d4ir_rain100l"), help="work folder (outside the repo)")
-    p.add_argument("--sd", default="tiny", help="the frozen SD for D4IR (tiny, a diffusers folder, a file)")
+    p.add_argument("--sd", default="weather",
+                   help="the frozen SD for D4IR (weather: the shipped LDM; tiny, a diffusers folder, a file)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--seed", type=int, default=0)
@@ -333,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sd == "tiny":
         notes.insert(1, "D4IR ran with the tiny random SD: its synthesized images are noise-like; this row tests "
                         "the plumbing, not the method.")
+    elif args.sd == "weather":
+        notes.insert(1, "D4IR ran with the shipped weather LDM (synth/weights/weather-ldm): 64x64, trained for "
+                        "an hour on a CPU on 11 photos; it keeps the photo's layout and adds some weather, far "
+                        "from a real Stable Diffusion (see its model card).")
     table = (f"RGB\n\n{format_table(rows)}\n\nY (BT.601)\n\n{format_table(rows, y_channel=True)}\n\n"
              + "\n".join(f"- {n}" for n in notes) + "\n")
     print(table, flush=True)
