@@ -7,7 +7,7 @@ Prints (and writes with --json-out) images/s of both, their ratio, peak memory, 
 samplers' images for the same seeds (a correctness check, loose in fp16).
 
 CPU smoke run (about a minute):  python bench/synth.py --model tiny --device cpu
-GPU (see bench/gpu_synth.sh):     python bench/synth.py --model sd15-layout --device cuda --dtype float16 \
+GPU (bench/gpu_bench.py runs more): python bench/synth.py --model sd15-layout --device cuda --dtype float16 \
                                       --size 256 --batch 128 --n-images 512 --channels-last --compile all
 The pipeline baseline always runs the plain modules (no channels-last, no compile), as a user would.
 """
