@@ -131,31 +131,46 @@ def _prepare(kind: str, x: torch.Tensor) -> torch.Tensor:
     return K.border_channels_last(x) if kind == "gather" else K.pow2_pad(x)
 
 
-def _chunk(kind: str, prep, offset, mask, weight, r0: int, height: int, mm_dtype) -> torch.Tensor:
-    """One chunk's output as a [n,Co,h,W] tensor (a channels-last view for "gather")."""
+def _columns(kind: str, prep: torch.Tensor, offset, mask, r0: int, height: int) -> torch.Tensor:
+    """S of one chunk: "gather" [n*h*W, 9*C] (pixel-major), "sample" [n, C*9, h*W]."""
     if kind == "gather":
-        return K.gather_chunk(prep, offset, mask, weight, r0, height, mm_dtype).permute(0, 3, 1, 2)
+        return K.gather_columns(prep, offset, mask, r0, height)
     n, c = prep.shape[:2]
     threads = torch.get_num_threads() if prep.device.type == "cpu" else 1
-    groups = threads if n < threads and c % threads == 0 else 1
-    return K.sample_chunk(prep, offset, mask, weight, r0, mm_dtype, groups)
+    return K.sample_columns(prep, offset, mask, r0, threads if n < threads and c % threads == 0 else 1)
+
+
+def _weight_matrix(kind: str, weight: torch.Tensor, mm_dtype) -> torch.Tensor:
+    """[Co, 9*C] in the column order of `kind`'s S."""
+    return (K.gather_weight(weight) if kind == "gather" else K.sample_weight(weight)).to(mm_dtype)
+
+
+def _contract(kind: str, s: torch.Tensor, w_mat: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """The ONE matmul over (C_in x 9): -> [n,Co,h,W] (a channels-last view for "gather")."""
+    s = s.to(w_mat.dtype)
+    if kind == "gather":
+        return (s @ w_mat.t()).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return (w_mat @ s).view(n, -1, h, w)
 
 
 def _forward(kind, x, offset, mask, weight, mm_dtype) -> torch.Tensor:
     """[B,Co,H,W] in mm_dtype, chunk by chunk, without autograd."""
-    out = x.new_empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=mm_dtype)
+    b, _, h, w = x.shape
+    out = x.new_empty((b, weight.shape[0], h, w), dtype=mm_dtype)
     elem = torch.finfo(K.sampling_dtype(x.dtype)).bits // 8
     with torch.no_grad():
+        w_mat = _weight_matrix(kind, weight, mm_dtype)
         for b0, b1, bands in _plan(tuple(x.shape), elem, _CONFIG.chunk_mib * 2**20):
             prep = _prepare(kind, x[b0:b1])
             for r0, r1 in bands:
-                out[b0:b1, :, r0:r1] = _chunk(kind, prep, offset[b0:b1, :, r0:r1], mask[b0:b1, :, r0:r1], weight,
-                                              r0, x.shape[2], mm_dtype)
+                s = _columns(kind, prep, offset[b0:b1, :, r0:r1], mask[b0:b1, :, r0:r1], r0, h)
+                out[b0:b1, :, r0:r1] = _contract(kind, s, w_mat, b1 - b0, r1 - r0, w)
     return out
 
 
 class _Deform(torch.autograd.Function):
-    """Saves only the inputs; backward recomputes each chunk under autograd and back-propagates it."""
+    """Saves only the inputs; backward recomputes each chunk's S under autograd, applies the matmul's two
+    gradients by hand (dW += G^T S, dS = W^T G) and back-propagates dS through the sampling."""
 
     @staticmethod
     def forward(ctx, x, offset, mask, weight, kind, mm_dtype):
@@ -166,32 +181,55 @@ class _Deform(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, offset, mask, weight = ctx.saved_tensors
+        kind, mm = ctx.kind, ctx.mm_dtype
         needs = ctx.needs_input_grad[:4]
-        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, offset, mask, weight), needs)]
+        grads = [torch.zeros_like(t) if need else None for t, need in zip((x, offset, mask), needs)]
+        co, h = weight.shape[0], x.shape[2]
+        w_mat = _weight_matrix(kind, weight.detach(), mm)  # [Co, 9*C]
+        gw = torch.zeros(w_mat.shape, device=w_mat.device, dtype=torch.promote_types(weight.dtype, torch.float32))
         elem = torch.finfo(K.sampling_dtype(x.dtype)).bits // 8
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             for b0, b1, bands in _plan(tuple(x.shape), elem, _CONFIG.chunk_mib * 2**20):
-                x_leaf = x[b0:b1].detach().requires_grad_(needs[0])
-                prep = _prepare(ctx.kind, x_leaf)
+                n = b1 - b0
+                with torch.enable_grad():
+                    x_leaf = x[b0:b1].detach().requires_grad_(needs[0])
+                    prep = _prepare(kind, x_leaf)
                 g_prep = None
                 for r0, r1 in bands:
-                    leaves = [prep,
-                              offset[b0:b1, :, r0:r1].detach().requires_grad_(needs[1]),
-                              mask[b0:b1, :, r0:r1].detach().requires_grad_(needs[2]),
-                              weight.detach().requires_grad_(needs[3])]
-                    out = _chunk(ctx.kind, leaves[0], leaves[1], leaves[2], leaves[3], r0, x.shape[2], ctx.mm_dtype)
-                    wanted = [i for i in range(4) if needs[i]]
-                    got = torch.autograd.grad(out, [leaves[i] for i in wanted], grad[b0:b1, :, r0:r1].to(out.dtype))
-                    for i, g in zip(wanted, got):
+                    off = offset[b0:b1, :, r0:r1].detach().requires_grad_(needs[1])
+                    msk = mask[b0:b1, :, r0:r1].detach().requires_grad_(needs[2])
+                    with torch.set_grad_enabled(any(needs[:3])):
+                        s = _columns(kind, prep, off, msk, r0, h)
+                    g = grad[b0:b1, :, r0:r1]
+                    s_mm = s.detach().to(mm)
+                    if kind == "gather":
+                        g2 = g.permute(0, 2, 3, 1).reshape(-1, co).to(mm)  # [n*h*W, Co]
+                        if needs[3]:
+                            gw += g2.t() @ s_mm
+                        g_s = g2 @ w_mat  # [n*h*W, 9*C]
+                    else:
+                        g2 = g.reshape(n, co, -1).to(mm)  # [n, Co, h*W]
+                        if needs[3]:
+                            gw += (g2 @ s_mm.transpose(1, 2)).sum(0)
+                        g_s = w_mat.t() @ g2  # [n, 9*C, h*W]
+                    del s_mm
+                    wanted = [(i, t) for i, t in enumerate((prep, off, msk)) if needs[i]]
+                    if not wanted:
+                        continue
+                    got = torch.autograd.grad(s, [t for _, t in wanted], g_s.to(s.dtype))
+                    for (i, _), gi in zip(wanted, got):
                         if i == 0:
-                            g_prep = g if g_prep is None else g_prep.add_(g)
-                        elif i == 3:
-                            grads[3] += g
+                            g_prep = gi if g_prep is None else g_prep.add_(gi)
                         else:
-                            grads[i][b0:b1, :, r0:r1] = g
+                            grads[i][b0:b1, :, r0:r1] = gi
                 if needs[0]:
                     grads[0][b0:b1] = torch.autograd.grad(prep, x_leaf, g_prep)[0]
-        return (*grads, None, None)
+        g_weight = None
+        if needs[3]:
+            c = x.shape[1]
+            gw4 = gw.view(co, 3, 3, c).permute(0, 3, 1, 2) if kind == "gather" else gw.view(co, c, 3, 3)
+            g_weight = gw4.to(weight.dtype).contiguous()
+        return (*grads, g_weight, None, None)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -203,12 +241,16 @@ class _DeformConvOnnx(torch.autograd.Function):
     """Traced as one ONNX DeformConv (opset 19) node; computes torchvision's op while tracing."""
 
     @staticmethod
-    def forward(ctx, x, offset, weight, mask, out_channels: int):
+    def forward(ctx, x, offset, weight, mask):
         return deform_conv2d(x, offset, weight, None, padding=1, mask=mask)
 
     @staticmethod
-    def symbolic(g, x, offset, weight, mask, out_channels: int):
-        bias = g.op("Constant", value_t=torch.zeros(out_channels))  # DeformConv's B, AirNet has none
+    def symbolic(g, x, offset, weight, mask):
+        def const(v):
+            return g.op("Constant", value_t=torch.tensor(v))
+
+        c_out = g.op("Slice", g.op("Shape", weight), const([0]), const([1]))
+        bias = g.op("ConstantOfShape", c_out, value_t=torch.tensor([0.0]))  # DeformConv's B: AirNet has none
         return g.op("DeformConv", x, weight, offset, bias, mask, kernel_shape_i=[3, 3], pads_i=[1, 1, 1, 1],
                     strides_i=[1, 1], dilations_i=[1, 1], group_i=1, offset_group_i=1)
 
@@ -297,7 +339,7 @@ def deform_conv3x3(
         raise ValueError(f"deform impl must be one of {IMPLS}, got {impl!r}")
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         if _CONFIG.onnx_op == "deformconv":
-            return _DeformConvOnnx.apply(x, offset, weight, mask, weight.shape[0])
+            return _DeformConvOnnx.apply(x, offset, weight, mask)
         return K.sample_export(x, offset, weight, mask)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, weight, mask))
     mm_dtype = _mm_dtype(x)

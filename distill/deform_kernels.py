@@ -65,12 +65,11 @@ def pow2_pad(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x.to(sampling_dtype(x.dtype)), (0, _pow2_plus_one(w) - w, 0, _pow2_plus_one(h) - h))
 
 
-def sample_chunk(
-    xp: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, r0: int,
-    mm_dtype: torch.dtype, groups: int = 1,
+def sample_columns(
+    xp: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, r0: int, groups: int = 1
 ) -> torch.Tensor:
-    """Output rows r0..r0+h of images xp [n,C,H',W'] (from `pow2_pad`): offset [n,18,h,W], mask [n,9,h,W],
-    weight [Co,C,3,3] -> [n,Co,h,W] in mm_dtype. `groups` splits the channels into that many grid_sample
+    """Masked columns of output rows r0..r0+h of images xp [n,C,H',W'] (from `pow2_pad`): offset [n,18,h,W],
+    mask [n,9,h,W] -> S [n, C*9, h*W] (row ci*9 + k). `groups` splits the channels into that many grid_sample
     batch entries (the CPU kernel parallelises over its batch only; C must be divisible by groups)."""
     n, c, hp, wp = xp.shape
     _, _, h, w = offset.shape
@@ -80,9 +79,15 @@ def sample_chunk(
     if groups > 1:
         xp, grid = xp.view(n * groups, c // groups, hp, wp), grid.repeat_interleave(groups, dim=0)
     s = torch.grid_sampler_2d(xp, grid, 0, 0, True)  # bilinear, zeros, align_corners: [n*g, C/g, 9h, W]
-    s = s.view(n, c, 9, h, w) * mask.to(s.dtype).view(n, 1, 9, h, w)  # [n,C,9,h,W], masked columns
-    w2 = weight.reshape(weight.shape[0], c * 9).to(mm_dtype)  # [Co, C*9], column ci*9 + k
-    return (w2 @ s.view(n, c * 9, h * w).to(mm_dtype)).view(n, -1, h, w)  # ONE matmul over (C_in x 9)
+    m = mask.to(s.dtype).view(n, 1, 9, h, w)
+    s = s.view(n, c, 9, h, w)
+    s = s * m if torch.is_grad_enabled() else s.mul_(m)  # [n,C,9,h,W]
+    return s.view(n, c * 9, h * w)
+
+
+def sample_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[Co,C,3,3] -> [Co, C*9], column ci*9 + k: out [n,Co,h*W] = W_mat @ S."""
+    return weight.reshape(weight.shape[0], -1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -116,12 +121,11 @@ def _clamp_box(t: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(inside, t, t.detach().clamp(-1, size))
 
 
-def gather_chunk(
-    xb: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, r0: int,
-    height: int, mm_dtype: torch.dtype,
+def gather_columns(
+    xb: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, r0: int, height: int
 ) -> torch.Tensor:
-    """Output rows r0..r0+h of images xb [n,(H+3)*(W+3),C] (from `border_channels_last`, H = height):
-    offset [n,18,h,W], mask [n,9,h,W], weight [Co,C,3,3] -> [n,h,W,Co] (channels-last) in mm_dtype.
+    """Masked columns of output rows r0..r0+h of images xb [n,(H+3)*(W+3),C] (from `border_channels_last`,
+    H = height): offset [n,18,h,W], mask [n,9,h,W] -> S [n*h*W, 9*C] (pixel-major rows, column k*C + ci).
 
     Coordinates are clamped to [-1, H] x [-1, W] first: outside that box torchvision's value and gradients
     are zero, and at the box edge the clamped tap has fraction 0 and its far corner on a zero row/column,
@@ -135,13 +139,19 @@ def gather_chunk(
     stride = w + 3
     base = (torch.arange(n, device=xb.device, dtype=torch.int64) * xb.shape[1]).view(n, 1, 1, 1)
     i00 = base + ((y0 + 1) * stride + (x0 + 1)).to(torch.int64)  # top-left corner in the bordered image
+    if xb.shape[0] * xb.shape[1] < 2**31:  # int32 indices: half the index traffic
+        i00 = i00.to(torch.int32)
     idx = torch.stack((i00, i00 + 1, i00 + stride, i00 + (stride + 1)), dim=-1)  # [n,h,W,9,4]
     m = mask.to(xb.dtype).permute(0, 2, 3, 1)  # [n,h,W,9]
     top, bottom = (1 - fy) * m, fy * m  # the mask folded into the bilinear weights
     wts = torch.stack((top * (1 - fx), top * fx, bottom * (1 - fx), bottom * fx), dim=-1)  # [n,h,W,9,4]
     s = F.embedding_bag(idx.view(-1, 4), xb.reshape(-1, c), per_sample_weights=wts.view(-1, 4), mode="sum")
-    w2 = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c).to(mm_dtype)  # [Co, 9*C], column k*C + ci
-    return (s.view(n * h * w, 9 * c).to(mm_dtype) @ w2.t()).view(n, h, w, -1)  # ONE matmul over (C_in x 9)
+    return s.view(n * h * w, 9 * c)
+
+
+def gather_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[Co,C,3,3] -> [Co, 9*C], column k*C + ci: out [n*h*W, Co] = S @ W_mat^T."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -73,9 +73,12 @@ def test_grid_sample_offset_gradient_at_integer_positions_needs_the_pow2_padding
     assert [K._pow2_plus_one(n) for n in (1, 2, 3, 5, 6, 16, 17, 18, 256)] == [2, 2, 3, 5, 9, 17, 17, 33, 257]
     x, off, w, m = _inputs(1, 4, 16, 16, kind="zero")
     ref = _run(_torchvision, (x, off, w, m))[2]
-    plain = _run(lambda x_, o, w_, m_: K.sample_chunk(x_, o, m_, w_, 0, torch.float32), (x, off, w, m))[2]
-    padded = _run(lambda x_, o, w_, m_: K.sample_chunk(K.pow2_pad(x_), o, m_, w_, 0, torch.float32),
-                  (x, off, w, m))[2]
+
+    def conv(image, o, w_, m_):  # [1,Co,16,16] from the grid_sample columns of `image`
+        return (K.sample_weight(w_) @ K.sample_columns(image, o, m_, 0)).view(1, -1, 16, 16)
+
+    plain = _run(lambda x_, o, w_, m_: conv(x_, o, w_, m_), (x, off, w, m))[2]
+    padded = _run(lambda x_, o, w_, m_: conv(K.pow2_pad(x_), o, w_, m_), (x, off, w, m))[2]
     wrong = (plain - ref).abs() > 1e-2
     assert wrong.float().mean() > 0.01  # the unpadded image gets a visible share of the gradients wrong
     assert (padded - ref).abs().max() <= 1e-4
