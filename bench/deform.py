@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "profile": args.profile} for i in args.kd_impls.split(",")]
         for s in specs:
             s.setdefault("threads", th)
-    rows = []
+    rows, load_before = [], os.getloadavg()
     for spec in specs:
         spec.update(device=device, size=args.size, amp=amp)
         t0 = time.perf_counter()
@@ -292,8 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"auto (threads {r['threads']}) {key}: {v['choice']} ({secs})")
         if r.get("profile"):
             print(f"\nprofile of one KD step, {r['impl']}:\n{r['profile']}")
+    load = {"before": load_before, "after": os.getloadavg()}  # 1/5/15-minute load: other work on the machine
+    print(f"load average before {load_before[0]:.2f}, after {load['after'][0]:.2f} (on {os.cpu_count()} cores)")
     result = {"env": {"device": device, "device_name": name, "torch": torch.__version__, "amp": amp,
-                      "size": args.size, "memory": memory}, "rows": rows}
+                      "size": args.size, "memory": memory, "load_average": load, "cores": os.cpu_count()},
+              "rows": rows}
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=2))

@@ -43,7 +43,7 @@ def _ort(path, x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("name", ["airnet", "restormer"])
 def test_round_trip_dynamic_batch_and_sizes(name, tmp_path):
     model = _tiny(name)
-    path = E.export_onnx(model, tmp_path / f"{name}.onnx")
+    path = E.export_onnx(model, tmp_path / f"{name}.onnx")  # AirNet: DeformConv nodes
     assert E.check_onnx(path, model, _photos()) <= 1e-4  # real photos at their own sizes, through the size policy
     g = torch.Generator().manual_seed(1)
     for batch, (h, w) in ((3, (16, 24)), (1, (40, 32))):  # one file, other batches and sizes than traced
@@ -54,15 +54,18 @@ def test_round_trip_dynamic_batch_and_sizes(name, tmp_path):
         assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
 
 
-def test_airnet_as_deformconv_nodes(tmp_path):
+def test_airnet_as_gridsample_or_deformconv_nodes(tmp_path):
     onnx = pytest.importorskip("onnx")
     model = _tiny("airnet")
-    path = E.export_onnx(model, tmp_path / "dc.onnx", opset=19, deform_op="deformconv")
+    path = E.export_onnx(model, tmp_path / "gs.onnx", opset=16, deform_op="gridsample")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "DeformConv" in ops and "GridSample" not in ops
+    assert "GridSample" in ops and "DeformConv" not in ops
     assert E.check_onnx(path, model, _photos()) <= 1e-4
-    grid_ops = {n.op_type for n in onnx.load(str(E.export_onnx(model, tmp_path / "gs.onnx"))).graph.node}
-    assert "GridSample" in grid_ops and "DeformConv" not in grid_ops
+    x = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert np.abs(_ort(path, x) - model(x).numpy()).max() <= 1e-4  # dynamic batch and size here too
+    default_ops = {n.op_type for n in onnx.load(str(E.export_onnx(model, tmp_path / "dc.onnx"))).graph.node}
+    assert "DeformConv" in default_ops and "GridSample" not in default_ops
 
 
 def test_export_model_from_a_checkpoint_and_int8(tmp_path):
@@ -71,7 +74,8 @@ def test_export_model_from_a_checkpoint_and_int8(tmp_path):
     result = E.export_model(ckpt, tmp_path / "out" / "student.onnx", images=_photos())
     assert result.path.is_file() and result.bytes == result.path.stat().st_size
     assert result.params == count_parameters(model) and 0 < result.onnx_params < result.params  # MoCo keys dropped
-    assert result.max_diff <= 1e-4 and result.opset == 17 and result.name == "half-airnet"
+    assert result.max_diff <= 1e-4 and result.name == "half-airnet"
+    assert result.opset == 19 and result.deform_op == "deformconv"
     q = E.quantize_dynamic_int8(result.path, tmp_path / "student-int8.onnx")
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -85,7 +89,7 @@ def test_export_model_from_a_checkpoint_and_int8(tmp_path):
 def test_clear_errors(tmp_path):
     model = _tiny("airnet")
     with pytest.raises(ValueError, match="needs opset >= 16"):
-        E.export_onnx(model, tmp_path / "a.onnx", opset=15)
+        E.export_onnx(model, tmp_path / "a.onnx", opset=15, deform_op="gridsample")
     with pytest.raises(ValueError, match="needs opset >= 19"):
         E.export_onnx(model, tmp_path / "a.onnx", opset=17, deform_op="deformconv")
     with pytest.raises(ValueError, match="deform_op must be one of"):
