@@ -213,9 +213,10 @@ def main(argv: list[str] | None = None) -> dict:
                 res = run_child(spec)
                 rows.append({**spec, **res, "framework": fw, "teacher": teacher, "params": params[name],
                              "onnx_bytes": onnx.stat().st_size})
-                print(f"  {fw} {name} {w}x{h} threads {th}: "
-                      f"{res.get('error') or format(res['latency_ms'], '.0f') + ' ms'} "
+                shown = res.get("error") or f"{res['latency_ms']:.0f} ms, peak {res['peak_mib']:.0f} MiB"
+                print(f"  {fw} {name} {w}x{h} threads {th}: {shown} "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        torch.set_num_threads(1)  # the INT8 study trains in this process: one thread (a busy 2-core box)
         int8 = None if args.skip_int8 else int8_study(args, Path(tmp), sizes)
     lines = ["| size | threads | framework | network | params (M) | ONNX (MB) | latency (ms) | peak (MiB) "
              "| params ratio | latency ratio | memory ratio |", "|" + "---|" * 11]
