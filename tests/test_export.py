@@ -97,3 +97,19 @@ def test_clear_errors(tmp_path):
     path = E.export_onnx(model, tmp_path / "a.onnx")
     with pytest.raises(ValueError, match="uint8"):
         E.check_onnx(path, model, [np.zeros((16, 16, 3), np.float32)])
+
+
+def test_the_export_command_writes_a_checked_onnx_and_an_int8_copy(tmp_path):
+    from click.testing import CliRunner
+
+    from distill.registry import save_model
+    from pipelines.cli import main
+
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "student", build("restormer", dim=8, num_blocks=(1, 1, 1, 1),
+                                                  num_refinement_blocks=1, heads=(1, 1, 1, 1)))
+    result = CliRunner().invoke(main, ["export", "--model", str(ckpt), "--out", str(tmp_path / "s.onnx"),
+                                       "--int8", str(tmp_path / "s8.onnx")])
+    assert result.exit_code == 0, result.output
+    diff = float(result.output.split("largest difference from PyTorch ")[1].split(";")[0])
+    assert diff <= 1e-4 and (tmp_path / "s.onnx").stat().st_size > 0 and (tmp_path / "s8.onnx").is_file()
