@@ -52,7 +52,8 @@ def _config(root: Path) -> dict:
 
     derain = task(rain, {"Rain100L": rain["val/clean"].parent, "SPA": snow["val/clean"].parent})
     derain["restormer_teacher"] = {"arch": "restormer", "kwargs": RESTORMER}
-    return {"out": "exp", "sd": "tiny", "seed": 0, "device": "cpu", "scale": json.loads(json.dumps(TINY_SCALE)),
+    return {"out": "exp", "sd": "tiny", "seed": 0, "device": "cpu", "vs_teacher": True,
+            "scale": json.loads(json.dumps(TINY_SCALE)),
             "tasks": {"derain": derain, "desnow": task(snow, {"Snow100K": snow["val/clean"].parent}),
                       "all": {"mix": ["derain", "desnow"], "teacher": {"kwargs": TEACHER_KWARGS}}},
             "tables": TABLE_NAMES}
@@ -110,6 +111,19 @@ def test_config_errors_name_the_field(tmp_path, change, message):
     assert message in _error(tmp_path, change)
 
 
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    data = _config(tmp_path)
+    data["tasks"]["derain"]["test"]["SPA"] = 3
+    result = CliRunner().invoke(main, ["experiments", str(_write(tmp_path, data))])
+    assert result.exit_code == 2
+    assert result.output.strip().endswith("tasks.derain.test.SPA: expected a non-empty string, got 3")
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_config_resolves_paths_and_fills_the_mixed_task(tmp_path):
     cfg = load_config(_write(tmp_path, _config(tmp_path)))
     assert cfg.out == tmp_path / "exp"
@@ -124,6 +138,27 @@ def test_config_resolves_paths_and_fills_the_mixed_task(tmp_path):
     missing["tasks"]["derain"]["web_clean"] = "nowhere"
     with pytest.raises(FileNotFoundError, match="tasks.derain.web_clean: not found"):
         run_experiments(load_config(_write(tmp_path, missing)), progress=False, log=lambda _: None)
+
+
+def test_missing_parts_skip_rows_and_tables_with_the_reason(tmp_path):
+    data = _config(tmp_path)
+    derain = data["tasks"]["derain"]
+    (tmp_path / "t.pth").write_bytes(b"")
+    derain["teacher"] = {"checkpoint": "t.pth"}  # a given teacher and no original pairs: no Student, no Data
+    data["tasks"]["all"]["teacher"] = {"checkpoint": "t.pth"}
+    del derain["restormer_teacher"], derain["test"]["SPA"], derain["web_degraded"]
+    data["tables"] = {"1": {}, "3": {"task": "all"}, "4": {}, "5": {}, "2": {}}
+    lines: list[str] = []
+    report = run_experiments(load_config(_write(tmp_path, data)), report_only=True, log=lines.append)
+    text = report.read_text()
+    for line in ("table 1, row Student: task 'derain' lacks the teacher's original paired data",
+                 "table 1, row D4IR: task 'derain' lacks a web_degraded folder",
+                 "table 3, row M1: weather 'all' has no text prompt",
+                 "table 4: task 'derain' has no test set 'SPA' (its test sets: Rain100L)",
+                 "table 5: task 'derain' has no restormer_teacher",
+                 "table 2: the config has no task 'dehaze'"):
+        assert line in text, line
+    assert "| Teacher | Teacher | not run yet |" in text and "DFSR (GAN generator) | not run yet" in text
 
 
 # ------------------------------------------------------------------------------------- the matrix
@@ -147,7 +182,7 @@ def test_matrix_writes_every_eval_and_the_report(matrix):
     assert set(evals) == expected
     for key, e in evals.items():
         assert e["count"] == 6 and 0 < e["mean"]["psnr"] < 100 and 0 < e["mean"]["ssim_y"] <= 1, key
-        assert e["method"] == ROWS[key[2]].label
+        assert e["method"] == ROWS[key[2]].label and ("ref_psnr" in e["mean"]) == (key[2] != "Teacher")
     # Table 5's student is the Restormer teacher at half width (dim 8 -> 4), Table 1's an AirNet
     assert json.loads((out / "derain/students/restormer-student/student.json").read_text())["kwargs"]["dim"] == 4
     assert evals[("derain", "restormer", "Student", "Rain100L")]["params"] < evals[
@@ -164,9 +199,9 @@ def test_matrix_writes_every_eval_and_the_report(matrix):
     for name in TABLE_NAMES:
         assert f"## {TABLES[name].title}" in report
         assert (out / "samples" / f"table-{name}.png").stat().st_size > 0
-    t1 = PUBLISHED["1"]["D4IR"]
-    assert re.search(rf"\| KD \| D4IR [^|]*\| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| {t1[0]:.2f} \| "
-                     rf"{t1[1]:.3f} \| {t1[2]:.2f} \| \d+ \|", report)
+    t1 = PUBLISHED["1"]["D4IR"]  # Params, PSNR, SSIM, PSNR Y, SSIM Y, vs teacher (2), the paper's 3, time
+    assert re.search(rf"\| KD \| D4IR [^|]*\|( [\d.]+ \|){{7}} {t1[0]:.2f} \| {t1[1]:.3f} \| {t1[2]:.2f} \| \d+ \|",
+                     report)
     assert "no published column" in report and "not run yet" not in report and "## Caveat" in report
     assert (out / "figures" / "curves-derain.png").exists() and "## Time per step" in report
 

@@ -203,6 +203,8 @@ class ExperimentConfig:
         seed: the seed of every stage.
         device: cpu, cuda or cuda:N (default: cuda when available).
         threads: torch CPU threads (default: torch's).
+        vs_teacher: also score every row against the teacher's outputs (ref_* metrics in eval.json, a column in
+            the report); off by default, as it runs the teacher once more per test image and row.
         prepare: dataset builders to run, name -> the shared data folder they read (e.g. rain100l-split).
         tasks: name -> `TaskConfig`.
         tables: the tables to run (`TableSpec`), in report order.
@@ -215,6 +217,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str | None = None
     threads: int | None = None
+    vs_teacher: bool = False
     prepare: dict[str, Path] = field(default_factory=dict)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     tables: tuple[TableSpec, ...] = ()
@@ -224,10 +227,15 @@ class ExperimentConfig:
 
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
+        if not isinstance(self.vs_teacher, bool):
+            raise ValueError(f"vs_teacher: expected true or false, got {self.vs_teacher!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: expected a positive integer, got {self.threads!r}")
         if not isinstance(self.sd, str) or not self.sd.strip():
             raise ValueError(f"sd: expected an SD spec (e.g. tiny), got {self.sd!r}")
+        for name in ("sd_config", "device"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: expected a string, got {getattr(self, name)!r}")
         for name in self.prepare:
             if name not in BUILDERS:
                 raise ValueError(f"prepare: unknown dataset builder {name!r}; known: {', '.join(BUILDERS)}")

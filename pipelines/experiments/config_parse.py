@@ -22,7 +22,8 @@ from .config import (
 )
 from .tables import TABLES
 
-TOP = ("description", "out", "sd", "sd_config", "scale", "seed", "device", "threads", "prepare", "tasks", "tables")
+TOP = ("description", "out", "sd", "sd_config", "scale", "seed", "device", "threads", "vs_teacher", "prepare", "tasks",
+       "tables")
 TASK = ("weather", "teacher", "restormer_teacher", "web_degraded", "web_clean", "original", "test", "val", "mix")
 TEACHER = ("checkpoint", "train", "arch", "kwargs", "overrides")
 TABLE = ("task", "teacher", "tests", "rows")
@@ -161,6 +162,14 @@ def _tables(value: Any) -> tuple[TableSpec, ...]:
     return tuple(tables)
 
 
+def _local(spec: Any, base: Path) -> Any:
+    """An SD spec or config naming a path relative to the config file, made absolute; anything else as given
+    (tiny, a cached hub id)."""
+    if isinstance(spec, str) and spec != "tiny" and (base / spec).exists():
+        return str((base / spec).resolve())
+    return spec
+
+
 def parse_config(data: Any, base: Path, out: str | Path | None = None) -> ExperimentConfig:
     """The validated config of a parsed JSON object whose relative paths are relative to `base`."""
     top = _object(data, "config", TOP)
@@ -172,13 +181,12 @@ def parse_config(data: Any, base: Path, out: str | Path | None = None) -> Experi
     tasks = {name: _task(name, spec, paths) for name, spec in _dict(top.get("tasks", {}), "tasks").items()}
     tasks = {name: t if t.mix else _with_teacher(name, t) for name, t in tasks.items()}
     tasks = {name: _with_teacher(name, _mixed(name, t, tasks)) if t.mix else t for name, t in tasks.items()}
-    sd = top.get("sd", "tiny")
-    if isinstance(sd, str) and sd != "tiny" and (base / sd).exists():
-        sd = str((base / sd).resolve())  # a local SD relative to the config; anything else is a spec as given
+    sd, sd_config = (_local(top.get(k, default), base) for k, default in (("sd", "tiny"), ("sd_config", None)))
     return ExperimentConfig(
-        out=out_dir, sd=sd, sd_config=top.get("sd_config"),
+        out=out_dir, sd=sd, sd_config=sd_config,
         scale=ScaleConfig(**_object(top.get("scale", {}), "scale", ("preset", "teacher", "prompts", "synth",
                                                                      "distill"))),
         seed=top.get("seed", 0), device=top.get("device"), threads=top.get("threads"),
+        vs_teacher=top.get("vs_teacher", False),
         prepare={name: paths.path(v, f"prepare.{name}") for name, v in prepare.items()},
         tasks=tasks, tables=_tables(top.get("tables", [])))

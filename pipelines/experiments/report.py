@@ -1,11 +1,12 @@
 """OUT/report.md: every table as the paper prints it, with the paper's numbers beside ours.
 
-Per table and test set: Type | Method | Params (M) | PSNR | SSIM (RGB) | PSNR | SSIM (Y, BT.601) | the paper's
-PSNR | SSIM | Params | the seconds the row took, every number read from the row's eval.json; a sample grid
-(degraded | teacher | each row | ground truth on the first test images, OUT/samples/table-NAME.png); the
-training curves of each task (pipelines/figures.py); the time of every shared step; what was skipped and why;
-the notes of the prepared datasets. The report is rebuilt from the files on disk, so a partial run reports
-the rows it finished and names the others "not run yet".
+Per table and test set: Type | Method | Params (M) | PSNR | SSIM (RGB) | PSNR | SSIM (Y, BT.601) | (with
+vs_teacher: PSNR | SSIM against the teacher's outputs) | the paper's PSNR | SSIM | Params | the seconds the row
+took, every number read from the row's eval.json; a sample grid (degraded | teacher | each row | ground truth on
+central crops of the first test images, OUT/samples/table-NAME.png); the training curves of each task
+(pipelines/figures.py); the time of every shared step; what was skipped and why; the notes of the prepared
+datasets. The report is rebuilt from the files on disk, so a partial run reports the rows it finished and names
+the others "not run yet".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .steps import Context, teacher_seconds
 from .tables import ROWS, TEACHER_NAMES
 
 GRID_IMAGES = 3  # test images per sample grid
+GRID_SIDE = 192  # central crop of each, restored by every model
 
 TINY_SD_NOTE = (
     "The SD here is `tiny`: randomly initialised (no weights are downloaded), so every synthesized image (D4IR, "
@@ -54,6 +56,8 @@ def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
     """The markdown table of one test set of a planned table."""
     paper = table.name not in NOT_PUBLISHED
     head = "| Type | Method | Params (M) | PSNR (dB) | SSIM | PSNR Y (dB) | SSIM Y |"
+    ref = ctx.config.vs_teacher
+    head += " PSNR vs teacher | SSIM vs teacher |" if ref else ""
     head += " paper PSNR | paper SSIM | paper Params (M) |" if paper else ""
     lines = [head + " time (s) |", "|" + "---|" * head.count("|")]
     for key in table.rows:
@@ -62,11 +66,13 @@ def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
         named = scores and key in ("Teacher", "Student") and scores.get("name")
         cells = [row.type, f"{row.label} ({scores['name']})" if named else row.label]
         if scores is None:
-            cells += ["not run yet"] + ["-"] * 4
+            cells += ["not run yet"] + ["-"] * (6 if ref else 4)
         else:
             m = scores["mean"]
             cells += [f"{scores['params'] / 1e6:.2f}" if scores.get("params") else "-", f"{m['psnr']:.2f}",
                       f"{m['ssim']:.3f}", f"{m['psnr_y']:.2f}", f"{m['ssim_y']:.3f}"]
+            if ref:
+                cells += [f"{m['ref_psnr']:.2f}", f"{m['ref_ssim']:.3f}"] if "ref_psnr" in m else ["-", "-"]
         if paper:
             p = published(table.name, key)
             cells += [f"{p[0]:.2f}", f"{p[1]:.3f}", f"{p[2]:.2f}" if p[2] else "-"] if p else ["-"] * 3
@@ -75,8 +81,15 @@ def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
     return "\n".join(lines)
 
 
+def _center(img, side: int):
+    """The central side x side window of an image [H, W, 3] (the whole image when smaller)."""
+    top, left = max(0, (img.shape[0] - side) // 2), max(0, (img.shape[1] - side) // 2)
+    return img[top : top + side, left : left + side]
+
+
 def table_grid(ctx: Context, table: PlannedTable, out: Path) -> Path | None:
-    """degraded | teacher | each finished row | ground truth on the first test images of the table."""
+    """degraded | teacher | each finished row | ground truth on central GRID_SIDE crops of the first test images
+    of the table; kept while no model is newer than it."""
     import torch
 
     from distill.inference import restore
@@ -84,21 +97,30 @@ def table_grid(ctx: Context, table: PlannedTable, out: Path) -> Path | None:
     from shards.images import read_rgb, to_tensor, to_uint8
     from shards.pairs import find_pairs
 
-    columns = []
+    models = []
     for key in ["Teacher"] + [k for k in table.rows if k not in ("Teacher", "Input")]:
         record = _record(ctx, table, key)
         if record and Path(record["model"]).exists():
-            columns.append((key, load_model(record["model"])[0].eval()))
-    if not columns:
+            models.append((key, Path(record["model"])))
+    if not models:
         return None
+    labels = ["degraded"] + [k for k, _ in models] + ["ground truth"]
+    stamp = out.with_suffix(".json")  # what the grid shows; a grid of other models is redrawn
+    shown = {"labels": labels, "models": [str(p) for _, p in models]}
+    newest = max(p.stat().st_mtime_ns for _, p in models)
+    if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == shown and out.stat().st_mtime_ns > newest:
+        return out
+    nets = [load_model(p)[0].eval() for _, p in models]
     rows = []
     for pair in find_pairs(ctx.test_dir(table.task, table.tests[0]))[:GRID_IMAGES]:
-        degraded, clean = read_rgb(pair.degraded, min_side=1), read_rgb(pair.clean, min_side=1)
-        x = to_tensor(degraded)[None]  # [1, 3, H, W]
+        degraded = _center(read_rgb(pair.degraded, min_side=1), GRID_SIDE)
+        x = to_tensor(degraded)[None]  # [1, 3, S, S]
         with torch.no_grad():
-            rows.append([degraded] + [to_uint8(restore(model, x)[0]) for _, model in columns] + [clean])
-    labels = ["degraded"] + [k for k, _ in columns] + ["ground truth"]
-    return sample_grid(rows, out, labels=labels, cell=112)
+            restored = [to_uint8(restore(net, x)[0]) for net in nets]
+        rows.append([degraded] + restored + [_center(read_rgb(pair.clean, min_side=1), GRID_SIDE)])
+    sample_grid(rows, out, labels=labels, cell=112)
+    atomic_write_json(stamp, shown)
+    return out
 
 
 def _teacher_line(ctx: Context, table: PlannedTable) -> str:

@@ -88,10 +88,12 @@ def _evaluate(ctx: Context, task: str, field: str, row: RowDef, model: str, teac
     pairs = ctx.test_dir(task, test)
     out = row_dir(ctx, task, field, row.key) / slug(test) / EVAL_FILE
     t0 = time.perf_counter()
-    stages.evaluate(model, pairs, out, reference=None if row.key == "Teacher" else teacher, device=ctx.device,
+    reference = teacher if ctx.config.vs_teacher and row.key != "Teacher" else None
+    stages.evaluate(model, pairs, out, reference=reference, device=ctx.device,
                     progress=False, type=row.type, method=row.label, task=task, teacher=field, row=row.key,
                     test=test)
-    return {"eval": str(out), "pairs": str(pairs), "seconds": round(time.perf_counter() - t0, 1)}
+    return {"eval": str(out), "pairs": str(pairs), "vs_teacher": reference is not None,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run_row(ctx: Context, task: str, field: str, key: str, tests: list[str]) -> dict:
@@ -115,7 +117,9 @@ def run_row(ctx: Context, task: str, field: str, key: str, tests: list[str]) -> 
 
     marker = row_dir(ctx, task, field, key) / DONE_FILE
     record = marked(marker, settings, run, title=f"{task}: {key} ({TEACHER_NAMES[field]} teacher)", log=ctx.log)
-    missing = [t for t in tests if record["evals"].get(t, {}).get("pairs") != str(ctx.test_dir(task, t))]
+    want = ctx.config.vs_teacher and key != "Teacher"
+    missing = [t for t in tests if (record["evals"].get(t, {}).get("pairs"), record["evals"].get(t, {}).get(
+        "vs_teacher", want)) != (str(ctx.test_dir(task, t)), want)]
     for t in missing:
         ctx.log(f"== {task}: {key}, scoring on {t}")
         record["evals"][t] = _evaluate(ctx, task, field, row, record["model"], teacher, t)

@@ -60,7 +60,7 @@ def _missing(config: ExperimentConfig, task: str, key: str, has_text: _TextCheck
     for need in ROWS[key].needs:
         if need in FOLDER_FIELDS and t.part(need) is None:
             what = "the teacher's original paired data" if need == "original" else f"a {need} folder"
-            return f"task {task!r} has no {what} (`{need}`)"
+            return f"task {task!r} lacks {what} (`{need}`)"
         if need == "text" and t.weather not in WEATHER_TEXT:
             return f"weather {t.weather!r} has no text prompt (synth.plan.WEATHER_TEXT)"
         if need == "text" and not has_text():
