@@ -1,4 +1,5 @@
-"""The `d4ir` helper commands: data, models, eval, probe, shards, report and demo (pipelines/cli.py adds them)."""
+"""The `d4ir` helper commands: data, models, eval, probe, shards, report, demo and experiments (pipelines/cli.py
+adds them)."""
 
 from __future__ import annotations
 
@@ -261,4 +262,24 @@ def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
         click.echo(f"INT8: {q.stat().st_size / 2**20:.1f} MiB; wrote {q}")
 
 
-COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo, export_cmd]
+@click.command()
+@click.argument("config", type=_existing)
+@click.option("--out", type=_path, help="The experiments folder (default: the config's `out`).")
+@click.option("--table", "tables", multiple=True, help="Run only this table (repeatable): 1-5, desnow, all.")
+@click.option("--report-only", is_flag=True, help="Rebuild OUT/report.md from the finished rows; train nothing.")
+def experiments(config: Path, out: Path | None, tables: tuple[str, ...], report_only: bool) -> None:
+    """The paper's tables from one JSON config, resumable: every row once, its eval.json per test set.
+
+    \b
+    The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the datasets
+    to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1 deraining,
+    2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips finished rows
+    and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. See README.md.
+    """
+    from pipelines.experiments import load_config, run_experiments
+
+    cfg = load_config(config, out)
+    run_experiments(cfg, only=list(tables) or None, report_only=report_only, log=click.echo)
+
+
+COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo, export_cmd, experiments]
