@@ -7,7 +7,7 @@ Prints (and writes with --json-out) images/s of both, their ratio, peak memory, 
 samplers' images for the same seeds (a correctness check, loose in fp16).
 
 CPU smoke run (about a minute):  python bench/synth.py --model tiny --device cpu
-GPU (see bench/gpu_synth.sh):     python bench/synth.py --model sd15-layout --device cuda --dtype float16 \
+GPU (bench/gpu_bench.py runs more): python bench/synth.py --model sd15-layout --device cuda --dtype float16 \
                                       --size 256 --batch 128 --n-images 512 --channels-last --compile all
 The pipeline baseline always runs the plain modules (no channels-last, no compile), as a user would.
 """
@@ -29,12 +29,12 @@ sys.path.insert(0, str(_HERE.parent))
 
 import torch  # noqa: E402
 
+from bench.gpu_common import peak_tflops  # noqa: E402
 from synth.ccd import CCDConfig, ccd_flops, ccd_sample  # noqa: E402
 from synth.reference import diffusers_img2img  # noqa: E402
 from synth.sd import SDParts, load_sd  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense fp16/bf16 tensor-core peaks
 COST_MODEL_SD15_256 = 35 * 0.180 + 0.273 + 0.622  # TFLOP per image, docs/design.md ("Numbers")
 
 
@@ -70,15 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override is not None:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def peak_memory_gb(device: torch.device) -> float:

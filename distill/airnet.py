@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import deform_conv2d
+
+from distill.deform import IMPLS, deform_conv3x3
 
 _SLOPE = 0.1  # every activation in AirNet is LeakyReLU(0.1)
 
@@ -175,15 +176,17 @@ class CBDE(nn.Module):
 class DCNLayer(nn.Module):
     """Modulated deformable conv 3x3 (DCNv2) whose offsets and mask come from [x, inter].
 
-    torchvision's deform_conv2d matches mmcv's modulated_deform_conv2d (same offset layout: channel 2k
-    is dy and 2k+1 is dx of tap k; same zero-outside bilinear rule), so no re-ordering is needed.
+    `distill.deform.deform_conv3x3` computes mmcv's modulated_deform_conv2d (= torchvision's deform_conv2d:
+    channel 2k is dy and 2k+1 is dx of tap k; zero-outside bilinear rule), so no re-ordering is needed.
 
     Args:
         channels: in = out channels (n_feats); `inter` must have the same width.
+        deform: implementation (distill.deform.IMPLS); None: the process default. Not a weight or a config key.
     """
 
-    def __init__(self, *, channels: int) -> None:
+    def __init__(self, *, channels: int, deform: str | None = None) -> None:
         super().__init__()
+        self.deform = deform
         self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))  # no bias in the official model
         # 27 = 2*9 offsets + 9 mask logits; zero-initialised so training starts as a plain conv.
         self.conv_offset_mask = nn.Conv2d(2 * channels, 27, 3, padding=1, bias=True)
@@ -196,7 +199,7 @@ class DCNLayer(nn.Module):
         om = self.conv_offset_mask(torch.cat([x, inter], dim=1))  # [B,27,H,W]
         o1, o2, logits = torch.chunk(om, 3, dim=1)
         offset = torch.cat([o1, o2], dim=1)  # [B,18,H,W]
-        return deform_conv2d(x, offset, self.weight, None, padding=1, mask=torch.sigmoid(logits))
+        return deform_conv3x3(x, offset, self.weight, torch.sigmoid(logits), impl=self.deform)
 
 
 class SFTLayer(nn.Module):
@@ -324,11 +327,12 @@ class AirNet(nn.Module):
         queue_size: MoCo queue length K (1280 for All.pth, 768 Denoise, 256 Derain/Dehaze).
         n_groups: DGGs in the restorer.
         n_blocks: DGBs per DGG.
+        deform: deformable-conv implementation of every DCN layer (see `set_deform`); not part of `config`.
     """
 
     def __init__(
         self, *, n_feats: int = 64, encoder_first: int = 64, queue_size: int = 1280, n_groups: int = 5,
-        n_blocks: int = 5,
+        n_blocks: int = 5, deform: str | None = None,
     ) -> None:
         super().__init__()
         if encoder_first != n_feats:
@@ -346,6 +350,17 @@ class AirNet(nn.Module):
         )
         self.R = DGRN(n_feats=n_feats, n_groups=n_groups, n_blocks=n_blocks)
         self.E = CBDE(first=encoder_first, queue_size=queue_size)
+        self.set_deform(deform)
+
+    def set_deform(self, impl: str | None) -> AirNet:
+        """Use `impl` ("auto", "gather", "sample", "torchvision"; None: distill.deform's process default) in every
+        DCN layer; weights and state_dict keys are unchanged."""
+        if impl is not None and impl not in IMPLS:
+            raise ValueError(f"AirNet deform must be one of {IMPLS} or None, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, DCNLayer):
+                m.deform = impl
+        return self
 
     def forward(self, x_query: torch.Tensor, x_key: torch.Tensor | None = None):
         if x_query.ndim != 4 or x_query.shape[1] != 3:

@@ -1,4 +1,8 @@
-"""Where stage 3's batches come from: a shard round, checked whole, streamed through webdataset and a DataLoader.
+"""Where stage 3's batches come from: a shard round (D4IR), images in memory (the Data and M0 baselines) or a
+generator trained against the student (DFSR, DFMC); `open_source` picks one from the config, and every source
+gives `next(rng, device) -> [B, 3, crop, crop]` and `set_epoch(epoch)`.
+
+A shard round is checked whole and streamed through webdataset and a DataLoader.
 
 Before a round is used, every shard is checked against its stats (present, size, sha256, sample count) and the
 manifest's plan (`shards.verify.verify_shards`): a damaged round is an error naming the shard, unless the caller
@@ -15,18 +19,27 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from shards.layout import parse_shard, shard_name
+from shards.embeddings import load_embeddings
+from shards.layout import RunLayout, parse_shard, shard_name
+from shards.pairs import find_pairs
 from shards.reader import shard_dataset, shard_urls
 from shards.verify import verify_shards
-from shards.writer import read_stats
+from shards.writer import check_manifest, read_manifest, read_stats
+from synth.sd import SDSource, load_sd_cached
+from synth.worker import check_sd
 
+from .config import DistillConfig
 from .data import random_crop, to_batch
+from .datafree import AdversarialSource
+from .ddp import DistContext
+from .feedback import FeedbackLoop, image_source, synth_config_of
 
 log = logging.getLogger(__name__)
 _SHARD_IN = re.compile(r"\b(\d{6,})\.(?:tar|stats\.json)\b")
@@ -143,3 +156,66 @@ class ImageBatches:
     def next(self, rng: np.random.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         picks = rng.integers(0, len(self.images), self.batch_size)
         return to_batch([random_crop(rng, self.crop, self.images[i])[0] for i in picks], device)
+
+
+@dataclass
+class Opened:
+    """What `open_source` found: the batch source, and for D4IR the feedback loop and the round trained on."""
+
+    source: ShardBatches | ImageBatches | AdversarialSource
+    loop: FeedbackLoop | None = None
+    round: int | None = None
+
+    @property
+    def adversarial(self) -> AdversarialSource | None:
+        return self.source if isinstance(self.source, AdversarialSource) else None
+
+
+def round_batches(layout: RunLayout, n: int, name: str, config: DistillConfig, ctx: DistContext) -> ShardBatches:
+    """Round n's batches: round 0 and a pinned round from RUN/shards, regeneration rounds from the student's."""
+    folder = layout.round_shards(n, None if n == 0 or config.round is not None else name)
+    return ShardBatches(folder, config, rank=ctx.rank, world=ctx.world, skip_damaged=config.skip_damaged_shards)
+
+
+def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
+    """The round training starts on (the pinned one, else round 0) and its manifest, checked to be finished and
+    made with the prompts of this run."""
+    start = config.round if config.round is not None else 0
+    folder = layout.round_shards(start)
+    manifest = read_manifest(folder)
+    if not manifest.get("complete", False):
+        raise ValueError(f"shard round {start} ({folder}) is incomplete (its synthesis was interrupted): "
+                         "rerun `d4ir synth` for it")
+    if start == 0 and (layout.prompts / "embeddings.safetensors").exists():
+        check_manifest(folder, {"encoder_sha256": load_embeddings(layout.prompts).metadata.get("encoder_sha256", "")})
+    return start, manifest
+
+
+def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistContext, teacher, *, amp: bool,
+                sd_source=None, degraded_dir=None, clean_dir=None, original_dir=None) -> Opened:
+    """The batch source of `config.data` (and, in D4IR's joint phase, the feedback loop through the frozen SD)."""
+    device = ctx.device
+    if config.data in ("dfsr", "dfmc"):
+        datafree = replace(config.datafree, method=config.data, loss=config.loss, seed=config.seed)
+        return Opened(AdversarialSource(config.crop, config.batch_size, datafree, device, teacher=teacher,
+                                        rank=ctx.rank))
+    if config.data in ("original", "web"):
+        folder = degraded_dir if config.data == "web" else find_pairs(original_dir)[0].degraded.parent
+        return Opened(ImageBatches(image_source(folder), batch_size=config.batch_size, crop=config.crop))
+    current, manifest = _open_round(layout, config)
+    loop = None
+    if sd_source is not None or config.joint:
+        sd_from = SDSource.of(sd_source or SDSource(manifest["sd"], manifest.get("sd_config")))
+        # identity first, in the dtype the round was made in (the fingerprint covers the dtype)
+        sd = load_sd_cached(sd_from, device, manifest.get("dtype", "float32"))
+        check_sd(manifest, sd, sd_from, layout.round_shards(current))
+        if config.joint:
+            if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
+                sd = load_sd_cached(sd_from, device, "float32")
+            base = read_manifest(layout.round_shards(0))
+            if config.round_every and not Path(base["clean_dir"]).is_dir():
+                raise FileNotFoundError(f"round 0 was synthesized from {base['clean_dir']}, which is gone: the "
+                                        "regeneration rounds need the same clean photos (or --round-every 0)")
+            loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
+                                device=device)
+    return Opened(round_batches(layout, current, name, config, ctx), loop, current)

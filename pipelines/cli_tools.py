@@ -1,4 +1,5 @@
-"""The `d4ir` helper commands: data, models, eval, probe, shards, report and demo (pipelines/cli.py adds them)."""
+"""The `d4ir` helper commands: data, models, eval, probe, shards, report, demo and experiments (pipelines/cli.py
+adds them)."""
 
 from __future__ import annotations
 
@@ -234,4 +235,51 @@ def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> Non
     run_demo(data, run, task=task, seed=seed, device=device or "cpu")
 
 
-COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo]
+@click.command("export")
+@click.option("--model", "model_path", type=_existing, required=True, help="A checkpoint (ours or an official .pth).")
+@click.option("--out", type=_path, required=True, help="The .onnx file to write.")
+@click.option("--images", type=_existing, help="Images to check the export on (default: a few bundled photos).")
+@click.option("--deform-op", type=click.Choice(["deformconv", "gridsample"]), default="deformconv",
+              show_default=True, help="AirNet's deformable conv as ONNX DeformConv (fast in onnxruntime) or as "
+              "GridSample + MatMul (portable to runtimes without DeformConv).")
+@click.option("--int8", "int8_out", type=_path, help="Also write a dynamically INT8-quantized copy here.")
+def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
+    """Export a restoration network to ONNX (dynamic batch, height and width) for the device it is made for.
+
+    After export, onnxruntime runs the file on a few real images at their own sizes and the largest difference
+    from PyTorch is printed (it must be at most 1e-4 in fp32). Needs the `export` extra (onnx, onnxruntime).
+    """
+    from distill.export import export_model, quantize_dynamic_int8
+    from shards.folders import scan_images
+    from shards.images import read_rgb
+
+    checks = [read_rgb(p) for p in scan_images(images).paths[:4]] if images else None
+    r = export_model(model_path, out, checks, deform_op=deform_op)
+    click.echo(f"{r.name}: {r.params:,} parameters, {r.bytes / 2**20:.1f} MiB ONNX (opset {r.opset}, "
+               f"{r.deform_op}); largest difference from PyTorch {r.max_diff:.2e}; wrote {r.path}")
+    if int8_out:
+        q = quantize_dynamic_int8(r.path, int8_out)
+        click.echo(f"INT8: {q.stat().st_size / 2**20:.1f} MiB; wrote {q}")
+
+
+@click.command()
+@click.argument("config", type=_existing)
+@click.option("--out", type=_path, help="The experiments folder (default: the config's `out`).")
+@click.option("--table", "tables", multiple=True, help="Run only this table (repeatable): 1-5, desnow, all.")
+@click.option("--report-only", is_flag=True, help="Rebuild OUT/report.md from the finished rows; train nothing.")
+def experiments(config: Path, out: Path | None, tables: tuple[str, ...], report_only: bool) -> None:
+    """The paper's tables from one JSON config, resumable: every row once, its eval.json per test set.
+
+    \b
+    The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the datasets
+    to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1 deraining,
+    2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips finished rows
+    and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. See README.md.
+    """
+    from pipelines.experiments import load_config, run_experiments
+
+    cfg = load_config(config, out)
+    run_experiments(cfg, only=list(tables) or None, report_only=report_only, log=click.echo)
+
+
+COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo, export_cmd, experiments]

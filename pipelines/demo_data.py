@@ -80,6 +80,24 @@ def _load_photo(name: str) -> np.ndarray:
     return arr
 
 
+def cut_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int], bool]:
+    """One random square crop of `photo` [H,W,3] uint8 (side drawn in [size, MAX_CROP_FRACTION x shorter side],
+    redrawn up to 10 times while flatter than MIN_CROP_STD), resized to [size,size,3] uint8 and flipped at random;
+    also its box [y, x, side] and the flip."""
+    h, w = photo.shape[:2]
+    lo = min(size, h, w)
+    hi = max(lo, int(MAX_CROP_FRACTION * min(h, w)))
+    for _ in range(10):
+        side = int(rng.integers(lo, hi + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        flip = bool(rng.random() < 0.5)
+        patch = photo[y : y + side, x : x + side]
+        if patch.mean(axis=2).std() / 255.0 >= MIN_CROP_STD:
+            break
+    out = np.asarray(Image.fromarray(patch).resize((size, size), Image.LANCZOS))
+    return np.ascontiguousarray(out[:, ::-1] if flip else out), [y, x, side], flip
+
+
 def _cut_crops(
     photos: dict[str, np.ndarray], names: tuple[str, ...], n: int, size: int, rng: np.random.Generator
 ) -> list[tuple[dict, np.ndarray]]:
@@ -87,21 +105,9 @@ def _cut_crops(
     crops = []
     for k in range(n):
         name = names[k % len(names)]
-        photo = photos[name]
-        h, w = photo.shape[:2]
-        lo = min(size, h, w)
-        hi = max(lo, int(MAX_CROP_FRACTION * min(h, w)))
-        for _ in range(10):
-            side = int(rng.integers(lo, hi + 1))
-            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            flip = bool(rng.random() < 0.5)
-            patch = photo[y : y + side, x : x + side]
-            if patch.mean(axis=2).std() / 255.0 >= MIN_CROP_STD:
-                break
-        img = Image.fromarray(patch).resize((size, size), Image.LANCZOS)
-        arr = np.asarray(img)[:, ::-1] if flip else np.asarray(img)
+        arr, (y, x, side), flip = cut_crop(photos[name], size, rng)
         crops.append(
-            ({"stem": f"{name}_{k:03d}", "photo": name, "box": [y, x, side], "flip": flip}, np.ascontiguousarray(arr))
+            ({"stem": f"{name}_{k:03d}", "photo": name, "box": [y, x, side], "flip": flip}, arr)
         )
     return crops
 

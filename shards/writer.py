@@ -24,7 +24,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(
-    directory: str | Path, index: int, samples: Iterable[dict], *, extra_stats: dict | None = None
+    directory: str | Path, index: int, samples: Iterable[dict], *,
+    extra_stats: dict | Callable[[], dict] | None = None,
 ) -> dict:
     """Write shard `index` into `directory` and its stats file last; return the stats.
 
@@ -109,8 +110,9 @@ def write_shard(
         index: shard number; the files are `{index:06d}.tar` and `{index:06d}.stats.json`.
         samples: iterable of sample dicts (module docstring); failures ({"__key__", "__error__"}) are counted in
             `failures`; an exception raised by the iterable fails the shard (re-raised, nothing left behind).
-        extra_stats: JSON-serialisable values added to the stats (e.g. seconds, hashes); may not
-            override the core keys shard/index/count/failures/sha256/bytes.
+        extra_stats: JSON-serialisable values added to the stats (e.g. seconds, hashes), or a function
+            returning them, called when the tar is done (e.g. the shard's time); may not override the core keys
+            shard/index/count/failures/sha256/bytes.
     Returns:
         The stats dict: {"shard", "index", "count", "failures": [{"key", "error"}], "sha256", "bytes", ...}.
     Raises:
@@ -119,10 +121,16 @@ def write_shard(
         OutputFolderError: the folder is unwritable, read-only or full; no `.tar` is left behind.
     """
     directory = Path(directory)
-    extra = dict(extra_stats or {})
-    clash = sorted(set(extra) & set(_CORE_STATS))
-    if clash:
-        raise ValueError(f"extra_stats may not override core stats keys {clash}")
+
+    def extras() -> dict:
+        extra = dict((extra_stats() if callable(extra_stats) else extra_stats) or {})
+        clash = sorted(set(extra) & set(_CORE_STATS))
+        if clash:
+            raise ValueError(f"extra_stats may not override core stats keys {clash}")
+        return extra
+
+    if not callable(extra_stats):
+        extras()  # a clash is an error before anything is written
     name = shard_name(index)
     tar_path, stats_path = directory / name, directory / stats_name(index)
     tmp_path = directory / (name + ".tmp")
@@ -181,8 +189,12 @@ def write_shard(
         "failures": failures,
         "sha256": out.sha.hexdigest(),
         "bytes": out.size,
-        **extra,
     }
+    try:
+        stats |= extras()
+    except BaseException:
+        tar_path.unlink(missing_ok=True)
+        raise
     try:
         atomic_write_json(stats_path, stats)  # last: the completion marker
     except BaseException:

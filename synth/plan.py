@@ -83,6 +83,7 @@ class ShardJob:
         threads: torch's intra-op CPU threads for this job (0: leave the process's setting). CPU float sums
             depend on the thread count (about 1 value in 5000 moves by one grey level), so the run's count
             travels with the job and a dask worker (started with 1 thread) writes the same bytes.
+        encode_threads: threads encoding PNGs while the next batch samples (0: in the sampling thread).
     """
 
     index: int
@@ -95,6 +96,7 @@ class ShardJob:
     dtype: str = "float32"
     hashes: dict = field(default_factory=dict)
     threads: int = 0
+    encode_threads: int = 0
 
 
 def plan_jobs(

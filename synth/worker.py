@@ -8,7 +8,8 @@ distributor has the same signature, see `Distributor`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -94,45 +95,65 @@ def synthesize_shard(job: ShardJob) -> dict:
             torch.set_num_threads(previous)
 
 
+def _sampled(job: ShardJob, parts: SDParts) -> Iterator[tuple[list[dict], list[tuple], np.ndarray]]:
+    """Per batch of the job: (failed-sample records, the batch's items, synthesized images [b,S,S,3] uint8)."""
+    cfg, device = job.config, torch.device(job.device)
+    prompts_for = _prompt_source(job, parts)
+    for start in range(0, len(job.items), cfg.batch_size):
+        failed, batch, images = [], [], []
+        for key, path, row, seed in job.items[start : start + cfg.batch_size]:
+            try:
+                images.append(prepare_clean(read_rgb(path), cfg.ccd.size))
+                batch.append((key, path, row, seed))
+            except Exception as err:  # noqa: BLE001 - counted in the shard's failures
+                failed.append({"__key__": key, "__error__": f"{type(err).__name__}: {err}"})
+        if not batch:
+            yield failed, [], np.zeros((0, cfg.ccd.size, cfg.ccd.size, 3), np.uint8)
+            continue
+        clean = torch.stack(images).to(device, getattr(torch, job.dtype))
+        gens = [torch.Generator(device=device).manual_seed(b[3]) for b in batch]
+        out = ccd_sample(parts, clean, prompts_for([b[2] for b in batch], clean), gens, cfg.ccd)
+        yield failed, batch, out.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def _synthesize_shard(job: ShardJob) -> dict:
+    """The shard's samples in plan order. With `job.encode_threads`, batch k's PNGs are encoded in threads
+    (zlib releases the GIL) while batch k+1 is sampled, so the device does not wait on the encoder; the bytes
+    and their order are the same either way."""
     t0 = time.perf_counter()
     parts = load_sd_cached(job.sd, job.device, job.dtype)
-    prompts_for = _prompt_source(job, parts)
     cfg = job.config
-    device = torch.device(job.device)
 
-    def samples():
-        for start in range(0, len(job.items), cfg.batch_size):
-            batch, images = [], []
-            for key, path, row, seed in job.items[start : start + cfg.batch_size]:
-                try:
-                    images.append(prepare_clean(read_rgb(path), cfg.ccd.size))
-                    batch.append((key, path, row, seed))
-                except Exception as err:  # noqa: BLE001 - counted in the shard's failures
-                    yield {"__key__": key, "__error__": f"{type(err).__name__}: {err}"}
-            if not batch:
-                continue
-            clean = torch.stack(images).to(device, getattr(torch, job.dtype))
-            rows = [b[2] for b in batch]
-            gens = [torch.Generator(device=device).manual_seed(b[3]) for b in batch]
-            out = ccd_sample(parts, clean, prompts_for(rows, clean), gens, cfg.ccd)
-            out = out.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for (key, path, row, seed), img in zip(batch, out):
-                meta = {
-                    "clean": path,
-                    "prompt_row": row,
-                    "seed": seed,
-                    "lambda": cfg.ccd.strength,
-                    "steps": cfg.ccd.steps,
-                    "round": cfg.round,
-                    "prompt_mode": cfg.prompt_mode,
-                    "z0": cfg.ccd.z0,
-                    **job.hashes,
-                }
-                yield {"__key__": key, DEGRADED_FIELD: encode_png(np.ascontiguousarray(img)), "json": meta}
+    def record(item: tuple, png: bytes) -> dict:
+        key, path, row, seed = item
+        meta = {"clean": path, "prompt_row": row, "seed": seed, "lambda": cfg.ccd.strength, "steps": cfg.ccd.steps,
+                "round": cfg.round, "prompt_mode": cfg.prompt_mode, "z0": cfg.ccd.z0, **job.hashes}
+        return {"__key__": key, DEGRADED_FIELD: png, "json": meta}
 
-    stats = {"seconds": time.perf_counter() - t0}
-    return write_shard(Path(job.round_dir), job.index, samples(), extra_stats=stats)
+    def samples() -> Iterator[dict]:
+        pool = ThreadPoolExecutor(job.encode_threads) if job.encode_threads else None
+        previous = None
+        try:
+            for failed, batch, out in _sampled(job, parts):
+                images = [np.ascontiguousarray(img) for img in out]
+                pngs = [pool.submit(encode_png, img) for img in images] if pool else [encode_png(i) for i in images]
+                if previous is not None:
+                    yield from _emit(*previous, record)
+                previous = (failed, batch, pngs)
+            if previous is not None:
+                yield from _emit(*previous, record)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    return write_shard(Path(job.round_dir), job.index, samples(),
+                       extra_stats=lambda: {"seconds": time.perf_counter() - t0})
+
+
+def _emit(failed: list[dict], batch: list[tuple], pngs: list, record) -> Iterator[dict]:
+    yield from failed
+    for item, png in zip(batch, pngs):
+        yield record(item, png.result() if isinstance(png, Future) else png)
 
 
 @dataclass
@@ -266,7 +287,8 @@ def synthesize(
         raise OutputFolderError(err.errno, f"cannot create the output folder {out_dir}: {err.strerror}") from err
     with folder_lock(out_dir / LOCK_FILE):
         threads = _adopt(out_dir, manifest, jobs, sd, source, threads, hashes)
-        jobs = [replace(j, threads=threads) for j in jobs]
+        encode_threads = 4 if torch.device(device).type == "cuda" else 0  # on a CPU the cores are the sampler's
+        jobs = [replace(j, threads=threads, encode_threads=encode_threads) for j in jobs]
         manifest["cpu_threads"] = threads
         write_manifest(out_dir, manifest | {"complete": False})
         todo = [j for j in jobs if not shard_done(out_dir, j.index)]

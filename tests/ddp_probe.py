@@ -1,9 +1,10 @@
 """Observes one rank of a real `torchrun ... -m pipelines.cli distill` run for tests/test_distill_ddp.py.
 
 The test puts a `sitecustomize.py` on the workers' PYTHONPATH that calls `install` when D4IR_DDP_DUMP names a
-folder and torchrun's RANK is set. `install` wraps (never changes) what `distill.trainer.distill` builds: the
-student, the shard batches of each epoch and the feedback loop; at exit the rank writes what it ended with to
-D4IR_DDP_DUMP/rank<RANK>.pt (plain tensors and lists: read back with weights_only=True).
+folder and torchrun's RANK is set. `install` wraps (never changes) what `distill.trainer.distill` builds (the
+student) and opens through `distill.sources` (the shard batches of each epoch and the feedback loop); at exit
+the rank writes what it ended with to D4IR_DDP_DUMP/rank<RANK>.pt (plain tensors and lists: read back with
+weights_only=True).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 def install(out: str) -> None:
     import torch
 
+    import distill.sources as sources_mod
     import distill.trainer as trainer_mod
 
     seen: dict = {"shards": [], "student": None, "loop": None}
-    real_build, real_batches, real_loop = trainer_mod.build, trainer_mod.ShardBatches, trainer_mod.FeedbackLoop
+    real_build, real_batches, real_loop = trainer_mod.build, sources_mod.ShardBatches, sources_mod.FeedbackLoop
 
     def build(*args, **kwargs):
         seen["student"] = real_build(*args, **kwargs)
@@ -35,7 +37,8 @@ def install(out: str) -> None:
             super().__init__(*args, **kwargs)
             seen["loop"] = self
 
-    trainer_mod.build, trainer_mod.ShardBatches, trainer_mod.FeedbackLoop = build, Batches, Loop
+    trainer_mod.build = build
+    sources_mod.ShardBatches, sources_mod.FeedbackLoop = Batches, Loop
 
     def dump() -> None:
         student, loop = seen["student"], seen["loop"]

@@ -1,5 +1,5 @@
 """bench/ scripts: argument parsing, a tiny CPU run of bench/models.py, the ratio table, and the Rain100L-split
-data preparation (split, web folders, leakage check) on a fake data folder."""
+benchmark's experiments config (its data preparation is tested in tests/test_experiments_data.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -30,7 +28,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("script, flags", [
     ("models.py", ("--device", "--sizes", "--repeats", "--archs", "--json-out")),
-    ("quality_rain100l.py", ("--scale", "--work", "--sd", "--out", "--json-out")),
+    ("quality_rain100l.py", ("--scale", "--work", "--sd", "--threads", "--config-only")),
 ])
 def test_help_exits_zero_and_lists_flags(script, flags):
     proc = _run(str(BENCH / script), "--help")
@@ -97,48 +95,14 @@ def test_models_table_ratios_are_relative_to_the_teacher():
                                                                           ("restormer", None)]
 
 
-def _png(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+@pytest.mark.parametrize("scale", ["cpu-small", "gpu"])
+def test_quality_writes_a_valid_experiments_config(tmp_path, scale):
+    from pipelines.experiments import load_config
 
-
-def test_quality_prepare_data_splits_and_excludes_test_images(tmp_path):
-    q = _load("quality_rain100l")
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    test_imgs = {}
-    for n in range(1, 101):  # a fake 100-pair rain100l_test at 480x320 would be slow: tiny images do
-        clean = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-        _png(root / "rain100l_test" / "clean" / f"{n}.png", clean)
-        _png(root / "rain100l_test" / "degraded" / f"{n}.png", np.maximum(clean, 200))
-        test_imgs[n] = clean
-    for name in q.WEB_CLEAN_SETS:
-        (root / name / "clean").mkdir(parents=True)
-        (root / name / "degraded").mkdir(parents=True)
-    photo = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    _png(root / "hsts_synthetic" / "clean" / "a.png", photo)
-    _png(root / "hazerd_samples" / "clean" / "b_1.png", photo[:30])
-    _png(root / "hazerd_samples" / "clean" / "b_2.png", photo[:30])  # byte-identical duplicate
-    _png(root / "spa_data_samples" / "degraded" / "r.png", np.maximum(photo, 180))
-    _png(root / "spa_data_samples" / "clean" / "r.png", photo[5:])
-    leaked = test_imgs[56]  # a test image stored as a "web" image: must not reach the web folders
-    _png(root / "rain100l_fullsize_samples" / "clean" / "norain-56.png", leaked)
-    _png(root / "rain100l_fullsize_samples" / "degraded" / "norain-56.png", np.maximum(leaked, 200))
-
-    info = q.prepare_data(root, tmp_path / "work", seed=0)
-    work = tmp_path / "work"
-    assert sorted(int(p.stem) for p in (work / "train" / "clean").iterdir()) == list(range(1, 51))
-    assert sorted(int(p.stem) for p in (work / "test" / "degraded").iterdir()) == list(range(51, 101))
-    assert (work / "test" / "clean" / "60.png").read_bytes() == (root / "rain100l_test/clean/60.png").read_bytes()
-    assert info["counts"] == {"web_clean": 3, "synthetic_rain": 3 * q.RAIN_PER_PHOTO, "real_rain": 1,
-                              "duplicates": 1}
-    assert sorted(Path(e["path"]).parent.name for e in info["excluded"]) == ["clean", "degraded"]
-    assert not any("norain-56" in p.name for p in (work / "web_clean").iterdir())
-    assert not any("norain-56" in p.name for p in (work / "web_degraded").iterdir())
-    syn = np.asarray(Image.open(work / "web_degraded" / "syn-hsts_synthetic-a-0.png"))
-    assert syn.shape == photo.shape and (syn.astype(int) >= photo.astype(int) - 1).all()  # rain only brightens
-    # a finished data folder is reused as it is
-    (work / "web_clean" / "marker").write_text("kept")
-    assert q.prepare_data(root, work, seed=0) == info and (work / "web_clean" / "marker").exists()
-    with pytest.raises(SystemExit, match="with seed 0"):  # other web renders: never mixed with these
-        q.prepare_data(root, work, seed=1)
+    path = _load("quality_rain100l").main(["--scale", scale, "--work", str(tmp_path), "--data", str(tmp_path),
+                                           "--config-only"])
+    cfg = load_config(path)
+    assert cfg.out == tmp_path / scale / "exp" and list(cfg.prepare) == ["rain100l-split"]
+    assert cfg.tasks["derain"].original == tmp_path / scale / "exp" / "data" / "rain100l-split" / "train"
+    assert [t.rows for t in cfg.tables] == [("Input", "Teacher", "Student", "Data", "M0", "D4IR")]
+    assert cfg.scale.stage("synth").ccd.size == (64 if scale == "cpu-small" else 256)

@@ -193,3 +193,29 @@ def test_cli_help_and_a_demo_run_with_overrides(synth_inputs, tmp_path):
     bare = _sd_without_text_encoder(tmp_path / "bare")
     bad = cli.invoke(main, [*args, "--round", "2", "--prompt-mode", "text", "--sd", str(bare)])
     assert bad.exit_code == 2 and "d4ir: error: prompt mode 'text' needs an SD with a text encoder" in bad.output
+
+
+def test_encoding_in_threads_while_the_next_batch_samples_writes_the_same_bytes(synth_inputs, synth_reference,
+                                                                                 tmp_path):
+    """GPU runs encode batch k's PNGs in threads while batch k+1 samples: the shards must not change by a byte,
+    and a failed sample keeps its place in the order."""
+    from shards.io import sha256_file
+    from synth.plan import plan_jobs
+    from synth.sd import SDSource
+    from synth.worker import synthesize_shard
+
+    clean = sorted(synth_inputs["clean"].iterdir())
+    manifest = json.loads((synth_reference / "manifest.json").read_text())
+    hashes = {k: manifest[k] for k in ("sd", "sd_config", "sd_fingerprint", "encoder_sha256")}  # as synthesize()
+    jobs = plan_jobs(clean, 5, CFG, round_dir=tmp_path, sd=SDSource("tiny"), prompts_dir=synth_inputs["prompts"],
+                     hashes=hashes)
+    for job in jobs:
+        stats = synthesize_shard(replace(job, encode_threads=2))
+        want = json.loads((synth_reference / f"{job.index:06d}.stats.json").read_text())
+        assert stats["sha256"] == want["sha256"] == sha256_file(tmp_path / f"{job.index:06d}.tar")
+    # a sample whose photo vanished, in the first of a shard's two batches: same place, same bytes
+    job = replace(jobs[0], items=((jobs[0].items[0][0], str(tmp_path / "gone.png"), 0, 1), *jobs[0].items[1:]),
+                  config=replace(CFG, batch_size=1), round_dir=str(tmp_path / "a"))
+    plain = synthesize_shard(job)
+    threaded = synthesize_shard(replace(job, encode_threads=2, round_dir=str(tmp_path / "b")))
+    assert len(plain["failures"]) == 1 and plain["sha256"] == threaded["sha256"]

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import skimage.data
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA
+from pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA, cut_crop
 from pipelines.weather import degrade
 from synth.plan import WEATHER_TEXT as TASK_TEXT
 
@@ -174,22 +173,6 @@ def load_photo(name: str) -> np.ndarray:
     arr = np.ascontiguousarray(arr[..., :3].astype(np.uint8))
     arr.setflags(write=False)
     return arr
-
-
-def cut_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int], bool]:
-    """One random square crop of `photo` [H,W,3] uint8, resized to [size,size,3] uint8; also box and flip."""
-    h, w = photo.shape[:2]
-    lo = min(size, h, w)
-    hi = max(lo, int(MAX_CROP_FRACTION * min(h, w)))
-    for _ in range(10):
-        side = int(rng.integers(lo, hi + 1))
-        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        flip = bool(rng.random() < 0.5)
-        patch = photo[y : y + side, x : x + side]
-        if patch.mean(axis=2).std() / 255.0 >= MIN_CROP_STD:
-            break
-    out = np.asarray(Image.fromarray(patch).resize((size, size), Image.LANCZOS))
-    return np.ascontiguousarray(out[:, ::-1] if flip else out), [y, x, side], flip
 
 
 def weather_options(weather: str, rng: np.random.Generator) -> dict:

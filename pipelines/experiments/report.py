@@ -1,0 +1,209 @@
+"""OUT/report.md: every table as the paper prints it, with the paper's numbers beside ours.
+
+Per table and test set: Type | Method | Params (M) | PSNR | SSIM (RGB) | PSNR | SSIM (Y, BT.601) | (with
+vs_teacher: PSNR | SSIM against the teacher's outputs) | the paper's PSNR | SSIM | Params | the seconds the row
+took, every number read from the row's eval.json; a sample grid (degraded | teacher | each row | ground truth on
+central crops of the first test images, OUT/samples/table-NAME.png); the training curves of each task
+(pipelines/figures.py); the time of every shared step; what was skipped and why; the notes of the prepared
+datasets. The report is rebuilt from the files on disk, so a partial run reports the rows it finished and names
+the others "not run yet".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from shards.io import atomic_write_json, atomic_write_text
+from shards.layout import LOG_FILE
+
+from ..figures import curves_png
+from ..grid import sample_grid
+from .inputs import slug
+from .published import NOT_PUBLISHED, published
+from .rows import DONE_FILE, row_dir
+from .runner import PlannedTable
+from .steps import Context, teacher_seconds
+from .tables import ROWS, TEACHER_NAMES
+
+GRID_IMAGES = 3  # test images per sample grid
+GRID_SIDE = 192  # central crop of each, restored by every model
+
+TINY_SD_NOTE = (
+    "The SD here is `tiny`: randomly initialised (no weights are downloaded), so every synthesized image (D4IR, "
+    "M1-M5) is structured noise, not weather. Those rows test the plumbing, the file contracts and the timings; "
+    "they say nothing about the quality the method reaches with a real Stable Diffusion.")
+
+
+def _record(ctx: Context, table: PlannedTable, key: str) -> dict | None:
+    marker = row_dir(ctx, table.task, table.teacher, key) / DONE_FILE
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _scores(record: dict | None, test: str) -> dict | None:
+    entry = (record or {}).get("evals", {}).get(test)
+    if not entry or not Path(entry["eval"]).exists():
+        return None
+    return json.loads(Path(entry["eval"]).read_text())
+
+
+def _seconds(ctx: Context, table: PlannedTable, key: str, record: dict) -> float:
+    extra = teacher_seconds(ctx, table.task, table.teacher) if key == "Teacher" else None
+    return record["seconds"] + (extra or 0.0)
+
+
+def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
+    """The markdown table of one test set of a planned table."""
+    paper = table.name not in NOT_PUBLISHED
+    head = "| Type | Method | Params (M) | PSNR (dB) | SSIM | PSNR Y (dB) | SSIM Y |"
+    ref = ctx.config.vs_teacher
+    head += " PSNR vs teacher | SSIM vs teacher |" if ref else ""
+    head += " paper PSNR | paper SSIM | paper Params (M) |" if paper else ""
+    lines = [head + " time (s) |", "|" + "---|" * head.count("|")]
+    for key in table.rows:
+        row, record = ROWS[key], _record(ctx, table, key)
+        scores = _scores(record, test)
+        named = scores and key in ("Teacher", "Student") and scores.get("name")
+        cells = [row.type, f"{row.label} ({scores['name']})" if named else row.label]
+        if scores is None:
+            cells += ["not run yet"] + ["-"] * (6 if ref else 4)
+        else:
+            m = scores["mean"]
+            cells += [f"{scores['params'] / 1e6:.2f}" if scores.get("params") else "-", f"{m['psnr']:.2f}",
+                      f"{m['ssim']:.3f}", f"{m['psnr_y']:.2f}", f"{m['ssim_y']:.3f}"]
+            if ref:
+                cells += [f"{m['ref_psnr']:.2f}", f"{m['ref_ssim']:.3f}"] if "ref_psnr" in m else ["-", "-"]
+        if paper:
+            p = published(table.name, key)
+            cells += [f"{p[0]:.2f}", f"{p[1]:.3f}", f"{p[2]:.2f}" if p[2] else "-"] if p else ["-"] * 3
+        cells.append(f"{_seconds(ctx, table, key, record):.0f}" if record else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _center(img, side: int):
+    """The central side x side window of an image [H, W, 3] (the whole image when smaller)."""
+    top, left = max(0, (img.shape[0] - side) // 2), max(0, (img.shape[1] - side) // 2)
+    return img[top : top + side, left : left + side]
+
+
+def table_grid(ctx: Context, table: PlannedTable, out: Path) -> Path | None:
+    """degraded | teacher | each finished row | ground truth on central GRID_SIDE crops of the first test images
+    of the table; kept while no model is newer than it."""
+    import torch
+
+    from distill.inference import restore
+    from distill.registry import load_model
+    from shards.images import read_rgb, to_tensor, to_uint8
+    from shards.pairs import find_pairs
+
+    models = []
+    for key in ["Teacher"] + [k for k in table.rows if k not in ("Teacher", "Input")]:
+        record = _record(ctx, table, key)
+        if record and Path(record["model"]).exists():
+            models.append((key, Path(record["model"])))
+    if not models:
+        return None
+    labels = ["degraded"] + [k for k, _ in models] + ["ground truth"]
+    stamp = out.with_suffix(".json")  # what the grid shows; a grid of other models is redrawn
+    shown = {"labels": labels, "models": [str(p) for _, p in models]}
+    newest = max(p.stat().st_mtime_ns for _, p in models)
+    if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == shown and out.stat().st_mtime_ns > newest:
+        return out
+    nets = [load_model(p)[0].eval() for _, p in models]
+    rows = []
+    for pair in find_pairs(ctx.test_dir(table.task, table.tests[0]))[:GRID_IMAGES]:
+        degraded = _center(read_rgb(pair.degraded, min_side=1), GRID_SIDE)
+        x = to_tensor(degraded)[None]  # [1, 3, S, S]
+        with torch.no_grad():
+            restored = [to_uint8(restore(net, x)[0]) for net in nets]
+        rows.append([degraded] + restored + [_center(read_rgb(pair.clean, min_side=1), GRID_SIDE)])
+    sample_grid(rows, out, labels=labels, cell=112)
+    atomic_write_json(stamp, shown)
+    return out
+
+
+def _teacher_line(ctx: Context, table: PlannedTable) -> str:
+    spec = getattr(ctx.config.tasks[table.task], table.teacher)
+    if spec.checkpoint is not None:
+        made = f"the checkpoint `{spec.checkpoint}`"
+    else:
+        made = f"{spec.arch} trained here ({spec.kwargs or 'the scale width'})"
+    return (f"Task `{table.task}` (weather {ctx.config.tasks[table.task].weather}), teacher: {made}; every student "
+            f"is the teacher's architecture at half width ({TEACHER_NAMES[table.teacher]} teacher).")
+
+
+def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
+    parts = [f"## {table.title}", ""]
+    if table.skipped:
+        return parts + [f"Skipped: {table.skipped}.", ""]
+    parts += [_teacher_line(ctx, table), ""]
+    if table.name in NOT_PUBLISHED:
+        parts += [f"Published numbers: {NOT_PUBLISHED[table.name]}.", ""]
+    for test in table.tests:
+        count = next((s["count"] for k in table.rows if (s := _scores(_record(ctx, table, k), test))), None)
+        parts += [f"### {test}" + (f" ({count} images)" if count else ""), "", results_table(ctx, table, test), ""]
+    parts += [f"- {note}" for note in table.notes]
+    parts += [f"- row {k} skipped: {reason}" for k, reason in table.skipped_rows.items()]
+    grid = table_grid(ctx, table, ctx.config.out / "samples" / f"table-{slug(table.name)}.png")
+    if grid:
+        parts += ["", f"![samples of table {table.name}]({grid.relative_to(ctx.config.out)})"]
+    return parts + [""]
+
+
+def _steps(ctx: Context, tasks: list[str]) -> list[dict]:
+    """Every shared step's and row's marker of the tasks, in the order they finished."""
+    paths = []
+    for task in tasks:
+        paths += list((ctx.root(task) / "steps").glob("*.json"))
+        paths += list((ctx.root(task) / "rows").glob(f"*/*/{DONE_FILE}"))
+    return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: (p.stat().st_mtime_ns, str(p)))]
+
+
+def _datasets(out: Path) -> list[str]:
+    parts = []
+    for path in sorted((out / "data").glob("*/data.json")):
+        info = json.loads(path.read_text())
+        parts += [f"- `{path.parent.name}` (from {info.get('source')}, seed {info.get('seed')}): counts "
+                  f"{info.get('counts')}; {len(info.get('excluded', []))} images left out (listed in {path})"]
+        parts += [f"  - {note}" for note in info.get("notes", [])]
+    return parts
+
+
+def build_report(ctx: Context, tables: list[PlannedTable]) -> Path:
+    """Write OUT/report.md (and OUT/timings.json) from the finished rows on disk."""
+    out, cfg = ctx.config.out, ctx.config
+    parts = [f"# D4IR experiments: `{out}`", "",
+             f"SD `{cfg.sd}`, scale `{cfg.scale.preset}` (with the config's overrides), seed {cfg.seed}, "
+             f"device {ctx.device}. PSNR/SSIM on RGB and on Y (BT.601), no border crop; Params count every "
+             "parameter (AirNet's two MoCo encoders included, as its published 8.93M). The paper does not say "
+             "whether it scores RGB or Y; its numbers stand beside our RGB columns. A row's time is its own "
+             "training and scoring (the Teacher row includes the teacher's training); the steps that rows share "
+             "are listed below.", ""]
+    for table in tables:
+        parts += _table_section(ctx, table)
+    tasks = list(dict.fromkeys(t.task for t in tables if not t.skipped))
+    curves = []
+    for task in tasks:
+        if any(p.parent.name != "prompts" for p in ctx.root(task).rglob(LOG_FILE)):
+            curves.append((task, curves_png(ctx.root(task), out / "figures" / f"curves-{slug(task)}.png")))
+    if curves:
+        parts += ["## Training curves", ""]
+        parts += [f"### {task}\n\n![curves of {task}]({path.relative_to(out)})\n" for task, path in curves]
+    steps = _steps(ctx, tasks)
+    if steps:
+        parts += ["## Time per step (this machine)", "", "| step | seconds |", "|---|---|"]
+        parts += [f"| {s['step']} | {s['seconds']} |" for s in steps]
+        parts += [f"| total | {sum(s['seconds'] for s in steps):.1f} |", ""]
+        atomic_write_json(out / "timings.json", [{"step": s["step"], "seconds": s["seconds"]} for s in steps])
+    skipped = [f"- table {t.name}: {t.skipped}" for t in tables if t.skipped]
+    skipped += [f"- table {t.name}, row {k}: {r}" for t in tables for k, r in t.skipped_rows.items()]
+    parts += ["## Skipped, and why", ""] + (skipped or ["Nothing was skipped."]) + [""]
+    data_notes = _datasets(out)
+    if data_notes:
+        parts += ["## Data", ""] + data_notes + [""]
+    if cfg.sd == "tiny":
+        parts += ["## Caveat", "", TINY_SD_NOTE, ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path
