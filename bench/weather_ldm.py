@@ -66,15 +66,18 @@ def ship_model(args: argparse.Namespace, result: dict) -> Path:
     info = json.loads((Path(args.sd) / "training.json").read_text())
     if args.train_dir is not None:
         command = args.train_dir / "command.txt"
+        trained = Path(args.sd) / "training.json"
         if command.is_file():
-            info["command"] = command.read_text().strip()
+            minutes = (trained.stat().st_mtime - command.stat().st_mtime) / 60 if trained.is_file() else None
+            wall = f"\n# wall time {minutes:.0f} min (command.txt to training.json)" if minutes else ""
+            info["command"] = command.read_text().strip() + wall
     measure = (f"python bench/weather_ldm.py --sd <trained folder> --out <dir> --crops {args.crops} --steps "
                + " ".join(map(str, args.steps)) + f" --strength {args.strength} --seed {args.seed}")
     info["quality"] = (f"Held-out photos only (chelsea, camera, brick; never trained on), measured with\n`{measure}`"
                        f" ({result['seconds']:.0f} s):\n\n" + tables(result))
     info["use"] = ('`synth.sd.load_sd("weather")` (offline; the demo\'s and the CPU benchmarks\' default), 64x64 '
                    "images, CCD/SDEdit (`synth.ccd.ccd_sample`) at lambda about 0.5 with T = 10 or 20, or the "
-                   "captions above through `parts.encode_text`.")
+                   "captions below through `parts.encode_text`.")
     if args.notes is not None:
         info.update(json.loads(args.notes.read_text()))
     info["measurements"] = {k: v for k, v in result.items() if k != "sd"}

@@ -184,15 +184,15 @@ the student was distilled with the joint phase and regeneration rounds, and ever
 (`synth/weights/weather-ldm`, its model card there): a 4x AutoencoderKL, a 3.2M-parameter UNet with
 cross-attention and a frozen CLIP text encoder, trained for 48 minutes on one CPU thread on 64x64 crops of 11
 redistributable photos in clean, rain, haze and snow renders. It keeps the layout of the clean photo (see the
-round grid: clean source, round 0, later rounds; low-pass PSNR about 19 dB at lambda 0.5) and its rain caption
-adds rain streaks (on 16 of 16 held-out crops, about a fifth of the physical render's streak energy), but its
-haze and snow captions add almost nothing, and it is not Stable Diffusion: its VAE reconstructs held-out
-photos at 25.4 dB PSNR and drops most snow flakes, it works at 64x64 only, and it knows no other captions. The
-demo's prompts are stage 1's learned embeddings, not captions, so how much weather they add is measured, not
-assumed (`bench/prompt_effect.py`, docs/benchmarks.md). The demo images are 96x96 crops and the networks are
-narrow (AirNet at width 16, 2x2 blocks), so absolute PSNRs are far from benchmark numbers. Use it to check the
-pipeline end to end on real-looking synthesized images; use `bench/quality_rain100l.py` and a real SD for
-quality claims."""
+round grid: clean source, round 0, later rounds; low-pass PSNR 23-24 dB on held-out crops at lambda 0.5) and
+its rain caption adds rain streaks (on all 48 held-out crops, a quarter to a third of the physical render's
+streak energy), but its haze and snow captions add almost nothing (3-4% and 1-3% of the physical change), and
+it is not Stable Diffusion: its VAE reconstructs held-out photos at 25.4 dB PSNR and drops most snow flakes,
+it works at 64x64 only, and it knows no other captions. The demo's prompts are stage 1's learned embeddings,
+not captions, so how much weather they add is measured, not assumed (`bench/prompt_effect.py`,
+docs/benchmarks.md). The demo images are 96x96 crops and the networks are narrow (AirNet at width 16, 2x2
+blocks), so absolute PSNRs are far from benchmark numbers. Use it to check the pipeline end to end on
+real-looking synthesized images; use `bench/quality_rain100l.py` and a real SD for quality claims."""
 
 OTHER_SD_NOTE = """\
 **Scale.** Every number above comes from an `eval.json` written in this run; how far they carry depends on
