@@ -158,9 +158,9 @@ def d4ir_sentence(evals: list[dict]) -> str | None:
     than_web = "at least as well as" if d >= m else "less well than"
     return (f"D4IR scores {d:.2f} dB against ground truth, {d - m:+.2f} dB from M0 ({m:.2f} dB) and {d - o:+.2f} dB "
             f"from Data ({o:.2f} dB){ref}: in this run the synthesized images trained the student {than_web} the "
-            f"web degraded photos themselves, which is all it shows: with one seed, {rows['d4ir'].get('count', '?')} "
-            "test images and students trained for minutes, differences of a few tenths of a dB come and go with "
-            "the seed, so it neither confirms nor refutes the paper's ranking at full scale.")
+            f"web degraded photos themselves. That is all it shows: one seed, "
+            f"{rows['d4ir'].get('count', '?')} test images and students trained for minutes on small images (see the "
+            "caveat for the synthesis model): it neither confirms nor refutes the paper's ranking at full scale.")
 
 
 TINY_SD_NOTE = """\
