@@ -158,6 +158,30 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
+def onnx_latency_ms(
+    path: str | Path, height: int, width: int, *, threads: int = 1, reps: int = 5, warmup: int = 1
+) -> list[float]:
+    """Batch-1 onnxruntime (CPUExecutionProvider) latencies in ms of `reps` passes on a random [1,3,H,W] input,
+    after `warmup` untimed ones, with `threads` intra-op threads. H and W should suit the architecture's size
+    policy (multiples of 16 suit both)."""
+    import time
+
+    _, ort = _onnx_modules()
+    if reps < 1 or warmup < 0 or threads < 1:
+        raise ValueError(f"onnx_latency_ms: reps >= 1, warmup >= 0 and threads >= 1 (got {reps}, {warmup}, {threads})")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, height, width), dtype=np.float32)
+    times = []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        session.run(["restored"], {"degraded": x})
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def default_check_images() -> list[np.ndarray]:
     """Crops of scikit-image's bundled photos at two sizes, one of them odd: 48x64 and 67x93 (H x W)."""
     from skimage import data

@@ -1,7 +1,8 @@
 """`make demo`: every stage on the embedded demo data, on the CPU, ending in RUN/report.md.
 
 demo data -> teacher -> prompts -> synth (round 0) -> distill (D4IR, with regeneration rounds) -> the
-paper's baselines (Student, Data, M0) -> eval of every model on the demo test pairs -> report. Every step
+paper's baselines (Student, Data, M0) -> eval of every model on the demo test pairs -> the teacher and the
+student exported to ONNX and timed by onnxruntime -> report. Every step
 skips or resumes what an earlier (possibly killed) run already finished, so a rerun is cheap.
 """
 
@@ -16,6 +17,7 @@ from distill.registry import build, half_of, load_model, save_model
 from distill.teacher import train_supervised
 from distill.trainer import distill
 from pipelines.demo_data import build_demo_data
+from pipelines.demo_export import export_and_time
 from pipelines.presets import preset
 from pipelines.report import build_report
 from shards.io import atomic_write_json
@@ -78,6 +80,11 @@ def run_demo(
 
     # every row of the table is an eval.json written here, in this run
     _step("evaluate", log, evaluate_all, layout, test, arch, kwargs, seed, device)
+    # the device check: teacher and D4IR student as ONNX, timed by onnxruntime on one thread
+    exported = _step("export (ONNX)", log, export_and_time, layout,
+                     {"teacher": layout.teacher, "student": layout.student_weights("d4ir")})
+    if "skipped" in exported:
+        print(f"   export skipped: {exported['skipped']}", flush=True)
     report = _step("report", log, build_report, layout.root)
     log.append({"step": "total", "seconds": round(time.perf_counter() - t_start, 1)})
     atomic_write_json(layout.timings, log)

@@ -11,7 +11,7 @@ A run folder holds what the three stages hand to each other (docs/design.md, "Fi
     RUN/students/NAME/prompts/round-NNN/, RUN/students/NAME/shards/round-NNN/
                                  the regeneration rounds (N >= 1) that student made with its own encoder:
                                  they belong to it and are never confused with another student's
-    RUN/report.md, RUN/samples/, RUN/curves.png, RUN/timings.json
+    RUN/report.md, RUN/samples/, RUN/curves.png, RUN/timings.json, RUN/export/ (ONNX files, latency.json)
 
 Every resumable training state is `state.pt` (tensors and plain values only, read with weights_only=True);
 every log is `train.jsonl`.
@@ -185,3 +185,8 @@ class RunLayout:
     @property
     def timings(self) -> Path:
         return self.root / "timings.json"
+
+    @property
+    def export(self) -> Path:
+        """ONNX files of the teacher and the student and their onnxruntime latencies (`make demo`)."""
+        return self.root / "export"
