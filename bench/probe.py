@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sd", default="weather",
+                   help="the SD whose empty-text prompt and width the encoder is built around (weather: shipped)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     build_demo_data(args.data, progress=False)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.copy2(f, dst / f.name)
     config = PromptsConfig(steps=args.steps, batch_size=32, crop=args.crop, moco=MoCoConfig(queue_size=64),
                            prompt_tokens=8, embed_side=64, seed=args.seed)
-    train_prompts(mixed, load_sd("tiny"), args.out / "prompts", config, resume=True, progress=False)
+    train_prompts(mixed, load_sd(args.sd), args.out / "prompts", config, resume=True, progress=False)
     held_out = {name: list_files(args.data / task / "test" / "degraded") for name, task in TYPES.items()}
     trained = load_prompt_encoder(args.out / "prompts")
     torch.manual_seed(args.seed)

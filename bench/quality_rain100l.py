@@ -9,9 +9,11 @@ pipelines/experiments/datasets.py; this script only writes the config of a scale
   WORK/<scale>/exp/           prepared data, runs, rows (eval.json per row), report.md
 Every row is skipped when finished (an interrupted one resumes), so a killed run is rerun with the same command.
 
-Scales: cpu-small (a tiny AirNet, short schedules, the tiny SD: 14 minutes measured on the shared 2-core machine
-with --threads 1 before the move into the experiments package), cpu-hour (the same networks trained about 3x
-longer), gpu (official AirNet width, paper-like settings; needs --sd for meaningful D4IR images).
+D4IR synthesizes with the shipped 64x64 weather LDM (synth/weights/weather-ldm) unless --sd names another.
+Scales: cpu-small (a tiny AirNet, short schedules: 14 minutes measured on the shared 2-core machine with
+--threads 1 with the tiny SD, before the move into the experiments package), cpu-hour (the same networks
+trained about 3x longer), gpu (official AirNet width, paper-like settings; needs --sd naming a real SD for
+meaningful D4IR images).
 
   python bench/quality_rain100l.py --scale cpu-small --threads 1
 """
@@ -72,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=_HERE.parents[1] / "shared" / "data",
                    help="the shared benchmark images (rain100l_test and the other sets)")
     p.add_argument("--work", type=Path, default=Path("/tmp/d4ir_rain100l"), help="work folder (outside the repo)")
-    p.add_argument("--sd", default="tiny", help="the frozen SD for D4IR (tiny, a diffusers folder, a file)")
+    p.add_argument("--sd", default="weather",
+                   help="the frozen SD for D4IR (weather: the shipped LDM; tiny, a diffusers folder, a file)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy 2-core box)")
     p.add_argument("--seed", type=int, default=0)

@@ -6,26 +6,22 @@ Stages (--stage; `all` = vae, unet, export), each resumable by rerunning the sam
     compare-vae  train OUT/vae-4x and OUT/vae-8x for --compare-steps each and evaluate both on held-out crops
                  (PSNR overall and per weather, weather survival): OUT/vae_compare.json
     vae          train OUT/vae-<f>x up to --vae-steps (continues a compare-vae run), OUT/vae-<f>x/eval.json
-    unet         encode the training set with that VAE, set its scaling_factor, train the UNet and the
-                 stand-in text encoder jointly (caption dropout), EMA: OUT/unet/
-    export       write the diffusers folder OUT/model (safetensors), reload it with synth.sd.load_sd, run the
-                 CCD probe (pipelines/weather_sd/probe.py) and write the measurements into its model card
+    unet         encode the training set with that VAE, set its scaling_factor, train the UNet against the
+                 frozen CLIP text encoder (pipelines/weather_sd/text.py; caption dropout), EMA: OUT/unet/
+    export       write the diffusers folder OUT/model (safetensors, text_encoder/ and tokenizer/ included),
+                 reload it with synth.sd.load_sd, run the CCD probe (pipelines/weather_sd/probe.py) and write
+                 the measurements into its model card
 
-PHASE-1 STAND-IN: the text encoder here (`StandInTextEncoder`) is a randomly initialised
-transformers.CLIPTextModel from a small CLIPTextConfig with a word-level caption -> ids map; it trains jointly
-with the UNet. Phase 2 replaces it with synth/text_encoder.py (a CLIPTextModel with a real CLIPTokenizer).
+Learning rate: linear warm-up, constant, then a cosine down to --final-lr-fraction. Time caps: --vae-minutes /
+--unet-minutes end a stage's constant phase at the step reached, and the stage then runs --vae-tail /
+--unet-tail more steps of cosine decay (the new end is recorded in OUT/<stage>/finished.json, so reruns and
+export follow it); --pause-minutes stops every stage resumably instead. With --vae-whole-tail the VAE's decay
+steps train on whole 64x64 images instead of 32x32 windows (GroupNorm then sees whole images, as in use).
 
-Time caps: --vae-minutes / --unet-minutes end a stage at the step it reached (OUT/<stage>/finished.json,
-so reruns and export accept it); --pause-minutes stops every stage resumably instead. Measured rates and
-results are in docs/weather_sd.md (1 thread, shared 2-core CPU: VAE 1.9 steps/s at batch 16 on 32x32 windows,
-UNet 1.0-1.1 steps/s at batch 32 on 16x16 latents).
-
-Short end-to-end run (about 13 minutes):
-    python bench/train_weather_sd.py --out runs/weather_sd --vae-steps 5000 --vae-minutes 5 --unet-steps 5000 \
-        --unet-minutes 6
-Final run (about an hour):
-    python bench/train_weather_sd.py --out runs/weather_sd --vae-steps 100000 --vae-minutes 18 \
-        --unet-steps 100000 --unet-minutes 38
+Final run (docs/benchmarks.md, the model card synth/weights/weather-ldm/README.md), about an hour:
+    python bench/train_weather_sd.py --out /tmp/wsd --vae-steps 100000 --vae-minutes 15 --vae-tail 300 \
+        --vae-whole-tail --no-vae-attention --unet-steps 100000 --unet-minutes 28 --unet-tail 300
+Measured then shipped with `python bench/weather_ldm.py --sd /tmp/wsd/model --train-dir /tmp/wsd --ship`.
 """
 
 from __future__ import annotations
@@ -42,12 +38,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import torch  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from pipelines.weather_sd.data import CAPTIONS, WeatherSet, WeatherSetConfig, build_weather_set  # noqa: E402
+from pipelines.weather_sd.data import WeatherSet, WeatherSetConfig, build_weather_set  # noqa: E402
 from pipelines.weather_sd.folder import save_weather_sd, weights_mb, write_card  # noqa: E402
 from pipelines.weather_sd.loop import LoopConfig, load_ema_into, train_loop  # noqa: E402
 from pipelines.weather_sd.probe import ccd_probe  # noqa: E402
+from pipelines.weather_sd.text import WeatherText, build_weather_text  # noqa: E402
 from pipelines.weather_sd.unet import Latents, build_unet, evaluate_unet, scheduler, unet_batch_loss, unet_config  # noqa: E402
 from pipelines.weather_sd.vae import (  # noqa: E402
     build_vae,
@@ -59,65 +55,6 @@ from pipelines.weather_sd.vae import (  # noqa: E402
 )
 
 STAGES = ("speed", "compare-vae", "vae", "unet", "export", "all")
-
-
-# ------------------------------------------------------------------ PHASE-1 STAND-IN text encoder
-
-
-class StandInTokenizer:
-    """PHASE-1 STAND-IN: word-level ids for the captions; <bos>=0, <eos>=1 (also the padding), words from 2."""
-
-    def __init__(self, captions: list[str], max_length: int = 77) -> None:
-        words = sorted({w for c in captions for w in c.replace(",", " , ").split()})
-        self.vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-        self.model_max_length = max_length
-
-    def ids(self, texts: list[str]) -> torch.Tensor:
-        """[B, max_length] int64: bos, word ids, eos, eos padding."""
-        rows = []
-        for t in texts:
-            words = t.replace(",", " , ").split()
-            unknown = [w for w in words if w not in self.vocab]
-            if unknown:
-                raise ValueError(f"stand-in tokenizer: words {unknown} are not in its caption vocabulary")
-            row = [0] + [self.vocab[w] for w in words][: self.model_max_length - 2] + [1]
-            rows.append(row + [1] * (self.model_max_length - len(row)))
-        return torch.tensor(rows, dtype=torch.int64)
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "stand_in_vocab.json").write_text(json.dumps(self.vocab, indent=1) + "\n")
-
-
-class StandInTextEncoder(torch.nn.Module):
-    """PHASE-1 STAND-IN for synth/text_encoder.py: captions -> CLIPTextModel last hidden states [B, 77, D].
-
-    Args:
-        captions: every caption it must encode ("" is always allowed).
-        hidden: D, the width of a token.
-        layers, heads: transformer depth and heads.
-        seed: initial weights.
-    """
-
-    def __init__(self, captions: list[str], hidden: int = 64, layers: int = 2, heads: int = 2, seed: int = 0) -> None:
-        super().__init__()
-        self.tokenizer = StandInTokenizer(captions)
-        config = CLIPTextConfig(
-            vocab_size=len(self.tokenizer.vocab), hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model = CLIPTextModel(config)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer.ids(list(texts)).to(next(self.model.parameters()).device)
-        return self.model(input_ids=ids).last_hidden_state  # [B, 77, D]
 
 
 # ------------------------------------------------------------------ stages
@@ -136,18 +73,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-steps", type=int, default=250, help="VAE steps per factor in compare-vae")
     p.add_argument("--vae-steps", type=int, default=1800)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-crop", type=int, default=32,
                    help="VAE training window side (64: whole images; 32 reached the same PSNR 2.5x sooner)")
     p.add_argument("--edge-weight", type=float, default=0.5, help="weight of the gradient-L1 term")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="KL weight (SD's convention and value)")
     p.add_argument("--unet-steps", type=int, default=7000)
     p.add_argument("--unet-batch", type=int, default=32)
-    p.add_argument("--unet-lr", type=float, default=3e-4)
+    p.add_argument("--unet-lr", type=float, default=8e-4)
     p.add_argument("--unet-widths", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--caption-dropout", type=float, default=0.15)
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--text-dim", type=int, default=64, help="D of the stand-in text encoder")
+    p.add_argument("--text-dim", type=int, default=64, help="D of the frozen CLIP text encoder (cross_attention_dim)")
+    p.add_argument("--t-focus", type=int, default=500, help="timesteps below this get --focus-prob of the samples")
+    p.add_argument("--focus-prob", type=float, default=0.75,
+                   help="share of UNet samples with t < --t-focus (CCD at lambda 0.5 visits only t <= 451)")
+    p.add_argument("--vae-logvar-init", type=float, default=-8.0,
+                   help="initial posterior log-variance of the VAE (0 keeps diffusers' init, log-variance about 0)")
+    p.add_argument("--vae-decay", type=float, default=0.3, help="cosine-decay share of --vae-steps (no cap hit)")
+    p.add_argument("--unet-decay", type=float, default=0.3, help="cosine-decay share of --unet-steps (no cap hit)")
+    p.add_argument("--vae-tail", type=int, default=300, help="cosine-decay steps run after the VAE time cap")
+    p.add_argument("--unet-tail", type=int, default=300, help="cosine-decay steps run after the UNet time cap")
+    p.add_argument("--vae-whole-tail", action="store_true",
+                   help="train the VAE's decay steps on whole 64x64 images (same pixels per step) instead of windows")
+    p.add_argument("--no-vae-attention", action="store_true",
+                   help="no self-attention in the VAE's mid block (it is trained on windows, used on whole images)")
+    p.add_argument("--final-lr-fraction", type=float, default=0.05, help="lr at the end of the cosine, x peak")
     p.add_argument("--vae-minutes", type=float, default=0.0,
                    help="time cap of the VAE stage: reaching it ends the stage at that step (0: no cap)")
     p.add_argument("--unet-minutes", type=float, default=0.0, help="the same for the UNet stage")
@@ -166,36 +117,63 @@ def _sets(args: argparse.Namespace) -> tuple[WeatherSet, WeatherSet]:
     return train, held
 
 
-def _capped(folder: Path, steps: int, cap_minutes: float, pause_minutes: float) -> tuple[int, float]:
-    """(target steps, budget minutes) of a stage: a stage that hit its time cap ends at the step it reached."""
+def _plan(folder: Path, steps: int, decay_fraction: float, cap_minutes: float,
+          pause_minutes: float) -> tuple[int, int, float]:
+    """(steps, cosine-decay steps, budget minutes) of a stage. Before its time cap: --*-steps with the last
+    `decay_fraction` decayed, the budget the smaller of cap and pause; after the cap (`finished.json`): the end
+    recorded there (the step the cap reached plus the decay tail), budget the pause only."""
     marker = folder / "finished.json"
     if marker.is_file():
-        return int(json.loads(marker.read_text())["steps"]), 0.0
+        plan = json.loads(marker.read_text())
+        return int(plan["steps"]), int(plan.get("decay_steps", 0)), max(pause_minutes, 0.0)
     budgets = [m for m in (cap_minutes, pause_minutes) if m > 0]
-    return steps, min(budgets) if budgets else 0.0
+    return steps, min(steps, int(round(decay_fraction * steps))), min(budgets) if budgets else 0.0
 
 
-def _finish_if_capped(folder: Path, result: dict, cap_minutes: float, pause_minutes: float) -> dict:
-    """Record a time-capped stage as finished at its step (`finished.json`), so reruns and export accept it."""
+def _cap_reached(folder: Path, result: dict, cap_minutes: float, pause_minutes: float, tail: int) -> bool:
+    """When the time cap (not a pause) stopped a stage, record its new end, the step reached plus a cosine
+    decay of `tail` steps, in `finished.json` (reruns and export read it) and return True."""
     capped = cap_minutes > 0 and (pause_minutes <= 0 or cap_minutes <= pause_minutes)
-    if not result["done"] and capped:
-        (folder / "finished.json").write_text(json.dumps({"steps": result["step"], "cap_minutes": cap_minutes}))
-        result = {**result, "done": True}
+    if result["done"] or not capped or (folder / "finished.json").is_file():
+        return False
+    plan = {"steps": result["step"] + tail, "decay_steps": tail, "capped_at": result["step"],
+            "cap_minutes": cap_minutes}
+    (folder / "finished.json").write_text(json.dumps(plan))
+    return True
+
+
+def _train_stage(args, folder: Path, modules: dict, make_loss, *, lr: float, steps: int, decay: float, tail: int,
+                 cap: float, ema_of: str | None = None, desc: str, load_only: bool = False) -> dict:
+    """One resumable training stage with its time cap and decay tail (see `_plan`); make_loss(decay start step)
+    builds the loss_fn."""
+    def run() -> dict:
+        n, decay_steps, budget = _plan(folder, steps, decay, cap, args.pause_minutes)
+        loop = LoopConfig(steps=n, lr=lr, seed=args.seed, budget_minutes=budget, decay_steps=decay_steps,
+                          final_lr_fraction=args.final_lr_fraction, ema_decay=args.ema_decay if ema_of else 0.0)
+        return train_loop(folder, modules, make_loss(n - decay_steps), loop, ema_of=ema_of,
+                          progress=not args.no_progress, desc=desc, load_only=load_only)
+
+    result = run()
+    if not load_only and _cap_reached(folder, result, cap, args.pause_minutes, tail):
+        result = run()
     return result
 
 
 def _vae(args, train: WeatherSet, factor: int, steps: int, cap_minutes: float = 0.0):
     folder = args.out / f"vae-{factor}x"
-    steps, budget = _capped(folder, steps, cap_minutes, args.pause_minutes)
-    vae = build_vae(vae_config(factor), seed=args.seed)
-    loop = LoopConfig(steps=steps, lr=args.vae_lr, seed=args.seed, budget_minutes=budget)
-    loss = vae_batch_loss(train, vae, args.vae_batch, args.edge_weight, args.kl_weight, args.vae_crop)
-    result = train_loop(folder, {"vae": vae}, loss, loop, progress=not args.no_progress, desc=f"vae {factor}x")
-    return vae, _finish_if_capped(folder, result, cap_minutes, args.pause_minutes)
+    config = vae_config(factor, mid_attention=not args.no_vae_attention)
+    vae = build_vae(config, seed=args.seed, logvar_init=args.vae_logvar_init or None)
+    def make_loss(decay_start: int):
+        whole_from = decay_start if args.vae_whole_tail else None
+        return vae_batch_loss(train, vae, args.vae_batch, args.edge_weight, args.kl_weight, args.vae_crop, whole_from)
+
+    result = _train_stage(args, folder, {"vae": vae}, make_loss, lr=args.vae_lr, steps=steps, decay=args.vae_decay,
+                          tail=args.vae_tail, cap=cap_minutes, desc=f"vae {factor}x")
+    return vae, result
 
 
-def _text_encoder(args) -> StandInTextEncoder:
-    return StandInTextEncoder(list(CAPTIONS.values()), hidden=args.text_dim, seed=args.seed)
+def _text_encoder(args) -> WeatherText:
+    return build_weather_text(hidden=args.text_dim, seed=args.seed)
 
 
 def _latents(vae, data: WeatherSet, scaling: float | None, seed: int) -> Latents:
@@ -223,8 +201,7 @@ def stage_speed(args, train: WeatherSet) -> dict:
         lat = _latents(vae, train, None, args.seed)
         for name, modules, loss in (
             ("vae", {"vae": vae}, vae_batch_loss(train, vae, args.vae_batch, args.edge_weight, args.kl_weight)),
-            ("unet", {"m": torch.nn.ModuleDict({"u": unet, "t": text})},
-             unet_batch_loss(lat, unet, text, args.unet_batch, args.caption_dropout)),
+            ("unet", {"unet": unet}, unet_batch_loss(lat, unet, text, args.unet_batch, args.caption_dropout)),
         ):
             folder = args.out / "speed" / f"{name}-{factor}x"
             (folder / "state.pt").unlink(missing_ok=True)
@@ -265,15 +242,11 @@ def stage_unet(args, train: WeatherSet, held: WeatherSet, train_it: bool = True)
         raise SystemExit(f"the VAE stage stopped at step {r['step']} of {args.vae_steps}: rerun to continue it")
     lat, text, unet = _unet_parts(args, vae, train)
     folder = args.out / "unet"
-    steps, budget = _capped(folder, args.unet_steps, args.unet_minutes, args.pause_minutes)
-    loop = LoopConfig(steps=steps, lr=args.unet_lr, ema_decay=args.ema_decay, seed=args.seed, budget_minutes=budget)
-    denoiser = torch.nn.ModuleDict({"unet": unet, "text_encoder": text})  # one EMA over both
-    loss = unet_batch_loss(lat, unet, text, args.unet_batch, args.caption_dropout)
-    result = train_loop(folder, {"denoiser": denoiser}, loss, loop, ema_of="denoiser",
-                        progress=not args.no_progress, desc="unet", load_only=not train_it)
-    if train_it:
-        result = _finish_if_capped(folder, result, args.unet_minutes, args.pause_minutes)
-    load_ema_into(denoiser, result["ema"])
+    loss = unet_batch_loss(lat, unet, text, args.unet_batch, args.caption_dropout, args.t_focus, args.focus_prob)
+    result = _train_stage(args, folder, {"unet": unet}, lambda _: loss, lr=args.unet_lr, steps=args.unet_steps,
+                          decay=args.unet_decay, tail=args.unet_tail, cap=args.unet_minutes, ema_of="unet",
+                          desc="unet", load_only=not train_it)
+    load_ema_into(unet, result["ema"])
     held_lat = _latents(vae, held, lat.scaling_factor, args.seed)
     return vae, unet, text, result, evaluate_unet(unet, text, held_lat, seed=args.seed)
 
@@ -293,7 +266,8 @@ def stage_export(args, train: WeatherSet, held: WeatherSet, trained: tuple | Non
         "unet_steps_per_s": _rate(args.out / "unet" / "train.jsonl"),
         "vae_steps_per_s": _rate(args.out / f"vae-{args.factor}x" / "train.jsonl"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "text_encoder": "PHASE-1 STAND-IN (bench/train_weather_sd.py StandInTextEncoder), replaced in phase 2",
+        "text_encoder": (f"frozen CLIPTextModel (D {text.hidden_size}, 2 layers, seed {args.seed}, fp16-rounded) with "
+                         "the project's offline CLIPTokenizer (synth/text_encoder.py; pipelines/weather_sd/text.py)"),
     }
     folder = save_weather_sd(args.out / "model", vae, unet, scheduler(), text,
                              dtype=getattr(torch, args.save_dtype), info=info)

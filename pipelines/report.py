@@ -108,20 +108,59 @@ def restoration_grid(run: Path, test: Path, out: Path, *, student: str = "d4ir",
     return sample_grid(rows, out, labels=["degraded", "teacher", "D4IR student", "ground truth"], cell=128)
 
 
-def rounds_grid(run: Path, out: Path, *, student: str = "d4ir", num: int = 4) -> Path | None:
-    """The same samples in round 0 and in each of a student's regeneration rounds, side by side (the
-    feedback loop's effect on the synthesis)."""
+def rounds_grid(run: Path, out: Path, *, student: str = "d4ir", num: int = 4, cell: int = 96) -> Path | None:
+    """clean source | round 0 | each later regeneration round of a student, one row per clean photo (rows are
+    matched by the sample's clean source, so every row shows one photo: what the synthesis kept of it and the
+    weather it added, and how the feedback rounds changed that)."""
     layout = RunLayout(run)
     rounds = [layout.round_shards(0)] if 0 in rounds_in(layout.shards) else []
     rounds += [layout.round_shards(n, student) for n in rounds_in(layout.shards_root(student)) if n > 0]
-    columns = [list(itertools.islice(iter_samples(r), num)) for r in rounds]
-    if not columns or not columns[0]:
+    first = list(itertools.islice(iter_samples(rounds[0]), num)) if rounds else []
+    if not first:
         return None
-    rows = [
-        [_thumb(columns[0][i]["meta"].get("clean"), 64)] + [c[i]["degraded"] for c in columns if i < len(c)]
-        for i in range(len(columns[0]))
-    ]
-    return sample_grid(rows, out, labels=["clean source"] + [r.name for r in rounds], cell=96)
+    wanted = {s["meta"].get("clean") for s in first}
+    later = []
+    for r in rounds[1:]:
+        by_clean: dict = {}
+        for sample in iter_samples(r):
+            key = sample["meta"].get("clean")
+            if key in wanted and key not in by_clean:
+                by_clean[key] = sample["degraded"]
+            if len(by_clean) == len(wanted):
+                break
+        later.append(by_clean)
+    empty = np.full((cell, cell, 3), 200, np.uint8)  # a round without this photo
+    rows = [[_thumb(s["meta"].get("clean"), cell), s["degraded"]] + [c.get(s["meta"].get("clean"), empty)
+                                                                      for c in later] for s in first]
+    labels = ["clean source"] + [f"round {n}" for n in [0, *(_round_number(r) for r in rounds[1:])]]
+    return sample_grid(rows, out, labels=labels, cell=cell)
+
+
+def _round_number(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def d4ir_sentence(evals: list[dict]) -> str | None:
+    """One sentence placing the D4IR row against M0 and Data (RGB PSNR against ground truth, and against the
+    teacher when recorded), from the eval.json rows; None when one of the three rows is missing."""
+    rows = {}
+    for e in evals:
+        for key, word in (("d4ir", "D4IR"), ("m0", "M0"), ("data", "Data")):
+            if e.get("type") == "KD" and str(e.get("method", "")).startswith(word) and key not in rows:
+                rows[key] = e
+    if len(rows) < 3:
+        return None
+    d, m, o = (rows[k]["mean"]["psnr"] for k in ("d4ir", "m0", "data"))
+    ref = ""
+    if all("ref_psnr" in r["mean"] for r in rows.values()):
+        ref = (f"; against the teacher's outputs {rows['d4ir']['mean']['ref_psnr']:.2f} vs "
+               f"{rows['m0']['mean']['ref_psnr']:.2f} and {rows['data']['mean']['ref_psnr']:.2f} dB")
+    than_web = "at least as well as" if d >= m else "less well than"
+    return (f"D4IR scores {d:.2f} dB against ground truth, {d - m:+.2f} dB from M0 ({m:.2f} dB) and {d - o:+.2f} dB "
+            f"from Data ({o:.2f} dB){ref}: in this run the synthesized images trained the student {than_web} the "
+            f"web degraded photos themselves. That is all it shows: one seed, "
+            f"{rows['d4ir'].get('count', '?')} test images and students trained for minutes on small images (see the "
+            "caveat for the synthesis model): it neither confirms nor refutes the paper's ranking at full scale.")
 
 
 TINY_SD_NOTE = """\
@@ -135,6 +174,42 @@ noise-like inputs; it says nothing about the quality the method reaches with a r
 the paper reports D4IR above M0 and Data. The demo images are 96x96 crops and the networks are narrow
 (AirNet at width 16, 2x2 blocks), so absolute PSNRs are far from benchmark numbers. Use it to check the
 plumbing, the file contracts and the timings; use `bench/quality_rain100l.py` and a real SD for quality."""
+
+
+WEATHER_SD_NOTE = """\
+**What this demo can and cannot show.** Every stage here ran for real: a teacher was trained, the prompt
+encoder learned from the web degraded images, a Stable-Diffusion-shaped model synthesized WebDataset shards,
+the student was distilled with the joint phase and regeneration rounds, and every number above comes from an
+`eval.json` written in this run. The diffusion model is the project's own *weather LDM*
+(`synth/weights/weather-ldm`, its model card there): a 4x AutoencoderKL, a 3.2M-parameter UNet with
+cross-attention and a frozen CLIP text encoder, trained for 48 minutes on one CPU thread on 64x64 crops of 11
+redistributable photos in clean, rain, haze and snow renders. It keeps the layout of the clean photo (see the
+round grid: clean source, round 0, later rounds; low-pass PSNR 23-24 dB on held-out crops at lambda 0.5) and
+its rain caption adds rain streaks (on all 48 held-out crops, a quarter to a third of the physical render's
+streak energy), but its haze and snow captions add almost nothing (3-4% and 1-3% of the physical change), and
+it is not Stable Diffusion: its VAE reconstructs held-out photos at 25.4 dB PSNR and drops most snow flakes,
+it works at 64x64 only, and it knows no other captions. The demo's prompts are stage 1's learned embeddings,
+not captions, so how much weather they add is measured, not assumed (`bench/prompt_effect.py`,
+docs/benchmarks.md). The demo images are 96x96 crops and the networks are narrow (AirNet at width 16, 2x2
+blocks), so absolute PSNRs are far from benchmark numbers. Use it to check the pipeline end to end on
+real-looking synthesized images; use `bench/quality_rain100l.py` and a real SD for quality claims."""
+
+OTHER_SD_NOTE = """\
+**Scale.** Every number above comes from an `eval.json` written in this run; how far they carry depends on
+the SD the shards were synthesized with (named in RUN/shards/round-000/manifest.json), the data and the
+training budget of this run."""
+
+
+def sd_note(run: Path) -> str:
+    """The caveat for the SD that synthesized the run's round 0 (its manifest's "sd")."""
+    import json
+
+    manifest = RunLayout(run).round_shards(0) / "manifest.json"
+    try:
+        spec = json.loads(manifest.read_text()).get("sd")
+    except (OSError, ValueError):
+        spec = None
+    return {"tiny": TINY_SD_NOTE, "weather": WEATHER_SD_NOTE}.get(spec, OTHER_SD_NOTE)
 
 
 def build_report(run: Path, test: Path | None = None) -> Path:
@@ -175,7 +250,10 @@ def build_report(run: Path, test: Path | None = None) -> Path:
     if timings.exists():
         parts += ["## Time per step (this machine)", "", "| step | seconds |", "|---|---|"]
         parts += [f"| {t['step']} | {t['seconds']} |" for t in json.loads(timings.read_text())] + [""]
-    parts += ["## Caveat", "", TINY_SD_NOTE, ""]
+    sentence = d4ir_sentence(evals)
+    if sentence:
+        parts[parts.index("Y channel (BT.601):"):parts.index("Y channel (BT.601):")] = [sentence, ""]
+    parts += ["## Caveat", "", sd_note(run), ""]
     out = layout.report
     atomic_write_text(out, "\n".join(parts))
     return out

@@ -5,6 +5,10 @@ A spec is, in this order:
 - ``"tiny"``: a Stable-Diffusion-shaped model built from a config with fixed-seed random weights (4 latent
   channels, 8x VAE downsampling, cross-attention width 32) and a tiny CLIP text encoder and tokenizer
   (synth/text_encoder.py). It proves the plumbing offline; its images are noise-like. For unit tests.
+- ``"weather"``: the small weather latent diffusion model trained by this project on redistributable photos and
+  shipped inside the package (`WEATHER_DIR`, its model card README.md there): 4x VAE, 64x64 images, a frozen
+  CLIP text encoder (D = 64) that knows "a photo" and the three weather captions. The demo's and the CPU
+  benchmarks' default; loaded offline like any diffusers folder, named "weather".
 - ``"sd15-layout"``: the real SD1.5 UNet/VAE layout with random weights, for benchmarks only.
 - a diffusers folder (``unet/``, ``vae/``, optional ``scheduler/``, ``text_encoder/`` + ``tokenizer/``);
 - a single ``.safetensors``/``.ckpt`` file in the original (CompVis) layout, UNet, VAE and text encoder
@@ -36,7 +40,8 @@ __all__ = ["SDLoadError", "SDParts", "SDSource", "build_tiny_sd", "default_dtype
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = ("float32", "float16", "bfloat16")
-BUILTIN = ("tiny", "sd15-layout")
+BUILTIN = ("tiny", "weather", "sd15-layout")
+WEATHER_DIR = Path(__file__).resolve().parent / "weights" / "weather-ldm"
 
 
 def _local(value: str) -> str:
@@ -51,7 +56,7 @@ class SDSource:
     `SDParts.fingerprint`, not this name).
 
     Args:
-        spec: tiny, sd15-layout, a diffusers folder, a single .safetensors/.ckpt file, or a hub id in the local
+        spec: tiny, weather, sd15-layout, a diffusers folder, a single .safetensors/.ckpt file, or a hub id in the local
             cache. Local paths are kept absolute, so a later stage run from another folder names the same model.
         config: for a single file only: a diffusers folder or cached hub id holding the configs that describe it.
     """
@@ -146,7 +151,7 @@ def load_sd(
     """Load a frozen Stable Diffusion; never downloads.
 
     Args:
-        source: an `SDSource` (or its spec string): tiny, sd15-layout, a diffusers folder, a .safetensors/.ckpt
+        source: an `SDSource` (or its spec string): tiny, weather, sd15-layout, a diffusers folder, a .safetensors/.ckpt
             file (with the configs that describe it) or a cached hub id.
         device: where the modules go.
         dtype: parameter dtype (float32 on the CPU, float16/bfloat16 on a GPU).
@@ -159,6 +164,10 @@ def load_sd(
         return build_tiny_sd(0, device=device, dtype=dtype)
     if spec == "sd15-layout":
         return build_sd15_layout(dtype, device)
+    if spec == "weather":
+        if not (WEATHER_DIR / "unet" / "config.json").is_file():
+            raise SDLoadError(f"the shipped weather model is missing from {WEATHER_DIR} (a broken install?)")
+        return load_folder(WEATHER_DIR, device, dtype, model_id="weather")
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_folder(path, device, dtype)
@@ -178,7 +187,7 @@ def load_sd(
         tried.append("hub id: not of the form 'org/name'")
     raise SDLoadError(
         f"SD model '{spec}' not found (nothing is downloaded at run time). Tried: " + "; ".join(tried)
-        + ". Give a diffusers folder, a .safetensors file, 'tiny', or download the hub id first."
+        + ". Give a diffusers folder, a .safetensors file, 'tiny', 'weather', or download the hub id first."
     )
 
 

@@ -4,7 +4,6 @@ tiny VAE/UNet training steps, resumable training, and the saved diffusers folder
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,11 @@ from pipelines.weather_sd.data import (
 )
 from pipelines.weather_sd.folder import save_weather_sd
 from pipelines.weather_sd.loop import LoopConfig, step_generator, train_loop
+from pipelines.weather_sd.text import build_weather_text
 from pipelines.weather_sd.unet import Latents, build_unet, scheduler, unet_batch_loss, unet_config
 from pipelines.weather_sd.vae import build_vae, posterior_moments, vae_batch_loss, vae_config, vae_loss
+from shards.io import read_jsonl
+from shards.state import load_state
 from synth.plan import WEATHER_TEXT as TASK_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,17 +138,19 @@ def test_vae_trains_on_random_windows(tiny_set):
         vae_batch_loss(tiny_set, vae, 2, 0.5, 1e-6, crop=12)
 
 
-def test_time_capped_stage_is_recorded_as_finished(tmp_path):
+def test_time_capped_stage_gets_a_decay_tail_and_is_recorded(tmp_path):
     bench = _bench()
-    assert bench._capped(tmp_path, 100, cap_minutes=5.0, pause_minutes=0.0) == (100, 5.0)
-    result = bench._finish_if_capped(tmp_path, {"step": 37, "done": False}, 5.0, 0.0)
-    assert result["done"] and bench._capped(tmp_path, 100, 5.0, 0.0) == (37, 0.0)
-    paused = bench._finish_if_capped(tmp_path / "p", {"step": 3, "done": False}, 5.0, 1.0)
-    assert not paused["done"]  # a pause (shorter than the cap) is resumable, not the end
+    assert bench._plan(tmp_path, 100, 0.3, cap_minutes=5.0, pause_minutes=0.0) == (100, 30, 5.0)
+    assert bench._cap_reached(tmp_path, {"step": 37, "done": False}, 5.0, 0.0, tail=20)
+    assert bench._plan(tmp_path, 100, 0.3, 5.0, 0.0) == (57, 20, 0.0)  # the reached step plus the decay tail
+    assert not bench._cap_reached(tmp_path, {"step": 40, "done": False}, 5.0, 0.0, tail=20)  # recorded once
+    paused = tmp_path / "p"
+    assert not bench._cap_reached(paused, {"step": 3, "done": False}, 5.0, 1.0, tail=20)  # a pause is resumable
+    assert bench._plan(paused, 100, 0.3, 5.0, 1.0) == (100, 30, 1.0)
 
 
-def _tiny_text(bench):
-    return bench.StandInTextEncoder(list(CAPTIONS.values()), hidden=32, layers=1, heads=2, seed=0)
+def _tiny_text():
+    return build_weather_text(hidden=32, layers=1, heads=2, seed=0)
 
 
 def _tiny_latents(vae, data) -> Latents:
@@ -154,34 +158,73 @@ def _tiny_latents(vae, data) -> Latents:
     return Latents(mean, std, data.captions, data.weathers, scaling_factor=0.5)
 
 
-def test_tiny_unet_step_with_stand_in_text_lowers_the_loss(tiny_set):
-    bench = _bench()
-    text = _tiny_text(bench)
-    emb = text.encode(["a photo", ""])
-    assert emb.shape == (2, 77, 32)
-    with pytest.raises(ValueError, match="not in its caption vocabulary"):
-        text.encode(["a photo of a dog"])
+def test_frozen_text_encoder_gives_distinct_cached_caption_embeddings():
+    text = _tiny_text()
+    assert list(text.parameters()) == [] and not any(p.requires_grad for p in text.model.parameters())
+    emb = text.encode(["", *CAPTIONS.values(), "a photo of a dog"])  # any words: a real CLIP tokenizer
+    assert emb.shape == (6, 77, 32) and not emb.requires_grad
+    flat = emb.flatten(1)
+    gaps = torch.cdist(flat, flat) + torch.eye(6) * 1e9
+    assert float(gaps.min()) > 1.0  # every caption, the empty one included, has its own embedding
+    assert torch.equal(text.encode(["a photo"])[0], emb[1])  # cached: the same tensor values again
+    for p in text.model.parameters():  # rounded to the fp16 it ships in
+        assert torch.equal(p, p.half().float())
+
+
+def test_tiny_unet_step_with_frozen_text_lowers_the_loss(tiny_set):
+    text = _tiny_text()
     vae = build_vae(TINY_VAE, seed=0)
     unet = build_unet(unet_config(32, 8, widths=(32, 32)), seed=0)
-    loss_fn = unet_batch_loss(_tiny_latents(vae, tiny_set), unet, text, batch_size=4, caption_dropout=0.15)
-    first, last = _overfit(loss_fn, [unet, text])
+    loss_fn = unet_batch_loss(_tiny_latents(vae, tiny_set), unet, text, batch_size=4, caption_dropout=0.15,
+                              t_focus=500, focus_prob=0.75)
+    first, last = _overfit(loss_fn, [unet])
     assert last < 0.8 * first
+    with pytest.raises(ValueError, match="t_focus"):
+        unet_batch_loss(_tiny_latents(vae, tiny_set), unet, text, 4, t_focus=0)
 
 
-def test_training_resumes_to_the_same_weights(tiny_set, tmp_path):
-    def run(folder: Path, stops: list[int]) -> dict[str, torch.Tensor]:
+def test_lr_schedule_warms_up_holds_and_decays():
+    cfg = LoopConfig(steps=100, lr=1.0, warmup=10, decay_steps=40, final_lr_fraction=0.1)
+    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
+    assert cfg.lr_at(59) == pytest.approx(1.0) and cfg.lr_at(60) == pytest.approx(1.0)
+    assert cfg.lr_at(80) == pytest.approx(0.55) and cfg.lr_at(100) == pytest.approx(0.1)
+    assert all(cfg.lr_at(s) >= cfg.lr_at(s + 1) for s in range(60, 100))
+    with pytest.raises(ValueError, match="decay_steps"):
+        LoopConfig(steps=10, decay_steps=11)
+
+
+def test_vae_logvar_init_sets_the_posterior_scale(tiny_set):
+    vae = build_vae(TINY_VAE, seed=0, logvar_init=-8.0)
+    with torch.no_grad():
+        dist = vae.encode(tiny_set.floats(slice(0, 2)) * 2 - 1).latent_dist
+    torch.testing.assert_close(dist.logvar, torch.full_like(dist.logvar, -8.0))
+    plain = build_vae(TINY_VAE, seed=0)
+    torch.testing.assert_close(vae.encoder.conv_in.weight, plain.encoder.conv_in.weight)  # nothing else moved
+
+
+def test_training_killed_and_resumed_gives_the_same_weights_and_log(tiny_set, tmp_path):
+    config = LoopConfig(steps=6, warmup=2, log_every=1, checkpoint_every=2, decay_steps=3, final_lr_fraction=0.1)
+
+    def run(folder: Path, crash_at: int | None = None) -> dict[str, torch.Tensor]:
         vae = build_vae(TINY_VAE, seed=0)
         x = tiny_set.floats()
-        loss = lambda step, gen: vae_loss(vae, x[torch.randint(16, (2,), generator=gen)], gen,  # noqa: E731
-                                          edge_weight=0.5, kl_weight=1e-6)
-        for stop in stops:
-            result = train_loop(folder, {"vae": vae}, loss, LoopConfig(steps=stop, warmup=2), progress=False)
-        assert result["step"] == stops[-1] and result["done"]
+
+        def loss(step, gen):
+            if step == crash_at:
+                raise KeyboardInterrupt  # a kill between two checkpoints
+            return vae_loss(vae, x[torch.randint(16, (2,), generator=gen)], gen, edge_weight=0.5, kl_weight=1e-6)
+
+        result = train_loop(folder, {"vae": vae}, loss, config, progress=False)
+        assert result["step"] == 6 and result["done"]
         return vae.state_dict()
 
-    straight = run(tmp_path / "a", [4])
-    resumed = run(tmp_path / "b", [2, 4])
-    assert (tmp_path / "b" / "state.pt").is_file() and (tmp_path / "b" / "train.jsonl").is_file()
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", crash_at=3)
+    assert load_state(tmp_path / "b" / "state.pt")["step"] == 2  # the last checkpoint, plain data (shards.state)
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "train.jsonl")] == [1, 2, 3]
+    resumed = run(tmp_path / "b")
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "train.jsonl")] == [1, 2, 3, 4, 5, 6]  # step 3 once
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
 
@@ -193,8 +236,7 @@ def test_saved_folder_loads_with_load_sd_and_samples(tiny_set, tmp_path):
     from synth.ccd import CCDConfig, ccd_sample
     from synth.sd import load_sd
 
-    bench = _bench()
-    text = _tiny_text(bench)
+    text = _tiny_text()
     vae = build_vae(TINY_VAE, seed=0)
     vae.register_to_config(scaling_factor=0.7)
     unet = build_unet(unet_config(32, 8, widths=(32, 32)), seed=0)
@@ -203,19 +245,20 @@ def test_saved_folder_loads_with_load_sd_and_samples(tiny_set, tmp_path):
         assert list((folder / sub).glob("*.safetensors")), sub
         assert not list((folder / sub).glob("*.bin")), sub
     assert (folder / "scheduler" / "scheduler_config.json").is_file()
-    assert (folder / "tokenizer" / "stand_in_vocab.json").is_file()
+    assert {p.name for p in (folder / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt"}
     card = (folder / "README.md").read_text()
     assert all(name in card for name in LICENCES)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the stand-in tokenizer is not a CLIPTokenizer: text encoder skipped
-        parts = load_sd(str(folder))
+    parts = load_sd(str(folder))
     assert parts.vae_scale_factor == 4 and parts.cross_attention_dim == 32
+    captions = ["", *CAPTIONS.values()]
+    torch.testing.assert_close(parts.encode_text(captions), text.encode(captions), rtol=0, atol=0)
+    torch.testing.assert_close(parts.empty_prompt(), text.encode([""]), rtol=0, atol=0)
+    assert load_sd(str(folder)).fingerprint == parts.fingerprint
     assert parts.vae.config.scaling_factor == pytest.approx(0.7)
     ref = unet.state_dict()["conv_in.weight"].half().float()
     torch.testing.assert_close(parts.unet.state_dict()["conv_in.weight"], ref)  # stored in fp16
     clean = tiny_set.floats(slice(0, 2))
-    with torch.no_grad():
-        emb = text.encode([TASK_TEXT["derain"]])
+    emb = parts.encode_text([TASK_TEXT["derain"]])
     out = ccd_sample(parts, clean, emb, [torch.Generator().manual_seed(i) for i in range(2)],
                      CCDConfig(steps=4, strength=0.5, size=32))
     assert out.shape == (2, 3, 32, 32) and 0 <= float(out.min()) and float(out.max()) <= 1

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from pipelines.weather_sd.data import CAPTIONS, EXCLUDED, HELD_OUT, LICENCES, TRAIN_PHOTOS
+from synth.text_encoder import save_tokenizer
 
 
 def _save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
@@ -73,6 +74,8 @@ def save_weather_sd(
         name = "text_encoder" if sub == "model" else "tokenizer"
         if isinstance(part, torch.nn.Module):
             _save_module(part, tmp / name, dtype)
+        elif hasattr(part, "backend_tokenizer"):  # a CLIPTokenizer: vocab.json + merges.txt, as SD ships it
+            save_tokenizer(part, tmp / name)
         else:
             part.save_pretrained(tmp / name)
         library = type(part).__module__.split(".")[0]
@@ -98,22 +101,37 @@ def weights_mb(folder: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors")) / 1e6
 
 
+def _section(title: str, body: str | list[str] | None) -> str:
+    if not body:
+        return ""
+    text = "\n".join(f"- {b}" for b in body) if isinstance(body, list) else body
+    return f"## {title}\n\n{text.strip()}\n\n"
+
+
 def model_card(info: dict) -> str:
-    """The README.md of the folder: what the model is, its photos and their licences, how it was trained."""
+    """The README.md of the folder: what the model is, its photos and their licences, how it was trained, and,
+    when `info` has them, the sections "command" (the training command), "quality" (markdown of the
+    measurements), "can" / "cannot" (lists) and "use" (how to load it)."""
     rows = "\n".join(
         f"| {p} | {'held out (measurement only)' if p in HELD_OUT else 'training'} | {lic} |"
         for p, lic in LICENCES.items()
     )
     excluded = "\n".join(f"- {p}: {why}" for p, why in EXCLUDED.items())
     captions = "\n".join(f"- {w}: \"{c}\"" for w, c in CAPTIONS.items())
+    settings = {k: v for k, v in info.items() if k not in ("command", "quality", "can", "cannot", "use")}
+    command = f"```\n{info['command']}\n```" if info.get("command") else None
+    sections = "".join(_section(title, body) for title, body in (
+        ("Use", info.get("use")), ("Training command", command), ("Measured quality", info.get("quality")),
+        ("What it can do", info.get("can")), ("What it cannot do", info.get("cannot"))))
     return f"""# Weather LDM (D4IR embedded latent diffusion model)
 
 A small Stable-Diffusion-shaped latent diffusion model (AutoencoderKL + UNet2DConditionModel with
-cross-attention, DDIM) trained from scratch on 64x64 crops of redistributable scikit-image sample photos,
-each clean and with the physical rain, haze and snow of `pipelines/weather.py`. Made by
-`bench/train_weather_sd.py` (`pipelines/weather_sd/`). Load it with `synth.sd.load_sd(<this folder>)`.
+cross-attention, DDIM, a CLIP text encoder and tokenizer) trained from scratch on 64x64 crops of
+redistributable scikit-image sample photos, each clean and with the physical rain, haze and snow of
+`pipelines/weather.py`. Made by `bench/train_weather_sd.py` (`pipelines/weather_sd/`). Load it with
+`synth.sd.load_sd(<this folder>)`.
 
-## Training photos and their licences
+{sections}## Training photos and their licences
 
 Every photo ships inside the scikit-image wheel; licences as stated in the `skimage.data` docstrings.
 Training photos: {", ".join(TRAIN_PHOTOS)}. Held out: {", ".join(HELD_OUT)}.
@@ -135,6 +153,6 @@ Captions are dropped to "" with the probability in the settings below, so "" is 
 ## Settings and measurements
 
 ```json
-{json.dumps(info, indent=1, sort_keys=True, default=str)}
+{json.dumps(settings, indent=1, sort_keys=True, default=str)}
 ```
 """

@@ -2,18 +2,26 @@
 
 Step s (0-based) draws all of its randomness (batch, noise, timesteps, caption dropout) from its own
 `torch.Generator` seeded with hash(seed, s), so a run stopped after step s and resumed gives the same
-weights as one that never stopped. Optimisation: AdamW, learning rate warmed up linearly over `warmup`
-steps, then constant; gradients clipped to norm `clip`; optional EMA of the weights,
+weights as one that never stopped. Optimisation: AdamW; gradients clipped to norm `clip`; the learning rate
+of step s (N = steps, W = warmup, D = decay_steps)
+
+    lr_s = lr * min(1, (s + 1) / W) * c_s,  c_s = 1 for s < N - D, else the cosine
+    c_s = f + (1 - f) (1 + cos(pi (s - N + D) / D)) / 2   (f = final_lr_fraction),
+
+a pure function of s, so a resumed run follows the same schedule; optional EMA of the weights,
 
     ema <- d ema + (1 - d) w,   d = min(ema_decay, (1 + s) / (10 + s))   (diffusers' EMAModel warm-up).
 
 Every `checkpoint_every` steps, at the end and when the wall-clock budget runs out, DIR/state.pt is written
-atomically (module, EMA and optimizer states, the step; read back with weights_only=True) and DIR/train.jsonl
-gets the mean losses since the last record and the measured steps/s.
+with `shards.state.save_state` (module, EMA and optimizer states, the step: plain data, read back with
+`load_state`, weights_only) and DIR/train.jsonl gets the mean losses since the last record and the measured
+steps/s; on resume the records after the state's step are dropped (`trim_log`), so a killed run and its
+resume log each step once.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shards.io import append_jsonl, atomic_torch_save
+from shards.io import append_jsonl
+from shards.state import load_state, save_state, trim_log
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class LoopConfig:
         checkpoint_every: steps between state.pt writes.
         log_every: steps between train.jsonl records.
         budget_minutes: stop (resumably) after this much wall-clock time; 0 means no limit.
+        decay_steps: the last `decay_steps` steps follow a cosine from lr down to final_lr_fraction * lr.
+        final_lr_fraction: where the cosine ends, in [0, 1].
     """
 
     steps: int
@@ -52,6 +63,8 @@ class LoopConfig:
     checkpoint_every: int = 200
     log_every: int = 25
     budget_minutes: float = 0.0
+    decay_steps: int = 0
+    final_lr_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -62,6 +75,18 @@ class LoopConfig:
             raise ValueError(f"LoopConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.budget_minutes < 0:
             raise ValueError("LoopConfig needs checkpoint_every >= 1, log_every >= 1 and budget_minutes >= 0")
+        if not 0 <= self.decay_steps <= self.steps or not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"LoopConfig needs 0 <= decay_steps <= steps ({self.steps}) and final_lr_fraction "
+                             f"in [0, 1], got {self.decay_steps} and {self.final_lr_fraction}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): warm-up, constant, then the cosine decay."""
+        lr = self.lr * min(1.0, (step + 1) / max(1, self.warmup))
+        into = step - (self.steps - self.decay_steps)
+        if self.decay_steps and into >= 0:
+            f = self.final_lr_fraction
+            lr *= f + (1 - f) * 0.5 * (1 + math.cos(math.pi * into / self.decay_steps))
+        return lr
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -112,16 +137,17 @@ def train_loop(
     ema = ema_state(modules[ema_of]) if ema_of is not None and config.ema_decay > 0 else None
     start, state_path = 0, out / "state.pt"
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_state(state_path)
         for name, m in modules.items():
             m.load_state_dict(state["modules"][name])
         opt.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             ema = state["ema"]
         start = int(state["step"])
+        trim_log(out / "train.jsonl", "step", start)
 
     def save(step: int) -> None:
-        atomic_torch_save(
+        save_state(
             state_path,
             {
                 "step": step,
@@ -141,7 +167,7 @@ def train_loop(
         if config.budget_minutes and time.perf_counter() - t0 > 60 * config.budget_minutes:
             break
         for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+            group["lr"] = config.lr_at(step)
         losses = loss_fn(step, step_generator(config.seed, step))
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()

@@ -2,13 +2,14 @@
 
 Layout as SD's: CrossAttnDownBlock2D on the upper levels and a plain DownBlock2D at the bottom (and mirrored
 up blocks), cross-attention keys/values from `encoder_hidden_states` [B, L, D] given by a text encoder
-passed in as an argument (any object with `encode(list[str]) -> [B, L, D]` whose parameters train jointly).
+passed in as an argument (any object with `encode(list[str]) -> [B, L, D]`; the shipped one is frozen,
+`pipelines/weather_sd/text.py`, but parameters it exposes would train jointly).
 
 Training (DDPM, epsilon prediction, SD1.5's noise schedule: 1000 steps, scaled-linear betas 0.00085-0.012,
 so `synth.sd`'s DDIMScheduler samples it unchanged): for latent moments (mu, sigma) of a training image,
 
     z0  = s (mu + sigma e1),   s = the VAE's scaling_factor (1 / std of the latents, as SD)
-    z_t = sqrt(a_t) z0 + sqrt(1 - a_t) e,   t ~ U{0 .. 999},  e1, e ~ N(0, I)
+    z_t = sqrt(a_t) z0 + sqrt(1 - a_t) e,   t ~ U{0 .. 999} (or, w.p. focus_prob, U{0 .. t_focus-1}), e1, e ~ N(0, I)
     L   = | eps_theta(z_t, t, T(c)) - e |^2,   c = the caption, replaced by "" with probability p_drop
 
 so T("") is the unconditional model (classifier-free guidance needs it). `evaluate_unet` measures whether
@@ -128,17 +129,28 @@ def unet_batch_loss(
     text_encoder: TextEncoder,
     batch_size: int,
     caption_dropout: float = 0.15,
+    t_focus: int | None = None,
+    focus_prob: float = 0.0,
 ):
-    """A `train_loop` loss_fn: {"loss"} (epsilon MSE) on a random batch per step."""
+    """A `train_loop` loss_fn: {"loss"} (epsilon MSE) on a random batch per step.
+
+    Timesteps: t ~ U{0 .. 999}, except that with probability `focus_prob` a sample's t is drawn from
+    U{0 .. t_focus - 1} instead (CCD at lambda 0.5 only visits t <= 451, so that range gets more of the budget).
+    """
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
     alphas = scheduler().alphas_cumprod.float()
     steps = alphas.shape[0]
+    t_focus = steps if t_focus is None else int(t_focus)
+    if not 1 <= t_focus <= steps or not 0.0 <= focus_prob <= 1.0:
+        raise ValueError(f"t_focus must be in [1, {steps}] and focus_prob in [0, 1], got {t_focus}, {focus_prob}")
 
     def loss_fn(step: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         idx = torch.randint(len(latents.captions), (batch_size,), generator=gen)
         z0 = latents.sample(idx, gen)
-        t = torch.randint(steps, (batch_size,), generator=gen)
+        t_all = torch.randint(steps, (batch_size,), generator=gen)
+        t_low = torch.randint(t_focus, (batch_size,), generator=gen)
+        t = torch.where(torch.rand(batch_size, generator=gen) < focus_prob, t_low, t_all)
         noise = torch.randn(z0.shape, generator=gen)
         drop = torch.rand(batch_size, generator=gen) < caption_dropout
         captions = ["" if d else latents.captions[int(i)] for i, d in zip(idx, drop)]
