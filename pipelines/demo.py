@@ -85,6 +85,7 @@ def run_demo(
                      {"teacher": layout.teacher, "student": layout.student_weights("d4ir")})
     if "skipped" in exported:
         print(f"   export skipped: {exported['skipped']}", flush=True)
+    atomic_write_json(layout.timings, log)  # the report shows the steps so far; the file is complete below
     report = _step("report", log, build_report, layout.root)
     log.append({"step": "total", "seconds": round(time.perf_counter() - t_start, 1)})
     atomic_write_json(layout.timings, log)

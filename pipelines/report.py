@@ -14,6 +14,7 @@ from shards.layout import EVAL_FILE, RunLayout, rounds_in
 from shards.reader import iter_samples
 from shards.writer import read_manifest
 
+from .demo_export import latency_lines
 from .figures import curves_png
 from .grid import sample_grid
 
@@ -246,6 +247,9 @@ def build_report(run: Path, test: Path | None = None) -> Path:
     figures.append(("Training curves", curves_png(run, layout.curves)))
     for title, path in figures:
         parts += [f"## {title}", "", f"![{title}]({Path(path).relative_to(run)})", ""]
+    exported = latency_lines(layout)
+    if exported:
+        parts += ["## The student on the device: ONNX and onnxruntime", "", *exported, ""]
     timings = layout.timings
     if timings.exists():
         parts += ["## Time per step (this machine)", "", "| step | seconds |", "|---|---|"]
