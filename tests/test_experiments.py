@@ -240,3 +240,12 @@ def test_rerun_trains_nothing_and_an_interrupted_row_resumes(matrix, monkeypatch
     run_experiments(load_config(path), only=["4"], progress=False, log=lambda _: None)
     assert calls == [True] and json.loads(marker.read_text())["evals"].keys() == {"Rain100L", "SPA"}
     assert "not run yet" not in (out / "report.md").read_text()
+
+
+def test_the_caveat_names_what_the_sd_can_say():
+    from pipelines.experiments.report import TINY_SD_NOTE, WEATHER_SD_NOTE, sd_caveat
+
+    assert sd_caveat("tiny") == TINY_SD_NOTE and "structured noise" in TINY_SD_NOTE
+    assert sd_caveat("weather") == WEATHER_SD_NOTE and "weather LDM" in WEATHER_SD_NOTE
+    other = sd_caveat("/models/stable-diffusion-v1-5")
+    assert "`/models/stable-diffusion-v1-5`" in other and "noise" not in other
