@@ -60,8 +60,8 @@ def data_check(folder: Path, min_side: int, max_pixels: int, verbose: bool) -> N
 
 
 @data.command("demo")
-@click.option("--out", type=_path, default=Path("data/demo"), show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=_path, default=Path("data/demo"), show_default=True, help="Where the demo data goes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the crops and of the rain, haze and snow.")
 @click.option("--force", is_flag=True, help="Rebuild even when a complete demo set exists.")
 def data_demo(out: Path, seed: int, force: bool) -> None:
     """Build the embedded demo data from the photos that ship inside scikit-image (no download).
@@ -221,7 +221,8 @@ def report(run: Path, test: Path | None) -> None:
 @click.command()
 @click.option("--data", type=_path, default=Path("data/demo"), show_default=True, help="Demo data folder.")
 @click.option("--run-dir", "run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
-@click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True)
+@click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True,
+              help="The weather the teacher removes and the students learn.")
 @click.option("--seed", default=0, show_default=True, help="Seed of every stage: CPU runs repeat exactly.")
 @_device_option
 def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> None:

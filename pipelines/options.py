@@ -18,7 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import click
 
-_ARG_RE = re.compile(r"^(\s*)(\w+):\s?(.*)$")
+# "name: text" or "name, other: text" (one text shared by several fields)
+_ARG_RE = re.compile(r"^(\s*)(\w+(?:,\s*\w+)*):\s?(.*)$")
 
 
 def args_doc(cls: type) -> dict[str, str]:
@@ -30,17 +31,18 @@ def args_doc(cls: type) -> dict[str, str]:
         start = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
     except StopIteration:
         return out
-    indent, current = None, None
+    indent, current = None, []
     for line in lines[start:]:
         if not line.strip():
             continue
         m = _ARG_RE.match(line)
         depth = len(line) - len(line.lstrip())
         if m and (indent is None or depth == indent):
-            indent, current = depth, m.group(2)
-            out[current] = m.group(3).strip()
-        elif current is not None and indent is not None and depth > indent:
-            out[current] += " " + line.strip()
+            indent, current = depth, [name.strip() for name in m.group(2).split(",")]
+            out.update(dict.fromkeys(current, m.group(3).strip()))
+        elif current and indent is not None and depth > indent:
+            for name in current:
+                out[name] += " " + line.strip()
         else:
             break
     return out

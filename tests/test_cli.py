@@ -2,8 +2,10 @@
 `report` builds its tables from eval.json files only."""
 
 import json
+import re
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -27,6 +29,37 @@ def test_every_command_has_help(args):
     assert "Usage:" in result.output
     # a docstring, not just the option list
     assert len(result.output.split("Options:")[0].strip().splitlines()) >= 3
+
+
+def _command(args):
+    cmd = main
+    for name in args:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+@pytest.mark.parametrize("args", [a for a in _commands(main) if not hasattr(_command(a), "commands")])
+def test_every_option_explains_itself(args):
+    """Options derived from the config docstrings (pipelines/options.py) keep their text, including fields
+    documented together ("generator_lr, betas: ...")."""
+    bare = [p.opts[0] for p in _command(args).params
+            if isinstance(p, click.Option) and not re.sub(r"\[paper: [^]]*\]", "", p.help or "").strip()]
+    assert not bare, f"d4ir {' '.join(args)}: options without help: {bare}"
+
+
+def test_args_doc_shares_a_text_between_fields_named_together():
+    from pipelines.options import args_doc
+
+    class C:
+        """Doc.
+
+        Args:
+            a, b_c: shared text
+                continued.
+            d: own text.
+        """
+
+    assert args_doc(C) == {"a": "shared text continued.", "b_c": "shared text continued.", "d": "own text."}
 
 
 def test_data_check_counts_and_exit_codes(tmp_path: Path):
