@@ -82,6 +82,8 @@ class DistillConfig:
         if self.round is not None and self.round < 0:
             raise ValueError(f"round must be >= 0, got {self.round}")
         object.__setattr__(self, "loss", parse_weights(self.loss))
+        if self.data == "dfsr" and self.datafree.contrastive_weight:
+            raise ValueError("contrastive_weight is DFMC's term: use data 'dfmc' (--data dfmc)")
 
     @property
     def joint(self) -> bool:

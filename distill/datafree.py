@@ -76,7 +76,8 @@ class DataFreeConfig:
         lr_decay_every, lr_decay: multiply the generator lr by lr_decay every lr_decay_every epochs
             (0 disables; the release used 0.1 every 10 of its epochs).
         loss: the student's KD terms (`distill.losses.parse_weights`; default {"l2": 1.0}, Eq. (8)).
-        contrastive_weight: beta of L_CR (default 0.1 for dfmc, AECR-Net's weight for this ratio; 0 for dfsr).
+        contrastive_weight: beta of L_CR (default: 0.1 for dfmc, AECR-Net's weight for this ratio; 0 for dfsr;
+            `beta` is the value in force).
         contrastive_features: "teacher" (hooked teacher layers) or "random" (a fixed random conv net).
         contrastive_layers: teacher module names (default per architecture, see distill/dfmc.py).
         contrastive_layer_weights: w_i, one per feature map (default: equal, summing to 1).
@@ -101,6 +102,14 @@ class DataFreeConfig:
     contrastive_eps: float = 1e-7
     seed: int = 0
 
+    @property
+    def beta(self) -> float:
+        """The contrastive weight in force: the given one, else the method's default. Resolved on read, not
+        stored, so that `replace(config, method="dfmc")` gets DFMC's default (a stored 0.0 made it DFSR)."""
+        if self.contrastive_weight is not None:
+            return self.contrastive_weight
+        return 0.1 if self.method == "dfmc" else 0.0
+
     def __post_init__(self) -> None:
         def fix(name: str, value) -> None:  # frozen: normalise lists (from JSON presets) to tuples
             object.__setattr__(self, name, value)
@@ -110,11 +119,7 @@ class DataFreeConfig:
                 fix(name, tuple(getattr(self, name)))
         if self.method not in METHODS:
             raise ValueError(f"DataFreeConfig.method must be one of {METHODS}, got {self.method!r}")
-        if self.contrastive_weight is None:
-            fix("contrastive_weight", 0.1 if self.method == "dfmc" else 0.0)
-        if self.method == "dfsr" and self.contrastive_weight:
-            raise ValueError("DataFreeConfig: a contrastive_weight > 0 is DFMC: set method='dfmc'")
-        if self.contrastive_weight < 0 or self.contrastive_eps <= 0:
+        if self.beta < 0 or self.contrastive_eps <= 0:
             raise ValueError("DataFreeConfig.contrastive_weight must be >= 0 and contrastive_eps > 0")
         if not isinstance(self.z_dim, int) or self.z_dim < 1:
             raise ValueError(f"DataFreeConfig.z_dim must be a positive int, got {self.z_dim!r}")
@@ -200,6 +205,8 @@ class AdversarialSource:
     def __init__(self, crop: int, batch_size: int, config: DataFreeConfig | None = None,
                  device: torch.device | str = "cpu", *, teacher: nn.Module | None = None, rank: int = 0) -> None:
         self.config = config = config or DataFreeConfig()
+        if config.method == "dfsr" and config.contrastive_weight:
+            raise ValueError("a contrastive_weight > 0 is DFMC: set method='dfmc' (--data dfmc)")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.crop, self.batch_size, self.device, self.epoch = crop, batch_size, torch.device(device), 0
@@ -212,7 +219,7 @@ class AdversarialSource:
         self._noise = torch.Generator().manual_seed(seed)  # CPU: the same stream on every device
         self.weights = parse_weights(config.loss)
         self.features = None
-        if config.contrastive_weight:
+        if config.beta:
             self.features = build_features(
                 config.contrastive_features, teacher, config.contrastive_layers, config.seed, self.device
             )
@@ -229,7 +236,7 @@ class AdversarialSource:
         """L_kd(S(x), T(x)) plus, for DFMC, beta * L_CR(anchor S(x), positive T(x), negative x); a scalar."""
         loss = kd_loss(student_out, teacher_out.detach(), self.weights)
         if self.features is not None:
-            loss = loss + self.config.contrastive_weight * self.contrastive_loss(student_out, teacher_out, x)
+            loss = loss + self.config.beta * self.contrastive_loss(student_out, teacher_out, x)
         return loss
 
     def contrastive_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

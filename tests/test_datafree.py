@@ -183,7 +183,10 @@ def test_due_and_epoch_decay():
     src.set_epoch(5)
     assert src.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1**2)
     assert DataFreeConfig().student_steps_per_generator_step == 50 and DataFreeConfig().z_dim == 256
-    assert DataFreeConfig(method="dfmc").contrastive_weight == 0.1 and DataFreeConfig().contrastive_weight == 0
+    assert DataFreeConfig(method="dfmc").beta == 0.1 and DataFreeConfig().beta == 0
+    # the default follows the method when it is set later, as the trainer does from --data
+    assert replace(DataFreeConfig(), method="dfmc").beta == 0.1
+    assert replace(DataFreeConfig(method="dfmc", contrastive_weight=0.3), method="dfmc").beta == 0.3
     assert DataFreeConfig(widths=[16, 8], betas=[0.5, 0.9]).widths == (16, 8)  # JSON lists become tuples
 
 
@@ -191,7 +194,6 @@ def test_due_and_epoch_decay():
     "kwargs, match",
     [
         (dict(method="gan"), "method"),
-        (dict(contrastive_weight=0.1), "is DFMC"),
         (dict(method="dfmc", contrastive_weight=-1.0), "contrastive_weight"),
         (dict(z_dim=0), "z_dim"),
         (dict(widths=(8,)), "widths"),
@@ -216,6 +218,16 @@ def test_source_validation(crop, batch, match):
         AdversarialSource(crop, batch, DataFreeConfig(**SMALL))
 
 
+def test_a_contrastive_weight_is_dfmc():
+    from distill.trainer import DistillConfig
+
+    with pytest.raises(ValueError, match="is DFMC"):
+        AdversarialSource(CROP, 2, DataFreeConfig(contrastive_weight=0.1, **SMALL))
+    with pytest.raises(ValueError, match="--data dfmc"):
+        DistillConfig(data="dfsr", datafree=DataFreeConfig(contrastive_weight=0.1))
+    assert DistillConfig(data="dfmc", datafree=DataFreeConfig(contrastive_weight=0.1)).datafree.beta == 0.1
+
+
 @pytest.mark.parametrize("method", ["dfsr", "dfmc"])
 def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, tmp_path, method):
     """`d4ir distill --data dfsr|dfmc`: the student learns from generated batches, the generator takes its steps
@@ -238,3 +250,8 @@ def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="give --iters-per-epoch"):
         distill(straight.root, straight.teacher, replace(cfg, iters_per_epoch=None), name="t", progress=False)
+    if method == "dfmc":  # DFMC's contrastive term is on by default and changes what the student learns
+        no_cr = replace(cfg, datafree=replace(datafree, contrastive_weight=0.0))
+        distill(straight.root, straight.teacher, no_cr, name="no-cr", progress=False)
+        c, _ = load_weights(straight.root / "students" / "no-cr" / "student")
+        assert not all(torch.equal(a[k], c[k]) for k in a)
