@@ -206,7 +206,7 @@ def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistCo
     loop = None
     if sd_source is not None or config.joint:
         sd_from = SDSource.of(sd_source or SDSource(manifest["sd"], manifest.get("sd_config")))
-        # identity first, in the dtype the round was made in (the fingerprint covers the dtype)
+        # in the dtype the round was made in, so that its regeneration rounds compute as it did
         sd = load_sd_cached(sd_from, device, manifest.get("dtype", "float32"))
         check_sd(manifest, sd, sd_from, layout.round_shards(current))
         if config.joint:

@@ -97,9 +97,9 @@ def build_tiny_sd(seed: int = 0, *, device: str | torch.device = "cpu", dtype: t
         device: where the modules live.
         dtype: parameter dtype.
     """
-    vae, unet = random_modules(TINY_UNET_CONFIG, TINY_VAE_CONFIG, seed, device, dtype)
-    text_encoder, tokenizer = tiny_text_parts(seed, device=device, dtype=dtype)
-    return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "tiny", text_encoder, tokenizer)
+    vae, unet = random_modules(TINY_UNET_CONFIG, TINY_VAE_CONFIG, seed, device, torch.float32)
+    text_encoder, tokenizer = tiny_text_parts(seed, device=device, dtype=torch.float32)
+    return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "tiny", text_encoder, tokenizer, dtype=dtype)
 
 
 def build_sd15_layout(
@@ -113,8 +113,8 @@ def build_sd15_layout(
         device: where the modules are built.
         seed: weight seed.
     """
-    vae, unet = sd15_modules(device, dtype, seed=seed)
-    return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "sd15-layout")
+    vae, unet = sd15_modules(device, torch.float32, seed=seed)
+    return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "sd15-layout", dtype=dtype)
 
 
 def save_sd(parts: SDParts, folder: str | Path) -> Path:

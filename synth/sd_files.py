@@ -91,12 +91,14 @@ def load_folder(folder: Path, device: Any, dtype: torch.dtype, model_id: str | N
             "(expected unet/, vae/ and optionally scheduler/, text_encoder/, tokenizer/)"
         )
     model_id = model_id or str(folder)
-    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", dtype)
-    vae = _from_pretrained(AutoencoderKL, folder, "vae", dtype)
-    text_encoder, tokenizer = _folder_text_parts(folder, dtype, f"SD '{model_id}'")
+    # float32 first: `assemble` fingerprints the weights, then casts them to `dtype`
+    unet = _from_pretrained(UNet2DConditionModel, folder, "unet", torch.float32)
+    vae = _from_pretrained(AutoencoderKL, folder, "vae", torch.float32)
+    text_encoder, tokenizer = _folder_text_parts(folder, torch.float32, f"SD '{model_id}'")
     if text_encoder is not None:
         text_encoder = text_encoder.to(device)
-    return assemble(vae.to(device), unet.to(device), _scheduler_from(folder), model_id, text_encoder, tokenizer)
+    return assemble(vae.to(device), unet.to(device), _scheduler_from(folder), model_id, text_encoder, tokenizer,
+                    dtype=dtype)
 
 
 def hub_snapshot(repo_id: str) -> Path:
@@ -199,21 +201,22 @@ def load_single_file(path: Path, device: Any, dtype: torch.dtype, config: str | 
                 (Path(tmp) / sub / "config.json").write_text(json.dumps(cfg))
             source = Path(tmp)
         try:
-            unet = UNet2DConditionModel.from_single_file(
-                state, config=str(source), subfolder="unet", torch_dtype=dtype, local_files_only=True
+            unet = UNet2DConditionModel.from_single_file(  # float32 first, see load_folder
+                state, config=str(source), subfolder="unet", torch_dtype=torch.float32, local_files_only=True
             )
             vae = AutoencoderKL.from_single_file(
-                state, config=str(source), subfolder="vae", torch_dtype=dtype, local_files_only=True
+                state, config=str(source), subfolder="vae", torch_dtype=torch.float32, local_files_only=True
             )
         except Exception as exc:
             raise SDLoadError(
                 f"cannot load single-file SD checkpoint '{path}' (detected type '{kind}') with configs from "
                 f"'{config or 'built-in SD1.5'}': {exc}. Pass config=<diffusers folder> matching the file."
             ) from exc
-    text_encoder, tokenizer = _single_file_text(state, path, folder, dtype)
+    text_encoder, tokenizer = _single_file_text(state, path, folder, torch.float32)
     if text_encoder is not None:
         text_encoder = text_encoder.to(device)
-    return assemble(vae.to(device), unet.to(device), _scheduler_from(folder), str(path), text_encoder, tokenizer)
+    return assemble(vae.to(device), unet.to(device), _scheduler_from(folder), str(path), text_encoder, tokenizer,
+                    dtype=dtype)
 
 
 def hub_cache_dir(repo_id: str) -> str:

@@ -151,9 +151,9 @@ def sd_fingerprint(
     text_encoder: torch.nn.Module | None = None,
     tokenizer: Any | None = None,
 ) -> str:
-    """sha256 over the UNet, VAE and scheduler configs and a sample of the weights as loaded (dtype
-    included: the same model in fp16 and fp32 gives different images, hence different fingerprints); when
-    there is a text encoder, also over `text_identity` and a sample of its weights."""
+    """sha256 over the UNet, VAE and scheduler configs and a sample of the weights (as `assemble` sees them: in
+    float32, whatever dtype the run then uses); when there is a text encoder, also over `text_identity` and a
+    sample of its weights."""
     h = hashlib.sha256()
     configs = {k: _public_config(m.config) for k, m in (("unet", unet), ("vae", vae), ("scheduler", scheduler))}
     if text_encoder is not None:
@@ -173,15 +173,21 @@ def assemble(
     model_id: str,
     text_encoder: torch.nn.Module | None = None,
     tokenizer: Any | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
 ) -> SDParts:
-    for module in (vae, unet, text_encoder):
+    """SDParts of modules loaded or built in float32: fingerprinted as they are, then frozen and cast to `dtype`.
+
+    Loaders hand over float32 modules (float16 weights upcast exactly), so the fingerprint names the weights, not
+    the dtype a run computes in: prompts made with the SD in float32 on a CPU serve a float16 synthesis on a GPU.
+    The run's dtype is recorded beside the fingerprint in each round's manifest."""
+    modules = [m for m in (vae, unet, text_encoder) if m is not None]
+    wrong = sorted({str(p.dtype) for m in modules for p in m.parameters() if p.dtype != torch.float32})
+    if wrong:
+        raise ValueError(f"assemble: load the SD in float32 and pass dtype= (got parameters in {wrong})")
+    fingerprint = sd_fingerprint(vae, unet, scheduler, text_encoder, tokenizer)
+    for module in modules:
         freeze(module)
-    return SDParts(
-        vae=vae,
-        unet=unet,
-        scheduler=scheduler,
-        model_id=model_id,
-        fingerprint=sd_fingerprint(vae, unet, scheduler, text_encoder, tokenizer),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-    )
+        module.to(dtype)
+    return SDParts(vae=vae, unet=unet, scheduler=scheduler, model_id=model_id, fingerprint=fingerprint,
+                   text_encoder=text_encoder, tokenizer=tokenizer)

@@ -127,10 +127,18 @@ def test_folder_round_trip(tiny, tmp_path):
     assert not loaded.unet.training
 
 
-def test_dtype_changes_fingerprint():
+def test_the_fingerprint_names_the_weights_not_the_run_dtype(tmp_path):
+    """Prompts made with the SD in float32 on a CPU must serve a float16/bfloat16 synthesis on a GPU: the
+    fingerprint is taken in float32 before the cast (the run's dtype is recorded in the manifest instead)."""
+    full = build_tiny_sd(0)
     half = build_tiny_sd(0, dtype=torch.float16)
     assert next(half.unet.parameters()).dtype == torch.float16
-    assert half.fingerprint != build_tiny_sd(0).fingerprint
+    assert next(half.text_encoder.parameters()).dtype == torch.float16
+    assert half.fingerprint == full.fingerprint != build_tiny_sd(1).fingerprint
+    folder = save_sd(full, tmp_path / "sd")
+    loaded = {dt: load_sd(str(folder), dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    assert {p.fingerprint for p in loaded.values()} == {full.fingerprint}
+    assert next(loaded[torch.bfloat16].vae.parameters()).dtype == torch.bfloat16
 
 
 def test_missing_folder_error_lists_what_was_tried(tmp_path):

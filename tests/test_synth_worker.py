@@ -37,6 +37,16 @@ from synth.worker import synthesize
 
 
 # ------------------------------------------------------------------------------------------ the shard set
+def test_prompts_of_the_float32_sd_serve_a_bfloat16_synthesis(synth_inputs, tmp_path):
+    """The prompts record the SD's fingerprint from a float32 load; a bfloat16 run of the same SD accepts them
+    and records its own dtype."""
+    root = tmp_path / "shards"
+    result = run(synth_inputs, root / "round-000", dtype="bfloat16")
+    manifest = json.loads((root / "round-000" / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["sd_fingerprint"] == TINY_FINGERPRINT
+    assert result.images == 6 and verify_shards(root / "round-000") == []
+
+
 def test_shard_set_is_complete_readable_and_reproducible(synth_inputs, synth_reference, tmp_path, monkeypatch):
     names = {f"{i:06d}.{ext}" for i in range(3) for ext in ("tar", "stats.json")} | {"manifest.json", "sizes.json"}
     assert set(tree(synth_reference)) == names
