@@ -31,8 +31,11 @@ from .sd_parts import SDLoadError, SDParts, assemble
 def _from_pretrained(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
     # Some repositories ship only the fp16 variant of the weights; try the plain files first. diffusers takes
     # the dtype as torch_dtype, transformers 5 as dtype.
-    kwargs = {"subfolder": subfolder, "local_files_only": True}
-    kwargs["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
+    kwargs: dict[str, Any] = {"subfolder": subfolder, "local_files_only": True}
+    if cls.__module__.startswith("transformers"):
+        kwargs["dtype"] = dtype
+    else:  # without accelerate, diffusers warns on every load unless told not to try low_cpu_mem_usage
+        kwargs.update(torch_dtype=dtype, low_cpu_mem_usage=False)
     try:
         return cls.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError) as plain_error:

@@ -166,6 +166,19 @@ def sd_fingerprint(
     return h.hexdigest()
 
 
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast to `dtype`, keeping float32 the submodules the library marks so (`_keep_in_fp32_modules` of
+    diffusers and transformers models), as from_pretrained(torch_dtype=...) does. torch's own `to`: diffusers'
+    override warns on any dtype cast, even with nothing to keep."""
+    if dtype == torch.float32:
+        return
+    torch.nn.Module.to(module, dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    for name, sub in module.named_modules():
+        if any(k in name.split(".") for k in keep):
+            sub.float()
+
+
 def assemble(
     vae: AutoencoderKL,
     unet: UNet2DConditionModel,
@@ -188,6 +201,6 @@ def assemble(
     fingerprint = sd_fingerprint(vae, unet, scheduler, text_encoder, tokenizer)
     for module in modules:
         freeze(module)
-        module.to(dtype)
+        _cast(module, dtype)
     return SDParts(vae=vae, unet=unet, scheduler=scheduler, model_id=model_id, fingerprint=fingerprint,
                    text_encoder=text_encoder, tokenizer=tokenizer)
