@@ -53,7 +53,7 @@ def sd_options(default: str | None):
     return _with([
         click.option("--sd", "sd_spec", default=default,
                      help="The frozen SD: a diffusers folder, a single .safetensors/.ckpt file, a hub id in the "
-                     "local cache, or `tiny`." + shown),
+                     "local cache, `weather` (the shipped 64x64 weather LDM) or `tiny` (random, for tests)." + shown),
         click.option("--sd-config", help="For a single-file SD: a diffusers folder or cached hub id with its configs "
                      "(needed for SD2.x files)."),
     ])
@@ -128,7 +128,7 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
 @main.command()
 @run_option
 @click.option("--degraded", type=_existing, required=True, help="Web-collected degraded images (searched recursively).")
-@sd_options("tiny")
+@sd_options("weather")
 @config_options(PromptsConfig)
 @_with([preset_option, device_option, resume_option])
 def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs) -> None:
@@ -155,7 +155,7 @@ def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs)
 @main.command()
 @run_option
 @click.option("--clean", type=_existing, required=True, help="Web-collected clean images (any size).")
-@sd_options("tiny")
+@sd_options("weather")
 @click.option("--task", type=click.Choice(sorted(WEATHER_TEXT)), default="derain", show_default=True,
               help="The weather, for the default --text of --prompt-mode text.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Default: float16 on GPU.")

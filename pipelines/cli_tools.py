@@ -1,5 +1,5 @@
-"""The `d4ir` helper commands: data, models, eval, probe, shards, report, demo and experiments (pipelines/cli.py
-adds them)."""
+"""The `d4ir` helper commands: data, models, eval, probe, shards, report, demo, export, experiments and
+status (pipelines/cli.py adds them)."""
 
 from __future__ import annotations
 
@@ -283,4 +283,22 @@ def experiments(config: Path, out: Path | None, tables: tuple[str, ...], report_
     run_experiments(cfg, only=list(tables) or None, report_only=report_only, log=click.echo)
 
 
-COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo, export_cmd, experiments]
+@click.command()
+@click.option("--run-dir", "run", type=_path, required=True, help="The run folder.")
+@click.option("--done", "stage", type=click.Choice(["teacher", "prompts", "synth"]),
+              help="Print nothing; exit 0 when this stage has written its output, 1 otherwise (for scripts).")
+def status(run: Path, stage: str | None) -> None:
+    """What RUN holds, stage by stage: the teacher trained here, stage 1's prompts, the shard rounds, the students.
+
+    A stage is done when its hand-over file exists (written last); run its command with --resume to continue it.
+    The Makefile runs a prerequisite stage only when `d4ir status --done STAGE` says it is missing.
+    """
+    from shards.status import run_status, stage_done
+
+    if stage is not None:
+        sys.exit(0 if stage_done(run, stage) else 1)
+    for s in run_status(run):
+        click.echo(f"{s.stage:<16} {'done' if s.done else 'missing':<8} {s.detail}")
+
+
+COMMANDS = [data, models, eval_cmd, probe, shards_group, report, demo, export_cmd, experiments, status]
