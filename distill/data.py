@@ -55,12 +55,12 @@ def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_
         except ValueError as err:  # sizes that cannot be matched
             skipped.append((p.name, str(err)))
     where = root or (listed[0].degraded.parent.parent if listed else "the paired set")
+    if not items:  # the error says it all: no warning line before it
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:5]) or "no pairs"
+        raise ValueError(f"{where}: no usable pair ({len(skipped)} skipped: {reasons})")
     if skipped:
         log.warning("%s: skipped %d of %d pairs: %s", where, len(skipped), len(listed),
                     "; ".join(f"{n} ({r})" for n, r in skipped[:5]))
-    if not items:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:5]) or "no pairs"
-        raise ValueError(f"{where}: no usable pair ({len(skipped)} skipped: {reasons})")
     return PairSet(items, skipped, root)
 
 

@@ -15,9 +15,11 @@ as a DDIMScheduler, the usual diffusers swap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,21 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from .sd_configs import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from .sd_parts import SDLoadError, SDParts, assemble
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" bar for every text encoder it loads: one stderr line too many
+    for a stage whose own output is a few lines (and for one-line errors)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _from_pretrained(cls: Any, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
@@ -76,7 +93,8 @@ def _folder_text_parts(folder: Path, dtype: torch.dtype, what: str) -> tuple[Any
 
     try:
         tokenizer = _tokenizer_from(folder, what)
-        return _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype), tokenizer
+        with _no_progress_bars():
+            return _from_pretrained(CLIPTextModel, folder, "text_encoder", dtype), tokenizer
     except SDLoadError:
         raise
     except Exception as exc:
@@ -174,8 +192,10 @@ def _single_file_text(
 
     tokenizer = _tokenizer_from(folder, what)
     try:
-        encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=state, subfolder="text_encoder",
-                                                       config=str(folder), torch_dtype=dtype, local_files_only=True)
+        with _no_progress_bars():
+            encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint=state, subfolder="text_encoder",
+                                                           config=str(folder), torch_dtype=dtype,
+                                                           local_files_only=True)
     except Exception as exc:
         raise SDLoadError(f"{what}: its text encoder does not load with the config in '{folder}/text_encoder': "
                           f"{type(exc).__name__}: {exc}") from exc

@@ -64,3 +64,21 @@ def test_basicsr_prefers_params_and_says_what_else_was_there(tmp_path, caplog):
         model, info = load_model(path)
     assert info["container"] == "params" and _same(model, src)
     assert "(also present: params_ema)" in caplog.text
+
+
+def test_the_command_line_shows_which_entry_it_used(tmp_path):
+    """`d4ir eval --model` on a wrapped checkpoint says so on stderr (the library logs it at INFO)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"net": _tiny("restormer").state_dict()}, path)
+    for sub in ("degraded", "clean"):
+        (tmp_path / "pairs" / sub).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (90, 120, 200)).save(tmp_path / "pairs" / sub / "a.png")
+    done = CliRunner().invoke(main, ["eval", "--model", str(path), "--pairs", str(tmp_path / "pairs"),
+                                     "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert f"{path}: weights from the checkpoint's 'net' entry" in done.output

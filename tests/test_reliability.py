@@ -68,8 +68,8 @@ def test_crafted_pickles_in_every_resumable_file_never_run(tiny_run, tmp_path):
                      "--batch-size", "2", "--arch-kwargs",
                      "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,queue_size=8"]),
         "prompts": (r.root / "prompts" / "state.pt",
-                    ["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--resume", "--steps", "1",
-                     "--batch-size", "4", "--crop", "16", "--prompt-tokens", "4", "--feat-dim", "8", "--widths",
+                    ["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--sd", "tiny", "--resume", "--steps",
+                     "1", "--batch-size", "4", "--crop", "16", "--prompt-tokens", "4", "--feat-dim", "8", "--widths",
                      "4,8,8", "--token-rank", "4", "--queue-size", "4", "--embed-side", "32"]),
         "distill": (r.root / "students" / "x" / "state.pt",
                     ["distill", "--run-dir", r.root, "--teacher", r.teacher, "--name", "x", "--resume",
@@ -295,7 +295,7 @@ def test_a_full_disk_is_one_line(tiny_run, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    result = _cli("synth", "--run-dir", r.root, "--clean", r.clean, "--round", 3, "--num-samples", 4,
+    result = _cli("synth", "--run-dir", r.root, "--clean", r.clean, "--sd", "tiny", "--round", 3, "--num-samples", 4,
                   "--shard-size", 2, "--batch-size", 2, "--steps", 4, "--size", 32)
     _one_line_error(result, "No space left on device")
 

@@ -47,8 +47,8 @@ main(sys.argv[1:], prog_name="d4ir")
 def test_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(synth_inputs, tmp_path):
     def args(run_dir: Path) -> list[str]:
         shutil.copytree(synth_inputs["prompts"], run_dir / "prompts", dirs_exist_ok=True)
-        return ["synth", "--run-dir", str(run_dir), "--clean", str(synth_inputs["clean"]), "--preset", "demo",
-                *CLI_OVERRIDES, "--device", "cpu"]
+        return ["synth", "--run-dir", str(run_dir), "--clean", str(synth_inputs["clean"]), "--sd", "tiny",
+                "--preset", "demo", *CLI_OVERRIDES, "--device", "cpu"]
 
     killed = tmp_path / "killed"
     round_dir = killed / "shards" / "round-000"

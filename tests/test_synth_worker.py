@@ -183,7 +183,8 @@ def test_cli_help_and_a_demo_run_with_overrides(synth_inputs, tmp_path):
 
     run_dir = tmp_path / "run"
     shutil.copytree(synth_inputs["prompts"], run_dir / "prompts")
-    args = ["synth", "--run-dir", str(run_dir), "--clean", str(synth_inputs["clean"]), "--preset", "demo"]
+    args = ["synth", "--run-dir", str(run_dir), "--clean", str(synth_inputs["clean"]), "--sd", "tiny",
+            "--preset", "demo"]
     args += [*CLI_OVERRIDES, "--device", "cpu", "--seed", "5"]
     result = cli.invoke(main, args)
     assert result.exit_code == 0, result.output
