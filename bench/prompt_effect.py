@@ -43,7 +43,7 @@ from pipelines.weather_sd.stats import content_kept, weather_stats  # noqa: E402
 from pipelines.weather_sd.vae import STAT_OF_WEATHER  # noqa: E402
 from shards.folders import list_files  # noqa: E402
 from shards.images import read_rgb  # noqa: E402
-from shards.layout import RunLayout, rounds_in  # noqa: E402
+from shards.layout import RunLayout, round_dir, rounds_in  # noqa: E402
 from shards.reader import iter_samples  # noqa: E402
 from synth.ccd import prepare_clean  # noqa: E402
 from synth.plan import WEATHER_TEXT  # noqa: E402
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     layout, refs = run_steps(args)
     size = preset("demo", "synth").ccd.size
     stat = STAT_OF_WEATHER[args.task]
-    rows = {"none (empty text)": measure_round(refs / "none" / "round-000"),
-            f"text ('{WEATHER_TEXT[args.task]}')": measure_round(refs / "text" / "round-000"),
+    rows = {"none (empty text)": measure_round(round_dir(refs / "none", 0)),
+            f"text ('{WEATHER_TEXT[args.task]}')": measure_round(round_dir(refs / "text", 0)),
             "encoder, round 0 (stage 1 prompts)": measure_round(layout.round_shards(0))}
     for n in rounds_in(layout.shards_root("d4ir")):
         if n > 0:

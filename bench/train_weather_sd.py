@@ -53,6 +53,7 @@ from pipelines.weather_sd.vae import (  # noqa: E402
     vae_batch_loss,
     vae_config,
 )
+from shards.layout import LOG_FILE, STATE_FILE  # noqa: E402
 
 STAGES = ("speed", "compare-vae", "vae", "unet", "export", "all")
 
@@ -204,9 +205,9 @@ def stage_speed(args, train: WeatherSet) -> dict:
             ("unet", {"unet": unet}, unet_batch_loss(lat, unet, text, args.unet_batch, args.caption_dropout)),
         ):
             folder = args.out / "speed" / f"{name}-{factor}x"
-            (folder / "state.pt").unlink(missing_ok=True)
+            (folder / STATE_FILE).unlink(missing_ok=True)
             train_loop(folder, modules, loss, LoopConfig(steps=3, seed=args.seed), progress=False)  # warm-up
-            (folder / "state.pt").unlink()
+            (folder / STATE_FILE).unlink()
             r = train_loop(folder, modules, loss, LoopConfig(steps=20, seed=args.seed), progress=False)
             n = sum(p.numel() for m in modules.values() for p in m.parameters())
             out[f"{name}-{factor}x"] = {"steps_per_s": round(r["steps_per_s"], 3), "params_M": round(n / 1e6, 3)}
@@ -263,8 +264,8 @@ def stage_export(args, train: WeatherSet, held: WeatherSet, trained: tuple | Non
         "scaling_factor": vae.config.scaling_factor,
         "vae_eval": _vae_eval(args, vae, held),
         "unet_eval": unet_eval,
-        "unet_steps_per_s": _rate(args.out / "unet" / "train.jsonl"),
-        "vae_steps_per_s": _rate(args.out / f"vae-{args.factor}x" / "train.jsonl"),
+        "unet_steps_per_s": _rate(args.out / "unet" / LOG_FILE),
+        "vae_steps_per_s": _rate(args.out / f"vae-{args.factor}x" / LOG_FILE),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "text_encoder": (f"frozen CLIPTextModel (D {text.hidden_size}, 2 layers, seed {args.seed}, fp16-rounded) with "
                          "the project's offline CLIPTokenizer (synth/text_encoder.py; pipelines/weather_sd/text.py)"),

@@ -10,7 +10,7 @@ import numpy as np
 from shards.embeddings import load_embeddings
 from shards.images import read_rgb
 from shards.io import atomic_write_text
-from shards.layout import EVAL_FILE, RunLayout, rounds_in
+from shards.layout import EVAL_FILE, MANIFEST_FILE, RunLayout, rounds_in
 from shards.reader import iter_samples
 from shards.writer import read_manifest
 
@@ -205,7 +205,7 @@ def sd_note(run: Path) -> str:
     """The caveat for the SD that synthesized the run's round 0 (its manifest's "sd")."""
     import json
 
-    manifest = RunLayout(run).round_shards(0) / "manifest.json"
+    manifest = RunLayout(run).round_shards(0) / MANIFEST_FILE
     try:
         spec = json.loads(manifest.read_text()).get("sd")
     except (OSError, ValueError):

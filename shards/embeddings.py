@@ -14,9 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .io import atomic_save_safetensors, atomic_write_text
-
-EMBEDDINGS_FILE = "embeddings.safetensors"
-INDEX_FILE = "index.jsonl"
+from .layout import EMBEDDINGS_FILE, INDEX_FILE
 
 
 @dataclass

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from shards.folders import scan_images
 from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from shards.io import append_jsonl, state_dict_sha256
-from shards.layout import LOG_FILE, STATE_FILE
+from shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
 from shards.state import StateError, load_state, save_state, trim_log
 
 from .embed import export_prompts, prompt_encoder_info
@@ -194,7 +194,7 @@ def train_prompts(
     state_path, log_path = out_dir / STATE_FILE, out_dir / LOG_FILE
     state = None
     if resume:
-        if (out_dir / "prompt_encoder.json").exists():
+        if (out_dir / f"{PROMPT_ENCODER_STEM}.json").exists():
             width = int(prompt_encoder_info(out_dir)["encoder"].get("prompt_dim", dim))
             _check_width(f"the prompt encoder in {out_dir}", width, dim)
         if state_path.exists():

@@ -51,7 +51,7 @@ def _student(ctx: Context, task: str, field: str, teacher: Path):
     arch, kwargs = half_of(load_model(teacher)[1])
     base = ctx.stage("teacher") if spec.checkpoint is not None else steps.teacher_config(ctx, spec)
     cfg = replace(base, arch=arch, arch_kwargs=kwargs)
-    out = ctx.root(task) / "students" / student_name(field, "Student")
+    out = RunLayout(ctx.root(task)).student(student_name(field, "Student"))
     original = ctx.folder(task, "original")
 
     def train() -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.io import atomic_write_json
-from shards.layout import STATE_FILE, RunLayout
+from shards.layout import STATE_FILE, TEACHER_STEM, RunLayout, round_name, weights_file
 from synth.plan import WEATHER_TEXT
 from synth.sd import SDSource
 
@@ -128,7 +128,7 @@ def teacher(ctx: Context, task: str, field: str) -> Path:
                                                       resume=resume_flag(out), device=ctx.device,
                                                       progress=ctx.progress).params},
            title=f"{task}: {name} teacher ({cfg.arch})", log=ctx.log)
-    return out / "teacher.safetensors"
+    return weights_file(out, TEACHER_STEM)
 
 
 def teacher_seconds(ctx: Context, task: str, field: str) -> float | None:
@@ -170,7 +170,7 @@ def _synth(ctx: Context, task: str, root: Path, cfg, step: str, title: str) -> P
 
 def round0(ctx: Context, task: str) -> Path:
     """Stage 2's round 0 of D4IR (CCD + the prompt encoder) into OUT/TASK/shards."""
-    return _synth(ctx, task, ctx.root(task), ctx.stage("synth"), "round-000", f"{task}: stage 2 (round 0)")
+    return _synth(ctx, task, ctx.root(task), ctx.stage("synth"), round_name(0), f"{task}: stage 2 (round 0)")
 
 
 def ablation_round(ctx: Context, task: str, row: RowDef) -> Path:

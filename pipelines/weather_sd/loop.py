@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from shards.io import append_jsonl
+from shards.layout import LOG_FILE, STATE_FILE
 from shards.state import load_state, save_state, trim_log
 
 
@@ -135,7 +136,7 @@ def train_loop(
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ema = ema_state(modules[ema_of]) if ema_of is not None and config.ema_decay > 0 else None
-    start, state_path = 0, out / "state.pt"
+    start, state_path = 0, out / STATE_FILE
     if state_path.is_file():
         state = load_state(state_path)
         for name, m in modules.items():
@@ -144,7 +145,7 @@ def train_loop(
         if ema is not None and state.get("ema") is not None:
             ema = state["ema"]
         start = int(state["step"])
-        trim_log(out / "train.jsonl", "step", start)
+        trim_log(out / LOG_FILE, "step", start)
 
     def save(step: int) -> None:
         save_state(
@@ -186,7 +187,7 @@ def train_loop(
             now = time.perf_counter()
             rate = count / max(now - t_log, 1e-9)
             last = {k: v / count for k, v in sums.items()}
-            append_jsonl(out / "train.jsonl", {"step": step, "steps_per_s": round(rate, 4), **last})
+            append_jsonl(out / LOG_FILE, {"step": step, "steps_per_s": round(rate, 4), **last})
             bar.set_postfix(loss=f"{last['loss']:.4f}", it_s=f"{rate:.2f}")
             sums, count, t_log = {}, 0, now
         if step % config.checkpoint_every == 0 and step < config.steps:
