@@ -10,7 +10,7 @@ formulations, side by side in one run, on the op and on the whole AirNet KD step
   (the official zero init would put every tap on an integer; trained offsets are fractional).
 Every (measurement, implementation, threads) runs in a fresh child process, implementations interleaved, so
 its peak memory is its own: CUDA torch.cuda.max_memory_allocated; CPU the growth of the process's peak RSS
-(getrusage ru_maxrss) over its RSS just before the timed calls (inputs, weights and optimizer state already
+(VmHWM, bench/cpu_memory.py) over its RSS just before the timed calls (inputs, weights and optimizer state already
 allocated), which counts allocator slack too. Ratios are implementation / torchvision. "auto" is measured on
 the op only; its per-shape choices are printed. --profile (CUDA) adds a torch.profiler top-kernel table of one
 KD step per implementation. Prints markdown tables; --json-out writes everything.
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # bench/synth.py must not shadow synth
 sys.path.insert(0, str(_HERE.parent))
+
+from bench.cpu_memory import PeakMeter  # noqa: E402
 
 _TAG = "D4IR_BENCH_DEFORM "
 
@@ -73,22 +74,14 @@ class _Meter:
             torch.cuda.reset_peak_memory_stats(device)
             self.base = torch.cuda.memory_allocated(device)
         else:
-            self.base = _rss_kib() * 1024
+            self.cpu = PeakMeter()
 
     def peak_mib(self) -> float:
         import torch
 
         if self.cuda:
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base) / 2**20
-
-
-def _rss_kib() -> int:
-    """Current resident set size (Linux /proc), KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self.cpu.peak_mib()
 
 
 def _timer(device):
@@ -253,7 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from synth.sd import default_device
+
+    device = default_device(args.device)
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
@@ -281,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {spec['what']} {spec['impl']} C{spec.get('channels', '-')} threads {spec['threads']}: {shown} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     name = torch.cuda.get_device_name(torch.device(device)) if cuda else platform.processor() or platform.machine()
-    memory = "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth (ru_maxrss)"
+    memory = "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth (VmHWM)"
     print(f"{name} ({device}), {args.size}x{args.size}, op batch {args.op_batch}, KD batch {args.kd_batch}, "
           f"amp {amp}, memory = {memory}, torch {torch.__version__}")
     print(tables(rows))

@@ -42,11 +42,12 @@ from distill.losses import kd_loss  # noqa: E402
 from distill.registry import ARCHITECTURES, build, load_model  # noqa: E402
 from distill.sources import ShardBatches  # noqa: E402
 from distill.trainer import DistillConfig  # noqa: E402
+from synth.sd import default_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--student", default="auto",
                    help=f"registry name ({', '.join(ARCHITECTURES)}); auto: half-airnet on CUDA, restormer-12 on "
                    "the CPU (torchvision's CPU backward of AirNet's deformable convolutions takes ~35 s per "

@@ -6,7 +6,7 @@ for latency and memory). Every (framework, network, size, threads) runs in a fre
            no_grad, AirNet's deformable convs on distill.deform's "auto"; onnxruntime: CPUExecutionProvider,
            intra-op threads = threads, distill.export's default export, DeformConv nodes for AirNet; the
            "ort-gridsample" rows, AirNet pair at --gridsample-size and 1 thread only, use its GridSample export);
-  memory   growth of the process's peak RSS (getrusage ru_maxrss) over its RSS just before the network or
+  memory   growth of the process's peak RSS (VmHWM, bench/cpu_memory.py) over its RSS just before the network or
            session is built to after the last pass (so weights count, and allocator slack: an upper bound).
 Sizes are WIDTHxHEIGHT, multiples of 16 so no size policy applies. Ratios are student / teacher for the same
 framework, size and threads.
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # bench/synth.py must not shadow synth
 sys.path.insert(0, str(_HERE.parent))
+
+from bench.cpu_memory import PeakMeter  # noqa: E402
 
 _TAG = "D4IR_BENCH_EXPORT "
 PAIRS = (("airnet", "half-airnet"), ("restormer-24", "restormer-12"))
@@ -68,7 +69,7 @@ def measure(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    base = _rss_kib()  # the current RSS, not the import-time peak
+    meter = PeakMeter()  # from the current RSS, not the import-time peak
     x = np.random.default_rng(0).random((1, 3, spec["height"], spec["width"]), dtype=np.float32)
     if spec["framework"] == "ort":
         import onnxruntime as ort
@@ -95,15 +96,8 @@ def measure(spec: dict) -> dict:
         run()
         if i >= spec["warmup"]:
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**10
+    peak = meter.peak_mib()
     return {"latency_ms": statistics.median(times), "latencies_ms": times, "peak_mib": peak}
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run_child(spec: dict) -> dict:
@@ -238,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{_fmt_ratio(lat['int8'], lat['fp32'], 'latency_ms')} |"]
     load = {"before": load_before, "after": os.getloadavg()}
     head = (f"{platform.processor() or platform.machine()} (CPU, {os.cpu_count()} cores), torch {torch.__version__}, "
-            f"median of {args.reps} after {args.warmup} warm-up, memory = peak RSS growth (ru_maxrss); load average "
+            f"median of {args.reps} after {args.warmup} warm-up, memory = peak RSS growth (VmHWM); load average "
             f"{load_before[0]:.2f} before, {load['after'][0]:.2f} after; {time.perf_counter() - t_start:.0f} s")
     print(head + "\n" + "\n".join(lines), flush=True)
     result = {"env": {"header": head, "load_average": load}, "rows": rows, "int8": int8}

@@ -6,7 +6,7 @@ reference). Every (network, size) is measured in a fresh child process so that i
   latency  median of --repeats forward passes after --warmup untimed ones (`distill.inference.restore`,
            i.e. each network's official pad/crop policy, no_grad, batch --batch);
   memory   CUDA: torch.cuda.max_memory_allocated (weights + input + activations);
-           CPU: growth of the process's peak RSS (getrusage ru_maxrss) from just before the network is
+           CPU: growth of the process's peak RSS (VmHWM, bench/cpu_memory.py) from just before the network is
            built to after the last pass, so it also counts allocator slack (an upper bound).
 Sizes are WIDTHxHEIGHT (480x320 is a landscape Rain100L image). Prints a markdown table; --json-out writes
 every measurement.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+
+from bench.cpu_memory import PeakMeter  # noqa: E402
 
 DEFAULT_ARCHS = "airnet:half-airnet,restormer-24:restormer-12,restormer:restormer-24"
 DEFAULT_SIZES = "256x256,480x320"
@@ -123,7 +124,7 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        meter = PeakMeter()
     torch.manual_seed(0)
     model = build(spec["arch"]).to(device=device, dtype=dtype).eval()
     x = torch.rand(spec["batch"], 3, spec["height"], spec["width"], device=device, dtype=dtype)  # [B,3,H,W]
@@ -138,7 +139,7 @@ def measure(spec: dict) -> dict:
     if cuda:
         peak_mib = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**10
+        peak_mib = meter.peak_mib()
     return {"latency_ms": statistics.median(times), "latencies_ms": times, "peak_mem_mib": peak_mib,
             "params": count_parameters(model)}
 
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from synth.sd import default_device
+
+    device = default_device(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     # CPU default: one timed pass, no warm-up (AirNet's deformable convs take minutes per 480x320 image there)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = {"device": device, "device_name": gpu or platform.processor() or platform.machine(),
            "torch": torch.__version__, "dtype": args.dtype, "batch": args.batch, "repeats": repeats,
            "warmup": warmup, "threads": args.threads or torch.get_num_threads(),
-           "memory": "torch.cuda.max_memory_allocated" if gpu else "peak RSS growth (ru_maxrss)"}
+           "memory": "torch.cuda.max_memory_allocated" if gpu else "peak RSS growth (VmHWM)"}
     print(f"{env['device_name']} ({device}), {args.dtype}, batch {args.batch}, median of {repeats} after "
           f"{warmup} warm-up, memory = {env['memory']}")
     print(format_table(rows), flush=True)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from bench.gpu_common import peak_tflops  # noqa: E402
 from synth.ccd import CCDConfig, ccd_flops, ccd_sample  # noqa: E402
 from synth.reference import diffusers_img2img  # noqa: E402
-from synth.sd import SDParts, load_sd  # noqa: E402
+from synth.sd import SDParts, default_device, load_sd  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COST_MODEL_SD15_256 = 35 * 0.180 + 0.273 + 0.622  # TFLOP per image, docs/design.md ("Numbers")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-images", type=int, default=4, help="images timed through the diffusers pipeline")
     p.add_argument("--warmup", type=int, default=1, help="untimed ccd batches first (the first one compiles)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", choices=("none", "unet", "all"), default="none", nargs="?", const="all",
                    help="torch.compile the UNet, or the UNet and the VAE encoder/decoder")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")

@@ -26,9 +26,9 @@ _existing = click.Path(exists=True, path_type=Path)
 
 
 def _device(device: str | None) -> str:
-    import torch
+    from synth.sd import default_device
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device(device)
 
 
 def _config(stage: str, scale: str, given: dict):

@@ -16,9 +16,9 @@ _device_option = click.option("--device", default=None, help="cpu, cuda or cuda:
 
 
 def _device(device: str | None) -> str:
-    import torch
+    from synth.sd import default_device
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device(device)
 
 
 @click.group()

@@ -35,8 +35,8 @@ from .sd_files import hub_cache_dir, hub_snapshot, load_folder, load_single_file
 from .sd_parts import SDLoadError, SDParts, assemble
 from .text_encoder import save_tokenizer, tiny_text_parts
 
-__all__ = ["SDLoadError", "SDParts", "SDSource", "build_tiny_sd", "default_dtype", "load_sd", "load_sd_cached",
-           "save_sd"]
+__all__ = ["SDLoadError", "SDParts", "SDSource", "build_tiny_sd", "default_device", "default_dtype", "load_sd",
+           "load_sd_cached", "save_sd"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -81,6 +81,11 @@ class SDSource:
 
     def __str__(self) -> str:
         return self.spec if self.config is None else f"{self.spec} (configs from {self.config})"
+
+
+def default_device(device: str | None = None) -> str:
+    """The device a stage runs on when none is asked for: `device` itself, else cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: str | torch.device) -> str:

@@ -106,3 +106,16 @@ def test_quality_writes_a_valid_experiments_config(tmp_path, scale):
     assert cfg.tasks["derain"].original == tmp_path / scale / "exp" / "data" / "rain100l-split" / "train"
     assert [t.rows for t in cfg.tables] == [("Input", "Teacher", "Student", "Data", "M0", "D4IR")]
     assert cfg.scale.stage("synth").ccd.size == (64 if scale == "cpu-small" else 256)
+
+
+def test_cpu_peak_meter_is_not_fooled_by_a_parents_peak():
+    """ru_maxrss survives fork + exec, so a measurement child of a process that once held 600 MiB reported a
+    growth of 0; bench/cpu_memory.PeakMeter resets the high-water mark and measures the child's own 64 MiB."""
+    code = ("from bench.cpu_memory import PeakMeter\n"
+            "m = PeakMeter()\nx = bytearray(64 * 2**20)\nx[::4096] = b'x' * len(x[::4096])\nprint(m.peak_mib())")
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"x" * len(held[::4096])  # touch every page: resident, the parent's peak
+    del held
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 60 <= float(done.stdout) <= 120

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synth.plan import WEATHER_TEXT
+from synth.sd import default_device
 
 from . import stages
 from .config import FOLDER_FIELDS, ExperimentConfig
@@ -145,7 +146,7 @@ def run_experiments(config: ExperimentConfig, *, only: list[str] | None = None, 
                          f"({', '.join(t.name for t in config.tables)})")
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(config.device)
     ctx = Context(config, device, progress=progress, log=log)
     if not report_only:
         for name, root in config.prepare.items():
