@@ -2,8 +2,9 @@
 
 `check_shard_files` judges the files of one folder (stats vs tar: missing, unfinished, truncated, altered,
 unreadable, miscounted; leftovers). `verify_shards` judges a *complete round*: its manifest (the plan) must
-exist and be marked complete, every planned shard must be finished and nothing else may be there; given a
-shards root it verifies every round in it. Used by `d4ir shards verify` and before distillation starts. It
+exist and be marked complete, every planned shard must be finished with every sample planned for it written or
+counted as failed, the manifest's image total must be what the shards hold, and nothing else may be there;
+given a shards root it verifies every round in it. Used by `d4ir shards verify` and before distillation starts. It
 reads every tar once (hash and parse).
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from shards.io import sha256_file
 from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_round, parse_shard, parse_stats, shard_name, stats_name
+from shards.writer import accounted, planned_sizes, read_stats
 
 
 def _load_json(path: Path, problems: list[str]) -> object | None:
@@ -116,7 +118,28 @@ def _verify_round(directory: Path) -> list[str]:
     problems += [f"{name}: not in the plan ({num} shards)" for name in extra]
     if not (directory / SIZES_FILE).exists() and manifest.get("complete") is True:
         problems.append(f"{SIZES_FILE}: missing")
+    problems += _against_the_plan(directory, manifest, problems)
     return problems
+
+
+def _against_the_plan(directory: Path, manifest: dict, problems: list[str]) -> list[str]:
+    """Each finished shard accounts for every sample planned for it (a shard rewritten short, with stats to
+    match, is intact as a file but not what the plan made); an intact round holds the images its manifest says."""
+    found, held = [], 0
+    for name, want in sorted(planned_sizes(manifest).items()):
+        index = parse_shard(name)
+        stats = read_stats(directory, index) if index is not None else None
+        if not isinstance(stats, dict) or accounted(stats) is None:
+            continue  # missing or unreadable: check_shard_files names it
+        held += stats["count"]
+        if accounted(stats) != want:
+            found.append(f"{name}: holds {stats['count']} samples and {len(stats['failures'])} failed ones, but its "
+                         f"plan has {want}: rerun `d4ir synth` to redo it")
+    # totals only mean something when every shard is intact
+    images = manifest.get("images")
+    if not problems and not found and manifest.get("complete") is True and isinstance(images, int) and images != held:
+        found.append(f"{MANIFEST_FILE}: images {images}, but the shards hold {held}")
+    return found
 
 
 def check_shard_files(directory: str | Path) -> list[str]:

@@ -20,7 +20,7 @@ from shards.embeddings import load_embeddings
 from shards.folders import scan_images
 from shards.images import encode_png, read_rgb
 from shards.io import OutputFolderError, folder_lock, sha256_file
-from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir
+from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
 from shards.reader import iter_raw_metas
 from shards.writer import (
     DEGRADED_FIELD,
@@ -190,7 +190,7 @@ def _adopt(out_dir: Path, manifest: dict, jobs: list[ShardJob], sd: SDParts, sou
     check_manifest(out_dir, {k: manifest[k] for k in ("config_hash", "plan_hash", *hashes)
                              if k not in ("sd", "sd_config")})
     for job in jobs:  # each finished shard's samples are the ones its job plans
-        if not shard_done(out_dir, job.index):
+        if not shard_done(out_dir, job.index, len(job.items)):
             continue
         planned = {key: (clean, row, seed) for key, clean, row, seed in job.items}
         for key, meta in iter_raw_metas(out_dir, job.index):
@@ -276,6 +276,7 @@ def synthesize(
         "config_hash": config_hash(config),
         "plan_hash": plan_hash(jobs),
         "num_shards": len(jobs),
+        "shards": {shard_name(j.index): len(j.items) for j in jobs},  # samples planned per shard
         "clean_dir": str(Path(clean_dir).resolve()),
         "prompts_dir": str(Path(prompts_dir).resolve()) if prompts_dir else None,
         "clean_scan": scan.counts(),
@@ -291,7 +292,8 @@ def synthesize(
         jobs = [replace(j, threads=threads, encode_threads=encode_threads) for j in jobs]
         manifest["cpu_threads"] = threads
         write_manifest(out_dir, manifest | {"complete": False})
-        todo = [j for j in jobs if not shard_done(out_dir, j.index)]
+        # a shard is done only with every planned sample accounted for: one cut short is redone
+        todo = [j for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
         bar.update(config.num_samples - sum(len(j.items) for j in todo))
         totals = {"images": 0, "failures": 0}
@@ -303,7 +305,7 @@ def synthesize(
 
         (distributor or local_distributor)(synthesize_shard, todo, on_done)
         bar.close()
-        unfinished = [j.index for j in jobs if not shard_done(out_dir, j.index)]
+        unfinished = [j.index for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         if unfinished:  # a distributor that returned without every shard: the round stays incomplete
             raise RuntimeError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
         sizes = write_sizes(out_dir)

