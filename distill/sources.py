@@ -31,7 +31,7 @@ from shards.layout import RunLayout, parse_shard, shard_name
 from shards.pairs import find_pairs
 from shards.reader import shard_dataset, shard_urls
 from shards.verify import verify_shards
-from shards.writer import check_manifest, read_manifest, read_stats
+from shards.writer import check_manifest, format_problem, read_manifest, read_stats
 from synth.sd import SDSource, load_sd_cached
 from synth.worker import check_sd
 
@@ -183,6 +183,8 @@ def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
     start = config.round if config.round is not None else 0
     folder = layout.round_shards(start)
     manifest = read_manifest(folder)
+    if (why := format_problem(manifest)) is not None:
+        raise ValueError(f"{folder} {why}")
     if not manifest.get("complete", False):
         raise ValueError(f"shard round {start} ({folder}) is incomplete (its synthesis was interrupted): "
                          "rerun `d4ir synth` for it")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from shards.io import sha256_file
 from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_round, parse_shard, parse_stats, shard_name, stats_name
-from shards.writer import accounted, planned_sizes, read_stats
+from shards.writer import accounted, format_problem, planned_sizes, read_stats
 
 
 def _load_json(path: Path, problems: list[str]) -> object | None:
@@ -108,6 +108,8 @@ def _verify_round(directory: Path) -> list[str]:
     manifest = _load_json(manifest_path, problems)
     if not isinstance(manifest, dict):
         return problems
+    if (why := format_problem(manifest)) is not None:
+        return [f"{MANIFEST_FILE}: {directory.name} {why}"]  # its files follow other rules: one line says it all
     if manifest.get("complete") is not True:
         problems.append(f"{MANIFEST_FILE}: the round is not complete (its synthesis was interrupted or failed)")
     num = manifest.get("num_shards")

@@ -251,6 +251,20 @@ def planned_sizes(manifest: dict) -> dict[str, int]:
     return {shard_name(i): min(size, total - i * size) for i in range(-(-total // size))}
 
 
+def format_problem(manifest: dict) -> str | None:
+    """Why this d4ir cannot read a round with this manifest (its format version is another), or None.
+
+    Readers check this first: a round of another format fails sample by sample otherwise (version 1 named the
+    image field differently), and a resumed synthesis would mix its shards with new ones.
+    """
+    have = manifest.get("format_version")
+    if have == SHARD_FORMAT and not isinstance(have, bool):
+        return None
+    made = "has no format_version (not written by `d4ir synth`)" if have is None else \
+        f"is a round of format version {have!r}"
+    return f"{made}; this d4ir reads version {SHARD_FORMAT}: synthesize it again"
+
+
 def write_manifest(directory: str | Path, manifest: dict) -> Path:
     """Write `manifest.json` atomically (what made the shards: SD id/fingerprint, encoder hash, config,
     counts).

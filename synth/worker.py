@@ -26,6 +26,7 @@ from shards.writer import (
     DEGRADED_FIELD,
     SHARD_FORMAT,
     check_manifest,
+    format_problem,
     read_manifest,
     shard_done,
     write_manifest,
@@ -186,6 +187,8 @@ def _adopt(out_dir: Path, manifest: dict, jobs: list[ShardJob], sd: SDParts, sou
                              "so they cannot be resumed; restore the manifest or delete the shards")
         return threads
     old = read_manifest(out_dir)
+    if (why := format_problem(old)) is not None:  # resuming would mix shards of two formats in one round
+        raise ValueError(f"{out_dir} {why}")
     check_sd(old, sd, source, out_dir)
     check_manifest(out_dir, {k: manifest[k] for k in ("config_hash", "plan_hash", *hashes)
                              if k not in ("sd", "sd_config")})

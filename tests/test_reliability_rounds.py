@@ -4,6 +4,7 @@ another format version and misnamed folders under a shards root. Each test asser
 
 from __future__ import annotations
 
+import re
 import tarfile
 
 import pytest
@@ -76,3 +77,26 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
     # the manifest's total must agree with the shards
     write_manifest(round0, {**after, "images": 7})
     assert verify_shards(round0) == ["manifest.json: images 7, but the shards hold 8"]
+
+
+# ------------------------------------------------------------------- 16. the round format version is read
+def test_a_round_of_another_format_version_is_refused_in_one_line(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    round0 = r.root / "shards" / "round-000"
+    manifest = read_manifest(round0)
+    write_manifest(round0, {**manifest, "format_version": 1})
+    line = "manifest.json: round-000 is a round of format version 1; this d4ir reads version 2: synthesize it again"
+    assert verify_shards(round0) == [line]
+    assert verify_shards(r.root / "shards") == [f"round-000/{line}"]
+    refused = f"{round0} is a round of format version 1; this d4ir reads version 2: synthesize it again"
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        _distill(r, _cfg(epochs=1, joint_epochs=0), "x")
+    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--name", "y", "--joint-epochs", 0,
+                  "--epochs", 1, "--batch-size", 2, "--crop", 16)
+    assert result.exit_code == 2 and result.output == f"d4ir: error: {refused}\n"
+    with pytest.raises(ValueError, match=re.escape(refused)):  # nor is it resumed, mixing two formats
+        synthesize(r.clean, r.root / "shards", synth_config(), prompts_dir=r.root / "prompts", progress=False)
+    write_manifest(round0, {k: v for k, v in manifest.items() if k != "format_version"})
+    assert verify_shards(round0) == [
+        "manifest.json: round-000 has no format_version (not written by `d4ir synth`); this d4ir reads version 2: "
+        "synthesize it again"]
