@@ -5,6 +5,7 @@ another format version and misnamed folders under a shards root. Each test asser
 from __future__ import annotations
 
 import re
+import shutil
 import tarfile
 
 import pytest
@@ -100,3 +101,26 @@ def test_a_round_of_another_format_version_is_refused_in_one_line(tiny_run, tmp_
     assert verify_shards(round0) == [
         "manifest.json: round-000 has no format_version (not written by `d4ir synth`); this d4ir reads version 2: "
         "synthesize it again"]
+
+
+# ------------------------------------------------------------- 17. every folder of a shards root is judged
+def test_verify_names_misnamed_folders_of_a_shards_root_once(tiny_run, tmp_path):
+    root = shutil.copytree(tiny_run.root / "shards", tmp_path / "shards")
+    shutil.copytree(root / "round-000", root / "round-0001")  # not how round 1 is named (round-001)
+    shutil.copytree(root / "round-000", root / "backup")
+    (root / "round-002").mkdir()
+    (root / "notes").mkdir()  # a folder without shards is none of verify's business
+    assert verify_shards(root) == [
+        "backup: holds shards but is not named round-NNN: no stage reads it; rename it to its round or move it out",
+        "round-0001: holds shards but is not named round-NNN: no stage reads it; rename it to its round or move it "
+        "out",
+        "round-002: not a shard round (no manifest.json, no NNNNNN.tar shards)",
+    ]
+    (root / "round-002").rmdir()
+    shutil.rmtree(root / "round-0001")
+    (root / "round-0001").mkdir()  # empty, but named like a round: the user meant one
+    result = _cli("shards", "verify", root)
+    assert result.exit_code == 1 and result.output.splitlines() == [
+        "backup: holds shards but is not named round-NNN: no stage reads it; rename it to its round or move it out",
+        "round-0001: named like a round but not round-NNN (round 1 is round-001): no stage reads it",
+    ]
