@@ -4,9 +4,13 @@ another format version and misnamed folders under a shards root. Each test asser
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
 import tarfile
+import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -78,6 +82,51 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
     # the manifest's total must agree with the shards
     write_manifest(round0, {**after, "images": 7})
     assert verify_shards(round0) == ["manifest.json: images 7, but the shards hold 8"]
+
+
+# ---------------------------------------------------------------- 15. one taker of a stale lock
+def test_two_takers_of_a_stale_lock_never_both_hold_it(tmp_path, monkeypatch):
+    import shards.io as shards_io
+
+    lock = tmp_path / "synth.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": DEAD_PID}))
+    real_alive = shards_io._alive
+    a_judging, b_holds, release = threading.Event(), threading.Event(), threading.Event()
+
+    def alive(pid):
+        # A has read the dead owner and pauses before taking over: B tries its takeover in this window
+        if threading.current_thread().name == "A":
+            a_judging.set()
+            b_holds.wait(timeout=2)
+        return real_alive(pid)
+
+    monkeypatch.setattr(shards_io, "_alive", alive)
+    held, busy = [], []
+
+    def take():
+        name = threading.current_thread().name
+        try:
+            with shards_io.folder_lock(lock):
+                held.append(name)
+                if name == "B":
+                    b_holds.set()
+                release.wait(timeout=10)
+        except shards_io.FolderBusyError:
+            busy.append(name)
+
+    a = threading.Thread(target=take, name="A")
+    a.start()
+    assert a_judging.wait(timeout=10)
+    b = threading.Thread(target=take, name="B")
+    b.start()
+    deadline = time.monotonic() + 15
+    while len(held) + len(busy) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    release.set()
+    a.join()
+    b.join()
+    assert (held, busy) == (["A"], ["B"])
+    assert not lock.exists()
 
 
 # ------------------------------------------------------------------- 16. the round format version is read
