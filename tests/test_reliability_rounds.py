@@ -84,6 +84,25 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
     assert verify_shards(round0) == ["manifest.json: images 7, but the shards hold 8"]
 
 
+# ----------------------------------------------------------- 14. a leftover round of an earlier student run
+def test_a_leftover_round_of_an_earlier_run_is_refused_before_training(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    first = _distill(r, _cfg(**ROUNDS), "x")
+    (first.student_dir / "state.pt").unlink()
+    log = (first.student_dir / "train.jsonl").read_bytes()
+    folder = first.student_dir / "shards"
+    with pytest.raises(ValueError, match=re.escape(f"{folder} holds round-001 of an earlier run of student 'x'") +
+                       ".*--resume.*" + re.escape(f"another --name, or remove {folder}")):
+        _distill(r, _cfg(**ROUNDS, seed=1), "x")
+    assert (first.student_dir / "train.jsonl").read_bytes() == log  # no epoch ran
+    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--name", "x", "--degraded", r.degraded,
+                  "--clean", r.clean, "--epochs", 2, "--joint-epochs", 2, "--round-every", 1, "--batch-size", 2,
+                  "--crop", 16, "--iters-per-epoch", 2, "--feedback-batch", 1, "--seed", 1)
+    assert result.exit_code == 2 and "round-001 of an earlier run of student 'x'" in result.output
+    # a run that regenerates nothing trains on round 0 beside them
+    assert _distill(r, _cfg(epochs=1, joint_epochs=0), "x").round == 0
+
+
 # ---------------------------------------------------------------- 15. one taker of a stale lock
 def test_two_takers_of_a_stale_lock_never_both_hold_it(tmp_path, monkeypatch):
     import shards.io as shards_io
