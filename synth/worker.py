@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from shards.embeddings import load_embeddings
-from shards.folders import scan_images
+from shards.folders import check_files, file_records, scan_images
 from shards.images import encode_png, read_rgb
 from shards.io import OutputFolderError, folder_lock, sha256_file
 from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
@@ -245,6 +245,7 @@ def synthesize(
     dtype: str | None = None,
     distributor: Distributor | None = None,
     progress: bool = True,
+    clean_files: list | None = None,
 ) -> SynthResult:
     """Stage 2: write the shards of round `config.round` into shards_root/round-NNN (finished ones are skipped).
 
@@ -256,6 +257,9 @@ def synthesize(
         prompts_dir: stage 1's folder (prompt modes encoder and content).
         device, dtype: where the SD runs and its weights' dtype (default: float16 on a GPU, else float32).
         distributor: runs the shard jobs; `local_distributor` when None.
+        clean_files: draw the plan from exactly these photos ([name, bytes, sha256] under clean_dir, as a
+            manifest's `clean_files` records them: a regeneration round passes round 0's), each checked to be there
+            unchanged, instead of from what clean_dir holds now.
     """
     from tqdm import tqdm
 
@@ -268,8 +272,15 @@ def synthesize(
     local = distributor is None or distributor is local_distributor
     sd = load_sd_cached(source, device if local else "cpu", dtype)
     num_prompts, hashes = check_inputs(config, sd, source, prompts_dir)
-    scan = scan_images(clean_dir, min_side=32)
-    jobs = plan_jobs(scan.paths, num_prompts, config, round_dir=out_dir, sd=source, prompts_dir=prompts_dir,
+    if clean_files is None:
+        scan = scan_images(clean_dir, min_side=32)
+        paths, clean_scan = scan.paths, scan.counts()
+        clean_files = file_records(clean_dir, paths)  # so that a later round can be drawn from exactly these
+    else:
+        paths = check_files(clean_dir, clean_files, "the clean photos this round's plan names",
+                            "a round drawn from a recorded plan needs them as they were")
+        clean_scan = {"usable": len(paths)}
+    jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd=source, prompts_dir=prompts_dir,
                      device=device, dtype=dtype, hashes=hashes)
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
     manifest = {
@@ -282,7 +293,8 @@ def synthesize(
         "shards": {shard_name(j.index): len(j.items) for j in jobs},  # samples planned per shard
         "clean_dir": str(Path(clean_dir).resolve()),
         "prompts_dir": str(Path(prompts_dir).resolve()) if prompts_dir else None,
-        "clean_scan": scan.counts(),
+        "clean_scan": clean_scan,
+        "clean_files": clean_files,
         **hashes,
     }
     try:

@@ -18,6 +18,7 @@ from conftest import synth_config
 
 from distill.trainer import DistillConfig, distill
 from pipelines.cli import main
+from shards.reader import iter_raw_metas
 from shards.verify import verify_shards
 from shards.writer import read_manifest, read_stats, write_manifest, write_shard, write_sizes
 from synth.worker import synthesize
@@ -82,6 +83,47 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
     # the manifest's total must agree with the shards
     write_manifest(round0, {**after, "images": 7})
     assert verify_shards(round0) == ["manifest.json: images 7, but the shards hold 8"]
+
+
+# --------------------------------------------------------- 13. a regeneration round is made from round 0's photos
+def test_regeneration_uses_exactly_round_0s_clean_photos_or_refuses(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    clean = shutil.copytree(r.clean, tmp_path / "clean")
+    shutil.rmtree(r.root / "shards" / "round-000")
+    synthesize(clean, r.root / "shards", synth_config(), prompts_dir=r.root / "prompts", progress=False)
+    round0 = r.root / "shards" / "round-000"
+    photos = sorted(p.name for p in clean.iterdir())
+    assert [name for name, _, _ in read_manifest(round0)["clean_files"]] == photos
+
+    shutil.copy(clean / "c0.png", clean / "new.png")  # a photo added later is not part of round 0's plan
+    res = _distill(r, _cfg(**ROUNDS), "a", clean=clean)
+    round1 = res.student_dir / "shards" / "round-001"
+    assert read_manifest(round1)["clean_files"] == read_manifest(round0)["clean_files"]
+    assert read_manifest(round1)["clean_scan"] == {"usable": 8}
+
+    def plan(folder):
+        return [(m["clean"].rsplit("/", 1)[1], m["prompt_row"], m["seed"]) for i in (0, 1)
+                for _, m in iter_raw_metas(folder, i)]
+
+    assert plan(round1) == plan(round0)  # round 0's photos, prompt rows and seeds
+
+    for name in ("c1.png", "c3.png", "c5.png"):
+        (clean / name).unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"round 0's clean photos in {clean} changed (3 of 8): c1.png missing, c3.png missing, c5.png missing")):
+        _distill(r, _cfg(**ROUNDS), "b", clean=clean)
+    assert not (r.root / "students" / "b" / "train.jsonl").exists()
+    with pytest.raises(FileNotFoundError, match=re.escape(  # synth checks them again where it draws the plan
+            f"the clean photos this round's plan names in {clean} changed (3 of 8): c1.png missing")):
+        synthesize(clean, tmp_path / "again", synth_config(), prompts_dir=r.root / "prompts", progress=False,
+                   clean_files=read_manifest(round0)["clean_files"])
+    for name in ("c1.png", "c3.png", "c5.png"):
+        shutil.copy(r.clean / name, clean / name)
+    shutil.copy(r.clean / "c0.png", clean / "c2.png")  # same name, other pixels
+    changed = f"round 0's clean photos in {clean} changed (1 of 8): c2.png changed"
+    with pytest.raises(ValueError, match=re.escape(changed)):
+        _distill(r, _cfg(**ROUNDS), "c", clean=clean)
+    assert not (r.root / "students" / "c" / "train.jsonl").exists()
 
 
 # ----------------------------------------------------------- 14. a leftover round of an earlier student run
