@@ -96,3 +96,9 @@ class DistillConfig:
         if not self.round_every or not self.joint:
             return 0
         return min(epoch, self.joint_epochs) // self.round_every
+
+    @property
+    def regenerates(self) -> bool:
+        """True when some epoch trains on a regeneration round: `round_for_epoch` grows with the epoch, so when
+        the last epoch's round is above 0."""
+        return bool(self.round_every and self.joint and min(self.epochs - 1, self.joint_epochs) >= self.round_every)

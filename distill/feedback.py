@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.folders import scan_images
+from shards.folders import check_files, scan_images
 from shards.images import read_rgb
 from shards.layout import RunLayout
 from shards.writer import read_manifest
@@ -42,6 +42,22 @@ from synth.worker import Distributor, synthesize
 
 from .data import random_crop, to_batch
 from .losses import kd_loss
+
+
+def round0_photos(base: dict) -> list:
+    """Round 0's clean photos as its manifest records them ([name, bytes, sha256] under its clean_dir), checked to
+    be all there and unchanged: a regeneration round is drawn from exactly these, never from what the folder
+    holds now (a photo added or removed since would change every sample's draw)."""
+    folder = Path(base["clean_dir"])
+    if not folder.is_dir():
+        raise FileNotFoundError(f"round 0 was synthesized from {folder}, which is gone: the regeneration rounds need "
+                                "the same clean photos (or --round-every 0)")
+    if "clean_files" not in base:
+        raise ValueError("round 0's manifest does not name its clean photos (it was synthesized before d4ir recorded "
+                         "them): synthesize round 0 again to regenerate from it, or pass --round-every 0")
+    check_files(folder, base["clean_files"], "round 0's clean photos",
+                "the regeneration rounds are made from exactly these; restore them, or pass --round-every 0")
+    return base["clean_files"]
 
 
 def synth_config_of(manifest: dict) -> SynthConfig:
@@ -115,7 +131,8 @@ class FeedbackLoop(nn.Module):
         device: str = "cpu", progress: bool = True,
     ) -> Path:
         """Write the student's round `round_number`: embed the web degraded images with the current encoder,
-        then synthesize round 0's plan (same clean photos, prompt rows, seeds, SD, dtype and settings)."""
+        then synthesize round 0's plan (exactly its clean photos, checked; its prompt rows, seeds, SD, dtype and
+        settings)."""
         prompts_dir = layout.round_prompts(round_number, student)
         training = {"embed_side": self.embed_side, "round": round_number, "degraded_dir": str(self.degraded_dir),
                     "crop": self.crop, "moco": asdict(self.moco)}
@@ -133,6 +150,7 @@ class FeedbackLoop(nn.Module):
             dtype=base.get("dtype", str(self.sd.dtype).removeprefix("torch.")),
             distributor=distributor,
             progress=progress,
+            clean_files=round0_photos(base),
         )
         return result.round_dir
 

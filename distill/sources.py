@@ -31,7 +31,7 @@ from shards.layout import RunLayout, parse_shard, shard_name
 from shards.pairs import find_pairs
 from shards.reader import shard_dataset, shard_urls
 from shards.verify import verify_shards
-from shards.writer import check_manifest, read_manifest, read_stats
+from shards.writer import check_manifest, format_problem, read_manifest, read_stats
 from synth.sd import SDSource, load_sd_cached
 from synth.worker import check_sd
 
@@ -39,7 +39,7 @@ from .config import DistillConfig
 from .data import random_crop, to_batch
 from .datafree import AdversarialSource
 from .ddp import DistContext
-from .feedback import FeedbackLoop, image_source, synth_config_of
+from .feedback import FeedbackLoop, image_source, round0_photos, synth_config_of
 
 log = logging.getLogger(__name__)
 _SHARD_IN = re.compile(r"\b(\d{6,})\.(?:tar|stats\.json)\b")
@@ -183,6 +183,8 @@ def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
     start = config.round if config.round is not None else 0
     folder = layout.round_shards(start)
     manifest = read_manifest(folder)
+    if (why := format_problem(manifest)) is not None:
+        raise ValueError(f"{folder} {why}")
     if not manifest.get("complete", False):
         raise ValueError(f"shard round {start} ({folder}) is incomplete (its synthesis was interrupted): "
                          "rerun `d4ir synth` for it")
@@ -213,9 +215,8 @@ def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistCo
             if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
                 sd = load_sd_cached(sd_from, device, "float32")
             base = read_manifest(layout.round_shards(0))
-            if config.round_every and not Path(base["clean_dir"]).is_dir():
-                raise FileNotFoundError(f"round 0 was synthesized from {base['clean_dir']}, which is gone: the "
-                                        "regeneration rounds need the same clean photos (or --round-every 0)")
+            if config.regenerates:
+                round0_photos(base)  # before any training: a regeneration would fail epochs later
             loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
                                 device=device)
     return Opened(round_batches(layout, current, name, config, ctx), loop, current)

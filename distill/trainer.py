@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from shards.io import atomic_write_json, save_weights
-from shards.layout import CONFIG_FILE, EVAL_FILE, PROMPT_ENCODER_STEM, STUDENT_STEM, RunLayout
+from shards.layout import CONFIG_FILE, EVAL_FILE, PROMPT_ENCODER_STEM, STATE_FILE, STUDENT_STEM, RunLayout, parse_round
+from shards.state import StateError
 from synth.sd import SDSource
 from synth.worker import Distributor
 
@@ -55,6 +56,26 @@ def check_inputs(config: DistillConfig, degraded_dir, clean_dir, original_dir) -
         raise ValueError("data 'original' needs the teacher's paired set (--original)")
     if config.data in ("dfsr", "dfmc") and config.iters_per_epoch is None:
         raise ValueError(f"data {config.data!r} has no dataset to count an epoch by: give --iters-per-epoch")
+
+
+def check_own_rounds(layout: RunLayout, name: str, config: DistillConfig) -> None:
+    """A fresh run that will regenerate refuses a student folder holding rounds of an earlier run of that name.
+
+    They were made with the earlier run's prompt encoder, so this run's regeneration would find them unlike its
+    own plan and fail after a whole epoch (`shards ... do not match this run ... encoder_sha256`). With a
+    state.pt there the epoch loop decides instead (resume it, or refuse and name --resume).
+    """
+    if (layout.student(name) / STATE_FILE).exists():
+        return
+    if not config.regenerates:
+        return
+    root = layout.shards_root(name)
+    left = sorted(p.name for p in root.iterdir() if parse_round(p.name) is not None and any(p.iterdir())) \
+        if root.is_dir() else []
+    if left:
+        raise StateError(f"{root} holds {', '.join(left)} of an earlier run of student {name!r}, made with another "
+                         f"prompt encoder than this fresh run's: continue that run with --resume (it needs its "
+                         f"{STATE_FILE}), use another --name, or remove {root}")
 
 
 def distill(
@@ -105,6 +126,8 @@ class _Training:
     def start(cls, layout: RunLayout, teacher_path: Path, config: DistillConfig, name: str | None, *,
               resume: bool, device: str, **data) -> _Training:
         self = cls()
+        self.name = name or student_name(config.student)
+        check_own_rounds(layout, self.name, config)  # before anything is loaded or trained
         self.ctx = ctx = DistContext.start(device)
         self.layout, self.config, self.device = layout, config, ctx.device
         torch.manual_seed(config.seed + ctx.rank)
@@ -116,7 +139,6 @@ class _Training:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         arch, kwargs = half_of(t_info) if config.student == "half" else (config.student, {})
         self.student = build(arch, **{**kwargs, **(config.student_kwargs or {})}).to(self.device).train()
-        self.name = name or student_name(config.student)
         self.out = layout.student(self.name)
 
         # the batches (and for D4IR the feedback loop), the optimizers, and a resumed state

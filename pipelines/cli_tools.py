@@ -177,7 +177,8 @@ def shards_group() -> None:
 @shards_group.command("verify")
 @click.argument("directory", type=_existing)
 def shards_verify(directory: Path) -> None:
-    """Name every missing, truncated, altered or unfinished shard in DIRECTORY (a round folder)."""
+    """Name every missing, truncated, altered or unfinished shard in DIRECTORY (a round folder, or a shards root:
+    every round in it, and any folder there that holds shards but is not named round-NNN)."""
     from shards.verify import verify_shards
 
     problems = verify_shards(directory)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import CONVERSIONS, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, SKIP_REASONS, ImageSkipped, read_rgb
+from .io import sha256_file
 
 
 @dataclass
@@ -111,3 +112,41 @@ def scan_images(
             scan.skipped.append((p, skip.reason))
     scan.skipped.sort()
     return scan
+
+
+def file_records(root: str | Path, paths: list[Path]) -> list[list]:
+    """[name relative to `root`, bytes, sha256] per path, in order: what a round's manifest records of the photos
+    its plan was drawn from, so that a later round can be drawn from exactly them."""
+    root = Path(root)
+    return [[Path(p).relative_to(root).as_posix(), Path(p).stat().st_size, sha256_file(p)] for p in paths]
+
+
+def check_files(root: str | Path, records: object, what: str, hint: str) -> list[Path]:
+    """The paths of `records` (as `file_records` wrote them) under `root`, each checked to be there with its
+    recorded size and sha256.
+
+    Raises:
+        FileNotFoundError (some are missing) or ValueError (some changed, or the records are malformed): one line
+        `{what} in {root} changed (n of N): a.png missing, b.png changed: {hint}`.
+    """
+    root = Path(root)
+    ok = isinstance(records, list) and all(
+        isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], int)
+        and isinstance(r[2], str) and not Path(r[0]).is_absolute() and ".." not in Path(r[0]).parts for r in records)
+    if not ok:  # a hand-edited manifest: names outside the folder would be read too
+        raise ValueError(f"{what}: the manifest's list of them is malformed (want [relative name, bytes, sha256] "
+                         f"each): {hint}")
+    paths, bad, missing = [], [], False
+    for name, size, digest in records:
+        path = root / name
+        paths.append(path)
+        if not path.is_file():
+            bad.append(f"{name} missing")
+            missing = True
+        elif path.stat().st_size != size or sha256_file(path) != digest:
+            bad.append(f"{name} changed")
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        error = FileNotFoundError if missing else ValueError
+        raise error(f"{what} in {root} changed ({len(bad)} of {len(records)}): {shown}: {hint}")
+    return paths

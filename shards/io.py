@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -182,37 +184,78 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# How long a taker waits for another one's check of the lock (a few file operations) before giving up.
+_GUARD_WAIT_S = 30.0
+
+
+@contextlib.contextmanager
+def _guard(folder: Path) -> Iterator[None]:
+    """Serialise this host's takers of a folder's lock: an flock on the folder itself. Reading the owner, finding
+    it dead, deleting its lock and creating one's own must be one step, or two takers of a stale lock both delete
+    it and both hold the new one. The kernel drops an flock with its holder, so, unlike the lock file, the guard
+    never goes stale; it is held only for those few file operations."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + _GUARD_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise FolderBusyError(f"{folder}: another process has been checking its lock for "
+                                          f"{_GUARD_WAIT_S:.0f} s; try again") from None
+                time.sleep(0.01)
+            except OSError:
+                break  # a filesystem without flock (some network ones): unguarded, as across hosts
+        yield
+    finally:
+        os.close(fd)  # drops the flock
+
+
+def _owner(path: Path) -> dict:
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
 @contextlib.contextmanager
 def folder_lock(path: str | Path) -> Iterator[None]:
     """Hold `path` (a lock file) for the block: one writer at a time for a folder's manifest and shards.
 
     The file holds the owner's host and pid; a lock left by a killed process on this host is taken over, a live
-    owner's is refused with a `FolderBusyError` naming it.
+    owner's is refused with a `FolderBusyError` naming it. Taking, taking over and releasing happen under
+    `_guard`, so of two processes that find the same stale lock exactly one takes it over.
     """
     path = Path(path)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    try:
+        with _guard(path.parent):
             try:
-                owner = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
-                path.unlink(missing_ok=True)  # stale: its owner was killed
-                continue
-            raise FolderBusyError(f"{path.parent} is being written by another process (pid {owner.get('pid')} on "
-                                  f"{owner.get('host')}, lock {path.name}); wait for it, or delete the lock if it is "
-                                  "gone") from None
-        except OSError as err:
-            _raise_folder_error(path, err)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(me))
-        break
-    else:
-        raise FolderBusyError(f"{path.parent}: cannot take the lock {path.name}")
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _owner(path)
+                if not (owner.get("host") == me["host"] and isinstance(owner.get("pid"), int)
+                        and not _alive(owner["pid"])):
+                    raise FolderBusyError(
+                        f"{path.parent} is being written by another process (pid {owner.get('pid')} on "
+                        f"{owner.get('host')}, lock {path.name}); wait for it, or delete the lock if it is gone"
+                    ) from None
+                path.unlink()  # stale: its owner was killed (and no other taker can be between check and here)
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            # written before the guard is dropped: a taker never reads a lock without its owner
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(me))
+    except FolderBusyError:
+        raise
+    except OSError as err:
+        _raise_folder_error(path, err)
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # the folder itself is gone: nothing left to release
+            with _guard(path.parent):
+                if _owner(path) == me:  # never delete a lock someone else holds
+                    path.unlink(missing_ok=True)

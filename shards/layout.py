@@ -51,9 +51,10 @@ def round_name(n: int) -> str:
 
 
 def parse_round(name: str) -> int | None:
-    """3 for `round-003`; None for any other name."""
+    """3 for `round-003`; None for any other name, also `round-0003`: only `round_name`'s spelling is a round's
+    folder (the stages look for that one, so a round spelled otherwise would be counted but never read)."""
     m = _ROUND_RE.match(name)
-    return int(m.group(1)) if m else None
+    return int(m.group(1)) if m and round_name(int(m.group(1))) == name else None
 
 
 def shard_name(index: int) -> str:

@@ -2,19 +2,34 @@
 
 `check_shard_files` judges the files of one folder (stats vs tar: missing, unfinished, truncated, altered,
 unreadable, miscounted; leftovers). `verify_shards` judges a *complete round*: its manifest (the plan) must
-exist and be marked complete, every planned shard must be finished and nothing else may be there; given a
-shards root it verifies every round in it. Used by `d4ir shards verify` and before distillation starts. It
+exist and be marked complete, every planned shard must be finished with every sample planned for it written or
+counted as failed, the manifest's image total must be what the shards hold, and nothing else may be there;
+given a shards root it verifies every round in it. Used by `d4ir shards verify` and before distillation starts. It
 reads every tar once (hash and parse).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
 from shards.io import sha256_file
-from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_round, parse_shard, parse_stats, shard_name, stats_name
+from shards.layout import (
+    MANIFEST_FILE,
+    SIZES_FILE,
+    parse_round,
+    parse_shard,
+    parse_stats,
+    round_name,
+    shard_name,
+    stats_name,
+)
+from shards.writer import accounted, format_problem, planned_sizes, read_stats
+
+# A folder name meant as a round's but not spelled as one (round-0001, round-1a): the number, if any.
+_ROUND_LIKE = re.compile(r"^round-(\d*)")
 
 
 def _load_json(path: Path, problems: list[str]) -> object | None:
@@ -79,7 +94,8 @@ def verify_shards(path: str | Path) -> list[str]:
 
     A round is complete when its manifest exists and says so, every one of its `num_shards` shards passes
     `check_shard_files` and sizes.json lists them. A folder that is neither a round nor holds rounds is a
-    problem itself (an image folder, an empty folder).
+    problem itself (an image folder, an empty folder); so is a subfolder of a shards root that holds shards, or is
+    named like a round, but is not named round-NNN (no stage would read it).
 
     Args:
         path: a round folder (RUN/shards/round-000) or a shards root (RUN/shards).
@@ -89,23 +105,59 @@ def verify_shards(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_dir():
         return [f"{path}: shard folder does not exist"]
-    rounds = sorted((n, p) for p in path.iterdir() if p.is_dir() and (n := parse_round(p.name)) is not None)
-    has_shards = any(parse_shard(p.name) is not None or parse_stats(p.name) is not None for p in path.iterdir())
-    if rounds and not has_shards and not (path / MANIFEST_FILE).exists():
-        return [f"{p.name}/{problem}" for _, p in rounds for problem in _verify_round(p)]
-    return _verify_round(path)
+    if _holds_shards(path):
+        return _verify_round(path, str(path), "")
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
+    rounds = [p for p in folders if parse_round(p.name) is not None]
+    # A folder no stage reads (a misnamed round, a copy) is reported: a shards root passes only when all it
+    # holds is rounds that pass.
+    strays = [(p, why) for p in folders if p not in rounds and (why := _stray(p)) is not None]
+    if not rounds and not strays:
+        return _verify_round(path, str(path), "")
+    judged = {p: _verify_round(p, p.name, f"{p.name}/") for p in rounds}
+    judged |= {p: [f"{p.name}: {why}"] for p, why in strays}
+    return [problem for p in sorted(judged) for problem in judged[p]]
 
 
-def _verify_round(directory: Path) -> list[str]:
+def _holds_shards(folder: Path) -> bool:
+    """A manifest, a shard or a stats file directly in `folder`."""
+    return (folder / MANIFEST_FILE).exists() or any(
+        parse_shard(p.name) is not None or parse_stats(p.name) is not None for p in folder.iterdir())
+
+
+def _stray(folder: Path) -> str | None:
+    """Why a subfolder of a shards root that is not a round's (round-NNN) is a problem, or None if it is not."""
+    if _holds_shards(folder):
+        return "holds shards but is not named round-NNN: no stage reads it; rename it to its round or move it out"
+    named = _ROUND_LIKE.match(folder.name)
+    if named is None:
+        return None
+    hint = f" (round {int(named.group(1))} is {round_name(int(named.group(1)))})" if named.group(1) else ""
+    return f"named like a round but not round-NNN{hint}: no stage reads it"
+
+
+def _verify_round(directory: Path, label: str, prefix: str) -> list[str]:
+    """The problems of one round, each starting with `prefix` (the round's name under a shards root, else "")
+    and its file; a folder that is no round at all is one line starting with `label`, its name as given."""
+    problems = _round_problems(directory)
+    if problems is None:
+        return [f"{label}: not a shard round (no {MANIFEST_FILE}, no NNNNNN.tar shards)"]
+    return [prefix + problem for problem in problems]
+
+
+def _round_problems(directory: Path) -> list[str] | None:
+    """The problems of one round, each starting with its file; None when the folder is no round at all."""
     problems = check_shard_files(directory)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.exists():
         if not problems and not any(parse_shard(p.name) is not None for p in directory.iterdir()):
-            return [f"{directory}: not a shard round (no {MANIFEST_FILE}, no NNNNNN.tar shards)"]
+            return None
         return [f"{MANIFEST_FILE}: missing (the round's plan): shards without a plan cannot be trusted"] + problems
     manifest = _load_json(manifest_path, problems)
     if not isinstance(manifest, dict):
         return problems
+    if (why := format_problem(manifest)) is not None:
+        return [f"{MANIFEST_FILE}: {directory.name} {why}"]  # its files follow other rules: one line says it all
     if manifest.get("complete") is not True:
         problems.append(f"{MANIFEST_FILE}: the round is not complete (its synthesis was interrupted or failed)")
     num = manifest.get("num_shards")
@@ -116,7 +168,28 @@ def _verify_round(directory: Path) -> list[str]:
     problems += [f"{name}: not in the plan ({num} shards)" for name in extra]
     if not (directory / SIZES_FILE).exists() and manifest.get("complete") is True:
         problems.append(f"{SIZES_FILE}: missing")
+    problems += _against_the_plan(directory, manifest, problems)
     return problems
+
+
+def _against_the_plan(directory: Path, manifest: dict, problems: list[str]) -> list[str]:
+    """Each finished shard accounts for every sample planned for it (a shard rewritten short, with stats to
+    match, is intact as a file but not what the plan made); an intact round holds the images its manifest says."""
+    found, held = [], 0
+    for name, want in sorted(planned_sizes(manifest).items()):
+        index = parse_shard(name)
+        stats = read_stats(directory, index) if index is not None else None
+        if not isinstance(stats, dict) or accounted(stats) is None:
+            continue  # missing or unreadable: check_shard_files names it
+        held += stats["count"]
+        if accounted(stats) != want:
+            found.append(f"{name}: holds {stats['count']} samples and {len(stats['failures'])} failed ones, but its "
+                         f"plan has {want}: rerun `d4ir synth` to redo it")
+    # totals only mean something when every shard is intact
+    images = manifest.get("images")
+    if not problems and not found and manifest.get("complete") is True and isinstance(images, int) and images != held:
+        found.append(f"{MANIFEST_FILE}: images {images}, but the shards hold {held}")
+    return found
 
 
 def check_shard_files(directory: str | Path) -> list[str]:

@@ -213,16 +213,56 @@ def read_stats(directory: str | Path, index: int) -> dict | None:
         return None
 
 
-def shard_done(directory: str | Path, index: int) -> bool:
-    """True when the stats file exists and the tar exists with the size the stats recorded."""
+def shard_done(directory: str | Path, index: int, planned: int | None = None) -> bool:
+    """True when the stats file exists and the tar exists with the size the stats recorded, and, given the
+    number of samples `planned` for the shard, its stats account for each (written or failed): a shard cut
+    short (by hand, or by a writer that stopped early) is not done, so a rerun redoes it."""
     stats = read_stats(directory, index)
     if not isinstance(stats, dict) or "bytes" not in stats:
+        return False
+    if planned is not None and accounted(stats) != planned:
         return False
     tar_path = Path(directory) / shard_name(index)
     try:
         return tar_path.stat().st_size == stats["bytes"]
     except OSError:
         return False
+
+
+def accounted(stats: dict) -> int | None:
+    """Samples a shard's stats account for: written plus failed (None for stats without a count)."""
+    count, failures = stats.get("count"), stats.get("failures", [])
+    if not isinstance(count, int) or not isinstance(failures, list):
+        return None
+    return count + len(failures)
+
+
+def planned_sizes(manifest: dict) -> dict[str, int]:
+    """{shard name: samples planned for it} of a round's manifest ({} when it says neither)."""
+    listed = manifest.get("shards")
+    if isinstance(listed, dict):
+        return {str(name): n for name, n in listed.items() if isinstance(n, int)}
+    # Rounds written before the manifest listed its shards' sizes: plan_jobs cuts num_samples into shard_size
+    # pieces, so the config in the manifest still says how many samples each shard holds.
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    total, size = config.get("num_samples"), config.get("shard_size")
+    if not (isinstance(total, int) and isinstance(size, int) and total > 0 and size > 0):
+        return {}
+    return {shard_name(i): min(size, total - i * size) for i in range(-(-total // size))}
+
+
+def format_problem(manifest: dict) -> str | None:
+    """Why this d4ir cannot read a round with this manifest (its format version is another), or None.
+
+    Readers check this first: a round of another format fails sample by sample otherwise (version 1 named the
+    image field differently), and a resumed synthesis would mix its shards with new ones.
+    """
+    have = manifest.get("format_version")
+    if have == SHARD_FORMAT and not isinstance(have, bool):
+        return None
+    made = "has no format_version (not written by `d4ir synth`)" if have is None else \
+        f"is a round of format version {have!r}"
+    return f"{made}; this d4ir reads version {SHARD_FORMAT}: synthesize it again"
 
 
 def write_manifest(directory: str | Path, manifest: dict) -> Path:
@@ -232,7 +272,7 @@ def write_manifest(directory: str | Path, manifest: dict) -> Path:
     Args:
         directory: the round folder.
         manifest: JSON-serialisable dict. `verify_shards` checks two optional keys: "shards" (list of
-            shard names, or {name: count}) and "num_shards" (int: shards 0..n-1 must exist).
+            shard names, or {name: samples planned for it}) and "num_shards" (int: shards 0..n-1 must exist).
     """
     if not isinstance(manifest, dict):
         raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 
 from shards.embeddings import load_embeddings
-from shards.folders import scan_images
+from shards.folders import check_files, file_records, scan_images
 from shards.images import encode_png, read_rgb
 from shards.io import OutputFolderError, folder_lock, sha256_file
-from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir
+from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
 from shards.reader import iter_raw_metas
 from shards.writer import (
     DEGRADED_FIELD,
     SHARD_FORMAT,
     check_manifest,
+    format_problem,
     read_manifest,
     shard_done,
     write_manifest,
@@ -186,11 +187,13 @@ def _adopt(out_dir: Path, manifest: dict, jobs: list[ShardJob], sd: SDParts, sou
                              "so they cannot be resumed; restore the manifest or delete the shards")
         return threads
     old = read_manifest(out_dir)
+    if (why := format_problem(old)) is not None:  # resuming would mix shards of two formats in one round
+        raise ValueError(f"{out_dir} {why}")
     check_sd(old, sd, source, out_dir)
     check_manifest(out_dir, {k: manifest[k] for k in ("config_hash", "plan_hash", *hashes)
                              if k not in ("sd", "sd_config")})
     for job in jobs:  # each finished shard's samples are the ones its job plans
-        if not shard_done(out_dir, job.index):
+        if not shard_done(out_dir, job.index, len(job.items)):
             continue
         planned = {key: (clean, row, seed) for key, clean, row, seed in job.items}
         for key, meta in iter_raw_metas(out_dir, job.index):
@@ -242,6 +245,7 @@ def synthesize(
     dtype: str | None = None,
     distributor: Distributor | None = None,
     progress: bool = True,
+    clean_files: list | None = None,
 ) -> SynthResult:
     """Stage 2: write the shards of round `config.round` into shards_root/round-NNN (finished ones are skipped).
 
@@ -253,6 +257,9 @@ def synthesize(
         prompts_dir: stage 1's folder (prompt modes encoder and content).
         device, dtype: where the SD runs and its weights' dtype (default: float16 on a GPU, else float32).
         distributor: runs the shard jobs; `local_distributor` when None.
+        clean_files: draw the plan from exactly these photos ([name, bytes, sha256] under clean_dir, as a
+            manifest's `clean_files` records them: a regeneration round passes round 0's), each checked to be there
+            unchanged, instead of from what clean_dir holds now.
     """
     from tqdm import tqdm
 
@@ -265,8 +272,15 @@ def synthesize(
     local = distributor is None or distributor is local_distributor
     sd = load_sd_cached(source, device if local else "cpu", dtype)
     num_prompts, hashes = check_inputs(config, sd, source, prompts_dir)
-    scan = scan_images(clean_dir, min_side=32)
-    jobs = plan_jobs(scan.paths, num_prompts, config, round_dir=out_dir, sd=source, prompts_dir=prompts_dir,
+    if clean_files is None:
+        scan = scan_images(clean_dir, min_side=32)
+        paths, clean_scan = scan.paths, scan.counts()
+        clean_files = file_records(clean_dir, paths)  # so that a later round can be drawn from exactly these
+    else:
+        paths = check_files(clean_dir, clean_files, "the clean photos this round's plan names",
+                            "a round drawn from a recorded plan needs them as they were")
+        clean_scan = {"usable": len(paths)}
+    jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd=source, prompts_dir=prompts_dir,
                      device=device, dtype=dtype, hashes=hashes)
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
     manifest = {
@@ -276,9 +290,11 @@ def synthesize(
         "config_hash": config_hash(config),
         "plan_hash": plan_hash(jobs),
         "num_shards": len(jobs),
+        "shards": {shard_name(j.index): len(j.items) for j in jobs},  # samples planned per shard
         "clean_dir": str(Path(clean_dir).resolve()),
         "prompts_dir": str(Path(prompts_dir).resolve()) if prompts_dir else None,
-        "clean_scan": scan.counts(),
+        "clean_scan": clean_scan,
+        "clean_files": clean_files,
         **hashes,
     }
     try:
@@ -291,7 +307,8 @@ def synthesize(
         jobs = [replace(j, threads=threads, encode_threads=encode_threads) for j in jobs]
         manifest["cpu_threads"] = threads
         write_manifest(out_dir, manifest | {"complete": False})
-        todo = [j for j in jobs if not shard_done(out_dir, j.index)]
+        # a shard is done only with every planned sample accounted for: one cut short is redone
+        todo = [j for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
         bar.update(config.num_samples - sum(len(j.items) for j in todo))
         totals = {"images": 0, "failures": 0}
@@ -303,7 +320,7 @@ def synthesize(
 
         (distributor or local_distributor)(synthesize_shard, todo, on_done)
         bar.close()
-        unfinished = [j.index for j in jobs if not shard_done(out_dir, j.index)]
+        unfinished = [j.index for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         if unfinished:  # a distributor that returned without every shard: the round stays incomplete
             raise RuntimeError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
         sizes = write_sizes(out_dir)
