@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shards.embeddings import load_embeddings
-from shards.layout import RunLayout, parse_shard, shard_name
+from shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard, shard_name
 from shards.pairs import find_pairs
 from shards.reader import shard_dataset, shard_urls
 from shards.verify import verify_shards
@@ -188,7 +188,7 @@ def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
     if not manifest.get("complete", False):
         raise ValueError(f"shard round {start} ({folder}) is incomplete (its synthesis was interrupted): "
                          "rerun `d4ir synth` for it")
-    if start == 0 and (layout.prompts / "embeddings.safetensors").exists():
+    if start == 0 and (layout.prompts / EMBEDDINGS_FILE).exists():
         check_manifest(folder, {"encoder_sha256": load_embeddings(layout.prompts).metadata.get("encoder_sha256", "")})
     return start, manifest
 

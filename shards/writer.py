@@ -345,9 +345,8 @@ def write_sizes(directory: str | Path) -> dict[str, int]:
     """Write `sizes.json` ({"000000.tar": count, ...}, open_clip style) from the finished shards' stats."""
     directory = Path(directory)
     sizes: dict[str, int] = {}
-    for stats_path in sorted(directory.glob("*.stats.json")):
-        index = parse_stats(stats_path.name)
-        if index is not None and shard_done(directory, index):
+    for index in sorted(i for i in map(parse_stats, (p.name for p in directory.iterdir())) if i is not None):
+        if shard_done(directory, index):
             sizes[shard_name(index)] = int(read_stats(directory, index)["count"])
     atomic_write_json(directory / SIZES_FILE, sizes)
     return sizes
