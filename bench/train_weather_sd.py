@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-minutes", type=float, default=0.0,
                    help="time cap of the VAE stage: reaching it ends the stage at that step (0: no cap)")
     p.add_argument("--unet-minutes", type=float, default=0.0, help="the same for the UNet stage")
+    p.add_argument("--vae-cap-step", type=int, default=0,
+                   help="end the VAE's constant phase at this step, as a time cap that reached it would (exact replay)")
+    p.add_argument("--unet-cap-step", type=int, default=0, help="the same for the UNet stage")
     p.add_argument("--pause-minutes", type=float, default=0.0,
                    help="stop every training stage after this long, resumably (rerun to continue); 0: never")
     p.add_argument("--save-dtype", choices=("float16", "float32"), default="float16")
@@ -131,36 +134,40 @@ def _plan(folder: Path, steps: int, decay_fraction: float, cap_minutes: float,
     return steps, min(steps, int(round(decay_fraction * steps))), min(budgets) if budgets else 0.0
 
 
-def _cap_reached(folder: Path, result: dict, cap_minutes: float, pause_minutes: float, tail: int) -> bool:
-    """When the time cap (not a pause) stopped a stage, record its new end, the step reached plus a cosine
-    decay of `tail` steps, in `finished.json` (reruns and export read it) and return True."""
-    capped = cap_minutes > 0 and (pause_minutes <= 0 or cap_minutes <= pause_minutes)
-    if result["done"] or not capped or (folder / "finished.json").is_file():
+def _cap_reached(folder: Path, result: dict, cap_minutes: float, pause_minutes: float, tail: int,
+                 cap_step: int = 0) -> bool:
+    """When the time cap or the step cap (not a pause) stopped a stage, record its new end, the step reached plus
+    a cosine decay of `tail` steps, in `finished.json` (reruns and export read it) and return True."""
+    by_step = cap_step > 0 and result["step"] >= cap_step
+    by_time = cap_minutes > 0 and (pause_minutes <= 0 or cap_minutes <= pause_minutes)
+    if result["done"] or not (by_step or by_time) or (folder / "finished.json").is_file():
         return False
     plan = {"steps": result["step"] + tail, "decay_steps": tail, "capped_at": result["step"],
-            "cap_minutes": cap_minutes}
+            "cap_minutes": cap_minutes, "cap_step": cap_step}
     (folder / "finished.json").write_text(json.dumps(plan))
     return True
 
 
 def _train_stage(args, folder: Path, modules: dict, make_loss, *, lr: float, steps: int, decay: float, tail: int,
-                 cap: float, ema_of: str | None = None, desc: str, load_only: bool = False) -> dict:
+                 cap: float, cap_step: int = 0, ema_of: str | None = None, desc: str, load_only: bool = False) -> dict:
     """One resumable training stage with its time cap and decay tail (see `_plan`); make_loss(decay start step)
     builds the loss_fn."""
     def run() -> dict:
         n, decay_steps, budget = _plan(folder, steps, decay, cap, args.pause_minutes)
-        loop = LoopConfig(steps=n, lr=lr, seed=args.seed, budget_minutes=budget, decay_steps=decay_steps,
-                          final_lr_fraction=args.final_lr_fraction, ema_decay=args.ema_decay if ema_of else 0.0)
+        stop = 0 if (folder / "finished.json").is_file() else cap_step  # after the cap: the tail
+        loop = LoopConfig(steps=n, lr=lr, seed=args.seed, budget_minutes=budget, stop_step=stop,
+                          decay_steps=decay_steps, final_lr_fraction=args.final_lr_fraction,
+                          ema_decay=args.ema_decay if ema_of else 0.0)
         return train_loop(folder, modules, make_loss(n - decay_steps), loop, ema_of=ema_of,
                           progress=not args.no_progress, desc=desc, load_only=load_only)
 
     result = run()
-    if not load_only and _cap_reached(folder, result, cap, args.pause_minutes, tail):
+    if not load_only and _cap_reached(folder, result, cap, args.pause_minutes, tail, cap_step):
         result = run()
     return result
 
 
-def _vae(args, train: WeatherSet, factor: int, steps: int, cap_minutes: float = 0.0):
+def _vae(args, train: WeatherSet, factor: int, steps: int, cap_minutes: float = 0.0, cap_step: int = 0):
     folder = args.out / f"vae-{factor}x"
     config = vae_config(factor, mid_attention=not args.no_vae_attention)
     vae = build_vae(config, seed=args.seed, logvar_init=args.vae_logvar_init or None)
@@ -169,7 +176,7 @@ def _vae(args, train: WeatherSet, factor: int, steps: int, cap_minutes: float = 
         return vae_batch_loss(train, vae, args.vae_batch, args.edge_weight, args.kl_weight, args.vae_crop, whole_from)
 
     result = _train_stage(args, folder, {"vae": vae}, make_loss, lr=args.vae_lr, steps=steps, decay=args.vae_decay,
-                          tail=args.vae_tail, cap=cap_minutes, desc=f"vae {factor}x")
+                          tail=args.vae_tail, cap=cap_minutes, cap_step=cap_step, desc=f"vae {factor}x")
     return vae, result
 
 
@@ -238,14 +245,15 @@ def stage_compare(args, train: WeatherSet, held: WeatherSet) -> dict:
 
 
 def stage_unet(args, train: WeatherSet, held: WeatherSet, train_it: bool = True):
-    vae, r = _vae(args, train, args.factor, args.vae_steps, args.vae_minutes)
+    vae, r = _vae(args, train, args.factor, args.vae_steps, args.vae_minutes, args.vae_cap_step)
     if not r["done"]:
         raise SystemExit(f"the VAE stage stopped at step {r['step']} of {args.vae_steps}: rerun to continue it")
     lat, text, unet = _unet_parts(args, vae, train)
     folder = args.out / "unet"
     loss = unet_batch_loss(lat, unet, text, args.unet_batch, args.caption_dropout, args.t_focus, args.focus_prob)
     result = _train_stage(args, folder, {"unet": unet}, lambda _: loss, lr=args.unet_lr, steps=args.unet_steps,
-                          decay=args.unet_decay, tail=args.unet_tail, cap=args.unet_minutes, ema_of="unet",
+                          decay=args.unet_decay, tail=args.unet_tail, cap=args.unet_minutes,
+                          cap_step=args.unet_cap_step, ema_of="unet",
                           desc="unet", load_only=not train_it)
     load_ema_into(unet, result["ema"])
     held_lat = _latents(vae, held, lat.scaling_factor, args.seed)
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         stage_compare(args, train, held)
         return
     if args.stage in ("vae", "all"):
-        vae, r = _vae(args, train, args.factor, args.vae_steps, args.vae_minutes)
+        vae, r = _vae(args, train, args.factor, args.vae_steps, args.vae_minutes, args.vae_cap_step)
         ev = evaluate_vae(vae, held)
         (args.out / f"vae-{args.factor}x" / "eval.json").write_text(json.dumps({"steps": r["step"], **ev}, indent=1))
         print(f"VAE {args.factor}x at step {r['step']}: PSNR {ev['psnr']:.2f} dB, {ev['psnr_by_weather']}")

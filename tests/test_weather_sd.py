@@ -149,6 +149,32 @@ def test_time_capped_stage_gets_a_decay_tail_and_is_recorded(tmp_path):
     assert bench._plan(paused, 100, 0.3, 5.0, 1.0) == (100, 30, 1.0)
 
 
+def test_a_step_cap_replays_a_capped_stage_exactly(tiny_set, tmp_path):
+    """--vae-cap-step K: the constant phase ends at step K and a `tail`-step cosine follows, as when a time cap
+    reaches K (the shipped model's stages ended that way), and the result equals one uninterrupted run of that
+    schedule, weight for weight."""
+    import argparse
+    import json
+
+    bench = _bench()
+    args = argparse.Namespace(pause_minutes=0.0, final_lr_fraction=0.05, ema_decay=0.0, seed=0, no_progress=True)
+
+    def loss_of(vae):
+        return lambda _decay_start: vae_batch_loss(tiny_set, vae, 2, 0.5, 1e-6)
+
+    capped = build_vae(TINY_VAE, seed=0)
+    r = bench._train_stage(args, tmp_path / "capped", {"vae": capped}, loss_of(capped), lr=1e-3, steps=1000,
+                           decay=0.3, tail=3, cap=0.0, cap_step=4, desc="vae")
+    assert r["done"] and r["step"] == 7
+    plan = json.loads((tmp_path / "capped" / "finished.json").read_text())
+    assert plan["capped_at"] == 4 and plan["steps"] == 7 and plan["decay_steps"] == 3
+    straight = build_vae(TINY_VAE, seed=0)
+    loop = LoopConfig(steps=7, lr=1e-3, seed=0, decay_steps=3, final_lr_fraction=0.05)
+    train_loop(tmp_path / "straight", {"vae": straight}, loss_of(straight)(4), loop, progress=False)
+    a, b = capped.state_dict(), straight.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _tiny_text():
     return build_weather_text(hidden=32, layers=1, heads=2, seed=0)
 

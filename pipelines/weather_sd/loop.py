@@ -50,6 +50,8 @@ class LoopConfig:
         checkpoint_every: steps between state.pt writes.
         log_every: steps between train.jsonl records.
         budget_minutes: stop (resumably) after this much wall-clock time; 0 means no limit.
+        stop_step: stop (resumably) once this many steps are done; 0 means none (a step cap replays a time
+            cap exactly: bench/train_weather_sd.py --vae-cap-step / --unet-cap-step).
         decay_steps: the last `decay_steps` steps follow a cosine from lr down to final_lr_fraction * lr.
         final_lr_fraction: where the cosine ends, in [0, 1].
     """
@@ -64,6 +66,7 @@ class LoopConfig:
     checkpoint_every: int = 200
     log_every: int = 25
     budget_minutes: float = 0.0
+    stop_step: int = 0
     decay_steps: int = 0
     final_lr_fraction: float = 0.0
 
@@ -74,8 +77,9 @@ class LoopConfig:
             raise ValueError("LoopConfig needs lr > 0, warmup >= 0, weight_decay >= 0 and clip >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"LoopConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.budget_minutes < 0:
-            raise ValueError("LoopConfig needs checkpoint_every >= 1, log_every >= 1 and budget_minutes >= 0")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.budget_minutes < 0 or self.stop_step < 0:
+            raise ValueError("LoopConfig needs checkpoint_every >= 1, log_every >= 1, budget_minutes >= 0 and "
+                             "stop_step >= 0")
         if not 0 <= self.decay_steps <= self.steps or not 0.0 <= self.final_lr_fraction <= 1.0:
             raise ValueError(f"LoopConfig needs 0 <= decay_steps <= steps ({self.steps}) and final_lr_fraction "
                              f"in [0, 1], got {self.decay_steps} and {self.final_lr_fraction}")
@@ -166,6 +170,8 @@ def train_loop(
     bar = tqdm(total=config.steps, initial=start, desc=desc, disable=not progress)
     while step < config.steps and not load_only:
         if config.budget_minutes and time.perf_counter() - t0 > 60 * config.budget_minutes:
+            break
+        if config.stop_step and step >= config.stop_step:
             break
         for group in opt.param_groups:
             group["lr"] = config.lr_at(step)
