@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shards.embeddings import load_embeddings
+from shards.errors import StageFailedError
 from shards.layout import RunLayout, parse_shard, shard_name
 from shards.pairs import find_pairs
 from shards.reader import shard_dataset, shard_urls
@@ -124,7 +125,7 @@ class ShardBatches:
                 log.warning("skipped an undecodable sample: %s", sample["error"])
                 continue
             return sample["degraded"]
-        raise RuntimeError(f"no readable sample in {self.directory} for this rank")
+        raise StageFailedError(f"no readable sample in {self.directory} for this rank")
 
     def next(self, rng: np.random.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         """A [B, 3, crop, crop] float batch in [0, 1] on `device` (moved there as uint8, a quarter of the

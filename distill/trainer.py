@@ -18,6 +18,7 @@ import torch
 
 from shards.io import atomic_write_json, save_weights
 from shards.layout import CONFIG_FILE, EVAL_FILE, PROMPT_ENCODER_STEM, STUDENT_STEM, RunLayout
+from shards.state import check_schema
 from synth.sd import SDSource
 from synth.worker import Distributor
 
@@ -134,7 +135,8 @@ class _Training:
         self.epochs.restore(**self._objects())
         self.metrics = self.epochs.resumed.get("metrics", {})
         if self.epochs.resumed.get("round") not in (None, self.round):
-            self.round = int(self.epochs.resumed["round"])
+            check_schema(self.epochs.state_path, self.epochs.resumed, {"round": int}, "extra.")
+            self.round = self.epochs.resumed["round"]
             self.source = round_batches(layout, self.round, self.name, config, ctx)
         self.iters = config.iters_per_epoch or self.source.iters_per_epoch()
         return self

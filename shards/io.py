@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import StageFailedError
+
 _DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT}
 
 
@@ -168,7 +170,7 @@ def load_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
     return tensors, config
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(StageFailedError):
     """Another live process holds the folder's lock."""
 
 

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shards.errors import StageFailedError
 from shards.folders import scan_images
 from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from shards.io import append_jsonl, state_dict_sha256
 from shards.layout import LOG_FILE, STATE_FILE
-from shards.state import StateError, load_state, save_state, trim_log
+from shards.state import StateError, load_state, restoring, save_state, trim_log
 
 from .embed import export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
@@ -37,6 +38,9 @@ from .prompt_encoder import DEFAULT_PROMPT_TOKENS, PromptEncoder
 from .sd_parts import SDParts
 
 log = logging.getLogger(__name__)
+# what `checkpoint` writes; a state without it (or with other types) is refused naming the file and the key
+STATE_SCHEMA = {"step": int, "args": {"prompt_dim": int}, "query": dict, "key": dict, "queue": dict,
+                "optimizer": dict}
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,7 @@ def _batch(paths: list[Path], step: int, config: PromptsConfig) -> tuple[torch.T
         try:
             img = to_tensor(read_rgb(paths[i], min_side=config.crop))  # [3, H, W]
         except ImageSkipped as err:
-            raise RuntimeError(
+            raise StageFailedError(
                 f"{paths[i]} became unreadable during training ({err.reason}); restore it and rerun with --resume"
             ) from err
         rng = np.random.default_rng([config.seed, 1, step, slot])
@@ -198,8 +202,8 @@ def train_prompts(
             width = int(prompt_encoder_info(out_dir)["encoder"].get("prompt_dim", dim))
             _check_width(f"the prompt encoder in {out_dir}", width, dim)
         if state_path.exists():
-            state = load_state(state_path)
-            _check_width(f"the state {state_path}", int(state["args"]["prompt_dim"]), dim)
+            state = load_state(state_path, schema=STATE_SCHEMA)
+            _check_width(f"the state {state_path}", state["args"]["prompt_dim"], dim)
 
     scan = scan_images(degraded_dir, min_side=config.crop)
     paths, counts = scan.paths, scan.counts()
@@ -239,13 +243,14 @@ def train_prompts(
         if changed:
             raise StateError(f"cannot resume {state_path}: settings changed ({', '.join(changed)}); "
                              "drop --resume or use another run folder")
-        start = int(state["step"])
+        start = state["step"]
+        if start < 0:
+            raise StateError(f"{state_path}: malformed training state: 'step' is {start}, below 0")
         if start > config.steps:
             raise StateError(f"{state_path} is at step {start}, past steps={config.steps}")
-        query_enc.load_state_dict(state["query"])
-        key_enc.load_state_dict(state["key"])
-        queue.load_state_dict(state["queue"])
-        optimizer.load_state_dict(state["optimizer"])
+        for key, obj in (("query", query_enc), ("key", key_enc), ("queue", queue), ("optimizer", optimizer)):
+            with restoring(state_path, key):
+                obj.load_state_dict(state[key])
         trim_log(log_path, "step", start)  # steps logged after the state are redone
         log.info("resuming %s from step %d", out_dir, start)
     else:

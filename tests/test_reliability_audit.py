@@ -1,0 +1,89 @@
+"""An audit of issue 11's result (docs/reliability.md, rows 12 and up): a state that loads safely but is not what
+its stage wrote, unexpected exceptions, weights files, minor one-line errors and a resume through another path.
+Paired sets with bad links are in test_pairs.py and test_reliability.py's neighbours; 16-bit TIFF in
+test_reliability_images.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipelines.cli import main
+
+DISTILL = ["--data", "web", "--joint-epochs", "0", "--batch-size", "2", "--crop", "16", "--iters-per-epoch", "1",
+           "--num-workers", "0", "--name", "x"]
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("d4ir: error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _edit_state(path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+# ------------------------------------------------------------------ 14. a malformed state is one line
+@pytest.mark.parametrize("key, edit", [
+    ("'torch_rng'", lambda s: s.update(torch_rng=torch.zeros(3))),
+    ("'objects'", lambda s: s.pop("objects")),
+    ("'epoch'", lambda s: s.update(epoch="one")),
+    ("'objects.student'", lambda s: s["objects"]["student"].update({k: torch.zeros(1) for k in
+                                                                    list(s["objects"]["student"])[:1]})),
+    ("'rng'", lambda s: s.update(rng={"bit_generator": "none of numpy's"})),
+    ("'extra.round'", lambda s: s["extra"].update(round="two")),
+])
+def test_a_malformed_distill_state_is_one_line_naming_the_file_and_the_key(tiny_run, tmp_path, key, edit):
+    r = tiny_run.copy_to(tmp_path / "run")
+    args = ["distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL]
+    assert _cli(*args, "--epochs", 1).exit_code == 0
+    state = r.root / "students" / "x" / "state.pt"
+    _edit_state(state, edit)
+    _one_line_error(_cli(*args, "--epochs", 2, "--resume"), str(state), "malformed training state", key)
+
+
+def test_a_malformed_prompts_or_teacher_state_is_one_line_naming_the_file_and_the_key(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    state = r.root / "prompts" / "state.pt"
+    prompts = ["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--resume", "--steps", "3",
+               "--batch-size", "4", "--crop", "16", "--prompt-tokens", "4", "--feat-dim", "8", "--widths", "4,8,8",
+               "--token-rank", "4", "--queue-size", "4", "--embed-side", "32"]
+    saved = state.read_bytes()
+    _edit_state(state, lambda s: s.pop("query"))
+    _one_line_error(_cli(*prompts), str(state), "malformed training state", "'query'")
+    state.write_bytes(saved)
+    _edit_state(state, lambda s: s.update(query={"no such weight": torch.zeros(1)}))
+    _one_line_error(_cli(*prompts), str(state), "'query' cannot be restored")
+
+    teacher = ["teacher", "--pairs", r.val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
+               "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,"
+               "queue_size=8"]
+    assert _cli(*teacher).exit_code == 0
+    _edit_state(tmp_path / "t" / "state.pt", lambda s: s["objects"].pop("optimizer"))
+    _one_line_error(_cli(*teacher[:-2], "--epochs", "2", *teacher[-2:], "--resume"), str(tmp_path / "t" / "state.pt"),
+                    "'objects.optimizer'")
+
+
+def test_unexpected_exceptions_keep_their_traceback(tiny_run, tmp_path, monkeypatch):
+    import distill.evaluate as evaluate_mod
+
+    for bug in (KeyError("objects"), RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")):
+        def broken(*args, bug=bug, **kwargs):
+            raise bug
+
+        monkeypatch.setattr(evaluate_mod, "evaluate", broken)
+        result = _cli("eval", "--model", "identity", "--pairs", tiny_run.val)
+        assert result.exit_code == 1 and result.exception is bug and "d4ir: error" not in result.output
+    # the project's own KeyError kind (an unknown name) stays one line
+    _one_line_error(_cli("teacher", "--pairs", tiny_run.val, "--out", tmp_path / "t", "--arch", "nope"),
+                    "unknown architecture 'nope'")
