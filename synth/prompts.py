@@ -132,6 +132,12 @@ def _batch(paths: list[Path], step: int, config: PromptsConfig) -> tuple[torch.T
     return torch.stack(queries), torch.stack(keys)
 
 
+def _resolved(paths: list) -> list[str]:
+    """Image paths as absolute, resolved strings: the same folder named relatively, absolutely or through a link
+    holds the same images, so a resume must not see changed settings."""
+    return [str(Path(p).resolve()) for p in paths]
+
+
 def _resume_args(config: PromptsConfig, dim: int, paths: list[Path], base: torch.Tensor | None) -> dict:
     """What a resumed run must share with the state it resumes (steps and the export settings may change)."""
     args = dataclasses.asdict(config)
@@ -140,7 +146,7 @@ def _resume_args(config: PromptsConfig, dim: int, paths: list[Path], base: torch
     args["widths"] = list(config.widths)
     return args | {
         "prompt_dim": dim,
-        "images": [str(p) for p in paths],
+        "images": _resolved(paths),
         "base_sha256": None if base is None else state_dict_sha256({"base": base}),
     }
 
@@ -239,7 +245,10 @@ def train_prompts(
 
     start = 0
     if state is not None:
-        changed = sorted(k for k in args if state["args"].get(k) != args[k])
+        saved = dict(state["args"])
+        if isinstance(saved.get("images"), list) and all(isinstance(p, str) for p in saved["images"]):
+            saved["images"] = _resolved(saved["images"])  # a state written before paths were resolved
+        changed = sorted(k for k in args if saved.get(k) != args[k])
         if changed:
             raise StateError(f"cannot resume {state_path}: settings changed ({', '.join(changed)}); "
                              "drop --resume or use another run folder")

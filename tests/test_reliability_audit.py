@@ -5,11 +5,14 @@ test_reliability_images.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from pipelines.cli import main
+from shards.io import read_jsonl
 
 DISTILL = ["--data", "web", "--joint-epochs", "0", "--batch-size", "2", "--crop", "16", "--iters-per-epoch", "1",
            "--num-workers", "0", "--name", "x"]
@@ -87,3 +90,23 @@ def test_unexpected_exceptions_keep_their_traceback(tiny_run, tmp_path, monkeypa
     # the project's own KeyError kind (an unknown name) stays one line
     _one_line_error(_cli("teacher", "--pairs", tiny_run.val, "--out", tmp_path / "t", "--arch", "nope"),
                     "unknown architecture 'nope'")
+
+
+# ------------------------------------------------------- 18. a resume through another path to the same folder
+def test_prompts_resume_names_the_same_folder_by_another_path(tiny_run, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from conftest import PROMPTS
+
+    from synth.prompts import train_prompts
+    from synth.sd import load_sd_cached
+
+    sd = load_sd_cached("tiny", "cpu", "float32")
+    out = tmp_path / "prompts"
+    train_prompts(tiny_run.degraded.resolve(), sd, out, replace(PROMPTS, steps=1), progress=False)
+    monkeypatch.chdir(tiny_run.degraded.parent)
+    (tmp_path / "link").symlink_to(tiny_run.degraded.parent)
+    for i, degraded in enumerate((Path(tiny_run.degraded.name), tmp_path / "link" / tiny_run.degraded.name)):
+        result = train_prompts(degraded, sd, out, replace(PROMPTS, steps=2 + i), resume=True, progress=False)
+        assert result.num_images == 8
+        assert [r["step"] for r in read_jsonl(out / "train.jsonl")] == list(range(1, 3 + i))
