@@ -5,6 +5,7 @@ test_reliability_images.py."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,38 @@ def test_prompts_resume_names_the_same_folder_by_another_path(tiny_run, tmp_path
         result = train_prompts(degraded, sd, out, replace(PROMPTS, steps=2 + i), resume=True, progress=False)
         assert result.num_images == 8
         assert [r["step"] for r in read_jsonl(out / "train.jsonl")] == list(range(1, 3 + i))
+
+
+# --------------------------------------------- 16. weights: fsynced before the rename, usual mode, hash checked
+def test_weights_are_fsynced_renamed_with_the_usual_mode_and_their_hash_is_checked(tiny_run, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from shards.io import load_weights, save_weights
+
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), replace(a, b))[1])
+    weights = save_weights(tmp_path / "m", {"w": torch.arange(6.0).reshape(2, 3)}, {"arch": "x"})
+    monkeypatch.undo()
+    tmp = f"{weights}.tmp"
+    assert events[:2] == [("fsync", tmp), ("replace", tmp)]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (weights, tmp_path / "m.json")}
+    assert modes == {0o666 & ~umask} and not (tmp_path / "m.safetensors.tmp").exists()
+
+    assert load_weights(tmp_path / "m")[0]["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last float: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"m\.safetensors: its tensors do not match the sha256 recorded in m\.json"):
+        load_weights(tmp_path / "m")
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_run.teacher.parent, teacher)
+    data = bytearray((teacher / "teacher.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (teacher / "teacher.safetensors").write_bytes(bytes(data))
+    _one_line_error(_cli("eval", "--model", teacher / "teacher.safetensors", "--pairs", tiny_run.val),
+                    str(teacher / "teacher.safetensors"), "do not match the sha256 recorded in teacher.json")
