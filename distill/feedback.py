@@ -138,5 +138,9 @@ class FeedbackLoop(nn.Module):
 
 
 def image_source(folder: Path) -> list[np.ndarray]:
-    """Every usable image of a folder in memory (for the "original" and "web" baselines)."""
-    return [read_rgb(p, min_side=1) for p in scan_images(folder, min_side=1).paths]
+    """Every usable image of a folder in memory (for the "original" and "web" baselines); none usable is an
+    error naming the folder and what was skipped."""
+    scan = scan_images(folder, min_side=1)
+    if not scan.paths:
+        raise ValueError(f"{folder}: no usable image to train on ({scan.summary()})")
+    return [read_rgb(p, min_side=1) for p in scan.paths]

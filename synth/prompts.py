@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,10 @@ class PromptsConfig:
                 raise ValueError(f"PromptsConfig.{name} must be a positive int, got {value!r}")
         if len(self.widths) != 3 or min(self.widths) < 1:
             raise ValueError(f"PromptsConfig.widths must be three positive ints, got {self.widths}")
-        if not self.lr > 0 or not self.prompt_strength >= 0:
-            raise ValueError("PromptsConfig.lr must be > 0 and prompt_strength >= 0")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"PromptsConfig.lr (--lr) must be a finite number > 0, got {self.lr!r}")
+        if not self.prompt_strength >= 0:
+            raise ValueError(f"PromptsConfig.prompt_strength must be >= 0, got {self.prompt_strength!r}")
 
 
 @dataclass

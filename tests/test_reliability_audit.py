@@ -146,3 +146,29 @@ def test_weights_are_fsynced_renamed_with_the_usual_mode_and_their_hash_is_check
     (teacher / "teacher.safetensors").write_bytes(bytes(data))
     _one_line_error(_cli("eval", "--model", teacher / "teacher.safetensors", "--pairs", tiny_run.val),
                     str(teacher / "teacher.safetensors"), "do not match the sha256 recorded in teacher.json")
+
+
+# ------------------------------------------------------ 17. minor one-line errors name the folder or option
+def test_minor_errors_name_the_folder_and_its_counts_or_the_option(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    web = tmp_path / "web"
+    web.mkdir()
+    for i in range(3):
+        (web / f"e{i}.png").write_bytes(b"")
+    (web / "notes.txt").write_text("not a photo")
+    _one_line_error(_cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", web, *DISTILL,
+                         "--epochs", 1),
+                    f"{web}: no usable image to train on (0 usable, skipped: 3 zero bytes, 1 not an image)")
+    distill = ["distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL]
+    for args, text in (
+        ([*distill, "--lr", "-1"], "lr (--lr) must be a finite number > 0, got -1.0"),  # was Adam's, naming no option
+        ([*distill, "--encoder-lr", "nan"],
+         "encoder_lr (--encoder-lr) must be a finite number >= 0, got nan"),
+        (["teacher", "--pairs", r.val, "--out", tmp_path / "t", "--lr", "inf"],
+         "lr (--lr) must be a finite number > 0, got inf"),
+        (["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--lr", "0"],
+         "PromptsConfig.lr (--lr) must be a finite number > 0, got 0.0"),
+    ):
+        result = _cli(*args)
+        assert result.exit_code == 2 and text in result.output, result.output
+    assert not (tmp_path / "t").exists()
