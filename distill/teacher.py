@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,7 @@ class SupervisedResult:
     params: int
     epochs: int
     metrics: dict  # the last validation's mean metrics ({} without a validation set)
+    skipped: list[str] = field(default_factory=list)  # a line per paired set with skipped pairs (PairSet.summary)
 
 
 def train_supervised(
@@ -139,4 +140,6 @@ def train_supervised(
         if progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
             tqdm.write(f"{name} epoch {epoch + 1}: {shown}")
-    return SupervisedResult(out_dir / f"{name}.safetensors", count_parameters(model), config.epochs, metrics)
+    skipped = [s.summary() for s in (data, val) if s is not None and s.skipped]
+    return SupervisedResult(out_dir / f"{name}.safetensors", count_parameters(model), config.epochs, metrics,
+                            skipped)

@@ -1,7 +1,6 @@
-"""An audit of issue 11's result (docs/reliability.md, rows 12 and up): a state that loads safely but is not what
-its stage wrote, unexpected exceptions, weights files, minor one-line errors and a resume through another path.
-Paired sets with bad links are in test_pairs.py and test_reliability.py's neighbours; 16-bit TIFF in
-test_reliability_images.py."""
+"""An audit of issue 11's result (docs/reliability.md, rows 12 and up): bad links in a paired set, a state that
+loads safely but is not what its stage wrote, unexpected exceptions, weights files, minor one-line errors and a
+resume through another path. 16-bit TIFF (row 13) is in test_reliability_images.py."""
 
 from __future__ import annotations
 
@@ -35,6 +34,65 @@ def _edit_state(path, edit) -> None:
     state = torch.load(path, weights_only=True)
     edit(state)
     torch.save(state, path)
+
+
+# -------------------------------------------- 12. bad links in a paired set are counted skips, not an abort
+def _bad_pairs(src, dest):
+    """A copy of the val set (v0-v5) whose degraded v0 is a FIFO, clean v1 a dangling link, clean v2 a link loop,
+    and degraded v5 is gone (its clean file has no partner)."""
+    import os
+
+    val = shutil.copytree(src, dest)
+    (val / "degraded" / "v0.png").unlink()
+    os.mkfifo(val / "degraded" / "v0.png")
+    (val / "clean" / "v1.png").unlink()
+    (val / "clean" / "v1.png").symlink_to(val / "clean" / "gone.png")
+    (val / "clean" / "v2.png").unlink()
+    (val / "clean" / "v2.png").symlink_to(val / "clean" / "v2.png")
+    (val / "degraded" / "v5.png").unlink()
+    return val
+
+
+SKIPPED = [["v0", "degraded/v0.png: not a regular file"], ["v1", "clean/v1.png: dangling symlink"],
+           ["v2", "clean/v2.png: symlink loop"], ["v5", "clean/v5.png: no degraded partner"]]
+
+
+def test_bad_links_in_a_paired_set_are_counted_skips_shown_by_every_command(tiny_run, tmp_path):
+    import json
+
+    from shards.pairs import find_pairs
+
+    val = _bad_pairs(tiny_run.val, tmp_path / "val")
+    pairs = find_pairs(val)
+    assert [p.name for p in pairs] == ["v3", "v4"] and [list(s) for s in pairs.skipped] == SKIPPED
+    shown = (f"skipped: {val}: 2 usable pair(s), 4 skipped (v0: degraded/v0.png: not a regular file; v1: "
+             "clean/v1.png: dangling symlink; v2: clean/v2.png: symlink loop; v5: clean/v5.png: no degraded partner)")
+
+    result = _cli("eval", "--model", "identity", "--pairs", val, "--out", tmp_path / "e.json")
+    assert result.exit_code == 0 and shown in result.output, result.output
+    written = json.loads((tmp_path / "e.json").read_text())
+    assert (written["count"], written["skipped"]) == (2, SKIPPED)
+
+    result = _cli("teacher", "--pairs", val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
+                  "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,"
+                  "queue_size=8")
+    assert result.exit_code == 0 and shown in result.output, result.output
+
+    r = tiny_run.copy_to(tmp_path / "run")
+    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL,
+                  "--epochs", 1, "--val", val)
+    assert result.exit_code == 0 and shown in result.output, result.output
+    assert json.loads((r.root / "students" / "x" / "eval.json").read_text())["skipped"] == SKIPPED
+
+    original = _bad_pairs(tiny_run.val, tmp_path / "original")  # the same damage, read as --original
+    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--original", original, "--data",
+                  "original", *DISTILL[2:], "--name", "o", "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    assert f"skipped: {original / 'degraded'}: 4 usable, skipped: 1 not a regular file" in result.output
+
+    for p in (val / "degraded").iterdir():
+        p.unlink()
+    _one_line_error(_cli("eval", "--model", "identity", "--pairs", val), f"{val}: no usable pair (6 skipped: ")
 
 
 # ------------------------------------------------------------------ 14. a malformed state is one line
