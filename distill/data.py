@@ -1,10 +1,10 @@
 """Paired sets in memory and training samples for the supervised and KD trainers: random crops and flips.
 
-A paired set is read whole before any work starts (`load_pairs`): a pair whose image is truncated, empty,
-too large or of a mismatching size is skipped and counted with its reason, and a set with no usable pair left
-is an error. Images are held as uint8 arrays [H, W, 3]; a crop is taken with a seeded numpy Generator so CPU
-runs repeat. Images smaller than the crop are reflect-padded up to it (demo photos are small; real ones
-rarely are).
+A paired set is read whole before any work starts (`load_pairs`): a pair without a partner or with a file
+that is no regular file (`shards.pairs.find_pairs`), or whose image is truncated, empty, too large or of a
+mismatching size, is skipped and counted with its reason, and a set with no usable pair left is an error.
+Images are held as uint8 arrays [H, W, 3]; a crop is taken with a seeded numpy Generator so CPU runs repeat.
+Images smaller than the crop are reflect-padded up to it (demo photos are small; real ones rarely are).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from shards.images import DEFAULT_MAX_PIXELS, ImageSkipped, random_windows, read_rgb
-from shards.pairs import Pair, find_pairs
+from shards.pairs import Pair, describe_skipped, find_pairs
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,19 @@ class PairSet:
     def __getitem__(self, i: int) -> tuple[str, np.ndarray, np.ndarray]:
         return self.items[i]
 
+    def summary(self) -> str | None:
+        """One line naming the set, its usable count and each skipped pair with its reason; None when none was
+        skipped (what the commands print, and the warning `load_pairs` logs)."""
+        return describe_skipped(self.root or "the paired set", len(self.items), self.skipped) if self.skipped \
+            else None
+
 
 def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PairSet:
     """Read every pair (a paired-set folder, or its `find_pairs`) into memory; bad pairs are skipped and
-    counted; none left is a ValueError naming the folder and the reasons."""
-    root = Path(pairs) if isinstance(pairs, (str, Path)) else None
-    listed = find_pairs(root) if root is not None else list(pairs)
-    items, skipped = [], []
+    counted, with those `find_pairs` skipped; none left is a ValueError naming the folder and the reasons."""
+    root = Path(pairs) if isinstance(pairs, (str, Path)) else getattr(pairs, "root", None)
+    listed = find_pairs(root) if isinstance(pairs, (str, Path)) else pairs
+    items, skipped = [], list(getattr(listed, "skipped", []))  # no partner, a dangling link, a FIFO ...
     for p in listed:
         try:
             deg = read_rgb(p.degraded, min_side=1, max_pixels=max_pixels)
@@ -55,13 +61,13 @@ def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_
         except ValueError as err:  # sizes that cannot be matched
             skipped.append((p.name, str(err)))
     where = root or (listed[0].degraded.parent.parent if listed else "the paired set")
-    if not items:  # the error says it all: no warning line before it
+    if not items:
         reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:5]) or "no pairs"
         raise ValueError(f"{where}: no usable pair ({len(skipped)} skipped: {reasons})")
+    loaded = PairSet(items, skipped, Path(where))
     if skipped:
-        log.warning("%s: skipped %d of %d pairs: %s", where, len(skipped), len(listed),
-                    "; ".join(f"{n} ({r})" for n, r in skipped[:5]))
-    return PairSet(items, skipped, root)
+        log.warning("%s", loaded.summary())
+    return loaded
 
 
 def match_sizes(degraded: np.ndarray, clean: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:

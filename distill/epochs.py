@@ -18,7 +18,11 @@ import torch
 
 from shards.io import append_jsonl
 from shards.layout import LOG_FILE, STATE_FILE
-from shards.state import StateError, load_state, restore_rng, rng_state, save_state, trim_log
+from shards.state import StateError, check_schema, load_state, restore_rng, restoring, rng_state, save_state, trim_log
+
+# what `end_epoch` writes; a state without it (or with other types) is refused naming the file and the key
+STATE_SCHEMA = {"epoch": int, "settings": dict, "objects": dict, "rng": dict, "torch_rng": torch.Tensor,
+                "extra": dict}
 
 
 def halved_lr(base: float, epoch: int, every: int) -> float:
@@ -49,13 +53,15 @@ class EpochLoop:
             raise StateError(f"{self.state_path} holds an earlier run's state: pass --resume to continue it, or "
                              "use another output folder")
         if resume and self.state_path.exists():
-            self.state = load_state(self.state_path)
+            self.state = load_state(self.state_path, schema=STATE_SCHEMA)
             if self.state.get("settings") != settings:
                 changed = sorted(k for k in set(settings) | set(self.state.get("settings") or {})
                                  if (self.state.get("settings") or {}).get(k) != settings.get(k))
                 raise StateError(f"cannot resume {self.state_path}: it was written with other settings "
                                  f"({', '.join(changed)}); drop --resume and use another output folder")
-            self.start = int(self.state["epoch"])
+            self.start = self.state["epoch"]
+            if self.start < 0:
+                raise StateError(f"{self.state_path}: malformed training state: 'epoch' is {self.start}, below 0")
             if writer:
                 trim_log(self.log_path, "epoch", self.start)
         elif writer:
@@ -71,11 +77,15 @@ class EpochLoop:
         """Load each object's state dict from the resumed state (None entries are skipped), and the RNGs."""
         if self.state is None:
             return
-        for name, obj in objects.items():
-            if obj is not None:
+        path, present = self.state_path, {name: obj for name, obj in objects.items() if obj is not None}
+        check_schema(path, self.state["objects"], dict.fromkeys(present, dict), "objects.")
+        for name, obj in present.items():
+            with restoring(path, f"objects.{name}"):
                 obj.load_state_dict(self.state["objects"][name])
-        restore_rng(self.rng, self.state["rng"])
-        torch.set_rng_state(self.state["torch_rng"])
+        with restoring(path, "rng"):
+            restore_rng(self.rng, self.state["rng"])
+        with restoring(path, "torch_rng"):
+            torch.set_rng_state(self.state["torch_rng"])
 
     def end_epoch(self, epoch: int, record: dict, save_weights: Callable[[], None], *, extra: dict | None = None,
                   **objects: Any) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from shards.images import to_tensor
 from shards.io import atomic_write_json
-from shards.pairs import Pair
+from shards.pairs import Pair, PairList
 
 from .data import PairSet, load_pairs
 from .inference import restore
@@ -58,10 +58,11 @@ def evaluate_model(
     from tqdm import tqdm
 
     if not isinstance(pairs, PairSet):
-        pairs = list(pairs)[:limit] if limit else list(pairs)
-        if not pairs:
+        kept = list(pairs)[:limit] if limit else list(pairs)
+        if not kept:
             raise ValueError("no pairs to evaluate")
-        pairs = load_pairs(pairs)
+        # find_pairs' skipped pairs (and folder) go along, to be counted in the result
+        pairs = load_pairs(PairList(kept, getattr(pairs, "skipped", []), getattr(pairs, "root", None)))
     items = pairs.items[:limit] if limit else pairs.items
     rows, seconds = [], 0.0
     for name, deg, cln in tqdm(items, desc="eval", disable=not progress, leave=False):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.folders import check_files, scan_images
+from shards.folders import ImageScan, check_files, scan_images
 from shards.images import read_rgb
 from shards.layout import RunLayout
 from shards.writer import read_manifest
@@ -155,6 +155,10 @@ class FeedbackLoop(nn.Module):
         return result.round_dir
 
 
-def image_source(folder: Path) -> list[np.ndarray]:
-    """Every usable image of a folder in memory (for the "original" and "web" baselines)."""
-    return [read_rgb(p, min_side=1) for p in scan_images(folder, min_side=1).paths]
+def image_source(folder: Path) -> tuple[list[np.ndarray], ImageScan]:
+    """Every usable image of a folder in memory (for the "original" and "web" baselines), and the scan that
+    counted the rest; none usable is an error naming the folder and what was skipped."""
+    scan = scan_images(folder, min_side=1)
+    if not scan.paths:
+        raise ValueError(f"{folder}: no usable image to train on ({scan.summary()})")
+    return [read_rgb(p, min_side=1) for p in scan.paths], scan

@@ -21,6 +21,7 @@ from torch import nn
 
 from distill.airnet import AirNet, airnet_kwargs_from_state_dict
 from distill.restormer import Restormer
+from shards.errors import UnknownNameError
 from shards.io import load_weights, save_weights
 from shards.state import is_unsafe, unsafe_reason
 
@@ -51,7 +52,7 @@ def build(name: str, **overrides) -> nn.Module:
         overrides: constructor kwargs that replace the entry's defaults.
     """
     if name not in ARCHITECTURES:
-        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+        raise UnknownNameError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     cls, defaults = ARCHITECTURES[name]
     try:
         return cls(**{**defaults, **overrides})
@@ -182,7 +183,10 @@ def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
         arch = _base_of_name(arch)
     if guessed is not None and guessed != arch:
         raise ValueError(f"{path} holds a {guessed} state_dict, but arch={arch!r} was requested")
-    kwargs = airnet_kwargs_from_state_dict(sd) if arch == "airnet" else restormer_kwargs_from_state_dict(sd)
+    try:
+        kwargs = airnet_kwargs_from_state_dict(sd) if arch == "airnet" else restormer_kwargs_from_state_dict(sd)
+    except KeyError as err:  # keys the architecture needs are missing: a checkpoint of something else
+        raise ValueError(f"{path}: {err.args[0] if err.args else err}") from err
     model = _BY_BASE[arch](**kwargs)
     _load_strict(model, sd, path)
     info = {"arch": arch, "name": arch, "kwargs": dict(model.config), "source": "official",
@@ -195,7 +199,7 @@ def _base_of_name(arch: str) -> str:
         return arch
     if arch in ARCHITECTURES:
         return _BASE[ARCHITECTURES[arch][0]]
-    raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    raise UnknownNameError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
 def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:

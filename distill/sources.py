@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from shards.embeddings import load_embeddings
+from shards.errors import StageFailedError
 from shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard, shard_name
 from shards.pairs import find_pairs
 from shards.reader import shard_dataset, shard_urls
@@ -124,7 +125,7 @@ class ShardBatches:
                 log.warning("skipped an undecodable sample: %s", sample["error"])
                 continue
             return sample["degraded"]
-        raise RuntimeError(f"no readable sample in {self.directory} for this rank")
+        raise StageFailedError(f"no readable sample in {self.directory} for this rank")
 
     def next(self, rng: np.random.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
         """A [B, 3, crop, crop] float batch in [0, 1] on `device` (moved there as uint8, a quarter of the
@@ -165,6 +166,7 @@ class Opened:
     source: ShardBatches | ImageBatches | AdversarialSource
     loop: FeedbackLoop | None = None
     round: int | None = None
+    skipped: list[str] = field(default_factory=list)  # a line per input folder with skipped files
 
     @property
     def adversarial(self) -> AdversarialSource | None:
@@ -202,8 +204,13 @@ def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistCo
         return Opened(AdversarialSource(config.crop, config.batch_size, datafree, device, teacher=teacher,
                                         rank=ctx.rank))
     if config.data in ("original", "web"):
+        # "original" trains on the degraded side only: the folder's files are what is read and counted
         folder = degraded_dir if config.data == "web" else find_pairs(original_dir)[0].degraded.parent
-        return Opened(ImageBatches(image_source(folder), batch_size=config.batch_size, crop=config.crop))
+        images, scan = image_source(folder)
+        skipped = [f"{folder}: {scan.summary()}"] if scan.skipped else []
+        for line in skipped:
+            log.warning("%s", line)
+        return Opened(ImageBatches(images, batch_size=config.batch_size, crop=config.crop), skipped=skipped)
     current, manifest = _open_round(layout, config)
     loop = None
     if sd_source is not None or config.joint:

@@ -8,8 +8,9 @@ NAME.safetensors + NAME.json, and the resumable state (distill/epochs.py).
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,11 @@ class SupervisedConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
-        if not self.lr > 0 or self.lr_halve_every < 0 or self.cl_weight < 0:
-            raise ValueError("lr must be > 0, lr_halve_every and cl_weight >= 0")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr (--lr) must be a finite number > 0, got {self.lr!r}")
+        if self.lr_halve_every < 0 or self.cl_weight < 0:
+            raise ValueError(f"lr_halve_every and cl_weight must be >= 0, got {self.lr_halve_every} and "
+                             f"{self.cl_weight}")
 
 
 @dataclass
@@ -68,6 +72,7 @@ class SupervisedResult:
     params: int
     epochs: int
     metrics: dict  # the last validation's mean metrics ({} without a validation set)
+    skipped: list[str] = field(default_factory=list)  # a line per paired set with skipped pairs (PairSet.summary)
 
 
 def train_supervised(
@@ -135,4 +140,6 @@ def train_supervised(
         if progress:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
             tqdm.write(f"{name} epoch {epoch + 1}: {shown}")
-    return SupervisedResult(out_dir / f"{name}.safetensors", count_parameters(model), config.epochs, metrics)
+    skipped = [s.summary() for s in (data, val) if s is not None and s.skipped]
+    return SupervisedResult(out_dir / f"{name}.safetensors", count_parameters(model), config.epochs, metrics,
+                            skipped)

@@ -10,7 +10,7 @@ rank 0 writes files and regenerates, the others wait.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from shards.io import atomic_write_json, save_weights
 from shards.layout import CONFIG_FILE, EVAL_FILE, PROMPT_ENCODER_STEM, STATE_FILE, STUDENT_STEM, RunLayout, parse_round
-from shards.state import StateError
+from shards.state import StateError, check_schema
 from synth.sd import SDSource
 from synth.worker import Distributor
 
@@ -38,6 +38,7 @@ class DistillResult:
     params: int
     round: int | None  # the round trained on last (None for the baselines, which read no shards)
     metrics: dict  # the last validation's mean metrics ({} without a validation set)
+    skipped: list[str] = field(default_factory=list)  # a line per input with skipped files (val pairs, images)
 
 
 def student_name(student: str) -> str:
@@ -145,6 +146,7 @@ class _Training:
         opened = open_source(layout, config, self.name, ctx, self.teacher, amp=self.amp, **data)
         self.source, self.loop, self.round, self.adversarial = opened.source, opened.loop, opened.round, \
             opened.adversarial
+        self.skipped = opened.skipped
         self.opt = torch.optim.Adam(self.student.parameters(), lr=config.lr, betas=(0.9, 0.999))
         self.enc_opt = None if self.loop is None else torch.optim.Adam(self.loop.encoder.parameters(),
                                                                        lr=config.encoder_lr, betas=(0.9, 0.999))
@@ -156,7 +158,8 @@ class _Training:
         self.epochs.restore(**self._objects())
         self.metrics = self.epochs.resumed.get("metrics", {})
         if self.epochs.resumed.get("round") not in (None, self.round):
-            self.round = int(self.epochs.resumed["round"])
+            check_schema(self.epochs.state_path, self.epochs.resumed, {"round": int}, "extra.")
+            self.round = self.epochs.resumed["round"]
             self.source = round_batches(layout, self.round, self.name, config, ctx)
         self.iters = config.iters_per_epoch or self.source.iters_per_epoch()
         return self
@@ -268,4 +271,5 @@ class _Training:
             atomic_write_json(self.out / CONFIG_FILE, {**asdict(self.config), **self.settings, "params": params,
                                                        "round": self.round})
         self.ctx.barrier()
-        return DistillResult(self.out, params, self.round, self.metrics)
+        skipped = ([val.summary()] if val and val.skipped else []) + self.skipped
+        return DistillResult(self.out, params, self.round, self.metrics, skipped)

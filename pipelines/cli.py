@@ -145,6 +145,8 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
     with no_empty_folders(out):
         r = train_supervised(pairs, out, config, val_dir=val, name=name, resume=resume, device=_device(device))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
+    for line in r.skipped:
+        click.echo(f"skipped: {line}")
     click.echo(f"{name}: {r.params:,} parameters, {r.epochs} epochs; {shown}; wrote {r.weights}")
 
 
@@ -242,6 +244,8 @@ def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, or
                     degraded_dir=degraded, clean_dir=clean, original_dir=original, val_dir=val, name=name,
                     resume=resume, device=_device(device), distributor=make_distributor(scheduler, workers))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
+    for line in r.skipped:
+        click.echo(f"skipped: {line}")
     click.echo(f"distill: {r.params:,} parameters, last round {r.round}; {shown}; wrote {r.student_dir}")
 
 

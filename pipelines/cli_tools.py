@@ -132,6 +132,10 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
     if reference:
         m = result["mean"]
         click.echo(f"against the reference: PSNR {m['ref_psnr']:.2f} dB, SSIM {m['ref_ssim']:.4f}")
+    if result["skipped"]:
+        from shards.pairs import describe_skipped
+
+        click.echo(f"skipped: {describe_skipped(pairs, len(result['images']), result['skipped'])}")
     click.echo(f"{result['count']} images, {result['seconds_per_image']:.3f} s/image on {device}; wrote {out}")
 
 

@@ -1,8 +1,11 @@
 """Expected failures as one line: the `d4ir` command group's error handler, and no empty folders left behind.
 
 A user error (a missing or truncated file, a full disk, a bad option value, a state written by other settings,
-a shard that keeps failing) ends the command with `d4ir: error: <message>` on stderr and exit status 2. A bug
-(TypeError, AttributeError, ...) keeps its traceback. `--debug` or D4IR_DEBUG=1 shows every traceback.
+a shard that keeps failing) ends the command with `d4ir: error: <message>` on stderr and exit status 2. The
+expected failures are OSError (files, disks), ValueError (the project's bad-value errors, StateError and
+UnpairedError among them), an unusable image, an unreadable safetensors file and the project's own
+`shards.errors.ExpectedError` (an unknown name, a failed shard). Any other exception, a bare KeyError or
+RuntimeError from torch or a bug included, keeps its traceback. `--debug` or D4IR_DEBUG=1 shows every one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from shards.errors import ExpectedError
 from shards.images import ImageSkipped
 
 EXIT_ERROR = 2
@@ -22,14 +26,11 @@ EXIT_ERROR = 2
 def _expected() -> tuple[type[BaseException], ...]:
     from safetensors import SafetensorError
 
-    return (OSError, ValueError, KeyError, RuntimeError, ImageSkipped, SafetensorError)
+    return (OSError, ValueError, ExpectedError, ImageSkipped, SafetensorError)
 
 
 def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    return text
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def debugging(ctx: click.Context | None = None) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 from distill.teacher import SupervisedConfig
 from distill.trainer import DistillConfig
+from shards.errors import UnknownNameError
 from synth.ccd import CCDConfig
 from synth.moco import MoCoConfig
 from synth.plan import SynthConfig
@@ -49,7 +50,7 @@ PRESETS = {"paper": PAPER, "demo": DEMO}
 def preset(scale: str, stage: str) -> Any:
     """The config of `stage` at `scale` ("paper" or "demo")."""
     if scale not in PRESETS:
-        raise KeyError(f"unknown preset {scale!r}; choose from {', '.join(PRESETS)}")
+        raise UnknownNameError(f"unknown preset {scale!r}; choose from {', '.join(PRESETS)}")
     if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+        raise UnknownNameError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
     return PRESETS[scale][stage]

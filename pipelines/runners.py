@@ -9,6 +9,7 @@ import itertools
 import uuid
 from collections.abc import Callable, Sequence
 
+from shards.errors import StageFailedError
 from shards.io import OutputFolderError
 from synth.worker import Distributor, ShardJob, local_distributor
 
@@ -72,7 +73,7 @@ def dask_distributor(
                     err = fut.exception()
                     if isinstance(err, OutputFolderError):
                         raise err  # a full or unwritable folder: its own error, as in the local run
-                    raise RuntimeError(f"shard {job.index} failed after {retries} retries: {err}") from err
+                    raise StageFailedError(f"shard {job.index} failed after {retries} retries: {err}") from err
                 on_done(job, fut.result())
                 nxt = next(pending, None)
                 if nxt is not None:

@@ -41,8 +41,9 @@ class ImageScan:
         return f"{len(self.paths)} usable" + (f", skipped: {skipped}" if skipped else "")
 
 
-def _kind(path: Path) -> str | None:
-    """None for a regular file (or a link to one), else the reason the entry is not one."""
+def entry_problem(path: Path) -> str | None:
+    """None for a regular file (or a link to one), else the reason the entry is not one (a SKIP_REASONS entry):
+    the one rule for folder scans and paired sets (shards.pairs)."""
     try:
         mode = os.stat(path).st_mode  # follows links
     except FileNotFoundError:
@@ -84,7 +85,7 @@ def list_entries(root: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             if is_dir:
                 walk(path)
                 continue
-            reason = _kind(path)
+            reason = entry_problem(path)
             (odd.append((path, reason)) if reason else files.append(path))
 
     walk(root)

@@ -18,6 +18,8 @@ Skip rules (the file is counted with its reason, never half-read): see `SKIP_REA
 
 from __future__ import annotations
 
+import re
+import sys
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -74,33 +76,63 @@ def _to_rgb_array(im: Image.Image, notes: list[str]) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def _wide_colour(path: Path, im: Image.Image) -> np.ndarray | None:
-    """16-bit colour (RGB, RGBA, LA) as float64 [H, W, C] in [0, 65535], or None for any other image.
+_WIDE_RAWMODE = re.compile(r"(RGB|RGBX|RGBA|RGBa|LA);16([BLN])")
+_NATIVE = "L" if sys.byteorder == "little" else "B"
 
-    Pillow unpacks 16-bit colour samples by keeping the high byte ("RGB;16B"). Decoding once more with the
-    little-endian unpacker ("RGB;16L") keeps the other byte of each sample from the same unfiltered stream, so
-    the two decodes together give the exact 16-bit values.
+
+def _rawmode(args: object) -> str | None:
+    """The unpacker's raw mode of a tile: its args are the raw mode itself (PNG) or a tuple that starts with it
+    (TIFF's raw and libtiff decoders)."""
+    if isinstance(args, str):
+        return args
+    return args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else None
+
+
+def _decode_as(path: Path, rawmode: str) -> np.ndarray:
+    """The first frame of `path` unpacked with `rawmode` in every tile, as float64 [H, W, C]."""
+    with Image.open(path) as im:
+        im.tile = [t._replace(args=(rawmode if isinstance(t.args, str) else (rawmode, *t.args[1:])))
+                   for t in im.tile]
+        return np.asarray(im, dtype=np.float64)
+
+
+def _wide_colour(path: Path, im: Image.Image) -> tuple[np.ndarray, bool] | None:
+    """16-bit colour (RGB, RGBA, LA) as (float64 [H, W, C] in [0, 65535], premultiplied alpha?), or None for any
+    other image.
+
+    Pillow unpacks 16-bit colour samples by keeping the high byte ("RGB;16B", "RGB;16L", TIFF's native
+    "RGB;16N"). Decoding once more with the other byte order's unpacker keeps the other byte of each sample
+    from the same decoded stream (after PNG filters, TIFF strips, tiles, compression and predictors), so the
+    two decodes together give the exact 16-bit values. Every tile must use the same raw mode (a PNG has one
+    tile, a TIFF one per strip or tile). Premultiplied alpha ("RGBa") is read as stored, because Pillow's
+    unpremultiplying of each byte alone cannot be recombined.
     """
-    if im.mode not in ("RGB", "RGBA", "LA") or len(im.tile) != 1 or not isinstance(im.tile[0].args, str):
+    if im.mode not in ("RGB", "RGBA", "LA") or not im.tile:
         return None
-    rawmode = im.tile[0].args
-    if not rawmode.endswith((";16B", ";16L")):
+    rawmodes = {_rawmode(t.args) for t in im.tile}
+    found = _WIDE_RAWMODE.fullmatch(rawmodes.pop() or "") if len(rawmodes) == 1 else None
+    if found is None:
         return None
-    swapped = rawmode[:-1] + ("L" if rawmode.endswith("B") else "B")
-    with Image.open(path) as other:
-        other.tile = [other.tile[0]._replace(args=swapped)]
-        low = np.asarray(other, dtype=np.float64)
-    im.load()
-    return np.asarray(im, dtype=np.float64) * 256.0 + low
+    layout, order = found.group(1), found.group(2).replace("N", _NATIVE)
+    premultiplied = layout == "RGBa"
+    layout = "RGBA" if premultiplied else layout
+    other = "L" if order == "B" else "B"
+    low = _decode_as(path, f"{layout};16{other}")
+    if premultiplied:
+        high = _decode_as(path, f"{layout};16{order}")
+    else:
+        im.load()
+        high = np.asarray(im, dtype=np.float64)
+    return high * 256.0 + low, premultiplied
 
 
-def _wide_to_rgb(wide: np.ndarray, notes: list[str]) -> np.ndarray:
+def _wide_to_rgb(wide: np.ndarray, notes: list[str], premultiplied: bool = False) -> np.ndarray:
     """[H, W, C] 16-bit values -> [H, W, 3] uint8: alpha over white in 16 bits, then rounded value / 257."""
     notes.append("16-bit")
     if wide.shape[2] in (2, 4):  # LA or RGBA
         notes.append("alpha over white")
         colour, alpha = wide[..., :-1], wide[..., -1:] / 65535.0
-        wide = colour * alpha + 65535.0 * (1.0 - alpha)
+        wide = (colour if premultiplied else colour * alpha) + 65535.0 * (1.0 - alpha)
     if wide.shape[2] == 1:
         wide = np.repeat(wide, 3, axis=2)
     return np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
@@ -137,7 +169,7 @@ def read_rgb(
                     im.seek(0)
                 wide = _wide_colour(path, im)  # before getexif(), which loads the image and drops its tiles
                 if wide is not None:
-                    out = _wide_to_rgb(wide, notes)
+                    out = _wide_to_rgb(wide[0], notes, premultiplied=wide[1])
                     return np.ascontiguousarray(_orient(out, im.getexif().get(0x0112, 1)))
                 im.load()
                 im = ImageOps.exif_transpose(im)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import StageFailedError
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT}
 
@@ -117,12 +120,22 @@ def _stem(path: str | Path) -> Path:
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
-    """Write a safetensors file through a temporary name (string metadata only)."""
+    """Write a safetensors file (string metadata only) as `atomic_write_bytes` writes: to `path.tmp`, fsynced,
+    renamed; with the mode any new file gets (the safetensors writer itself creates files 0600)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a killed save's leftover would lend its own mode
+        with open(tmp, "wb") as f:  # created as open() creates every other file: the umask's mode
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
         save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes reach the disk before the rename makes them the weights
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -153,24 +166,33 @@ def save_weights(
 
 
 def load_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a pair written by `save_weights`; a missing half is a clear `FileNotFoundError`."""
+    """Read a pair written by `save_weights`; a missing half is a clear `FileNotFoundError`, tensors that do not
+    match the sha256 in the JSON (edited, damaged, or the JSON of other weights) a ValueError naming both."""
     stem = _stem(path)
     weights, cfg = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     for p in (weights, cfg):
         if not p.exists():
             raise FileNotFoundError(f"missing {p} (expected {stem}.safetensors and {stem}.json side by side)")
     try:
-        tensors = load_file(str(weights), device=device)
+        tensors = load_file(str(weights), device="cpu")  # hashed on the CPU, then moved
     except Exception as err:  # SafetensorError for a truncated or foreign file; its text varies by version
         raise ValueError(f"{weights}: unreadable safetensors file (truncated or not safetensors): {err}") from err
     try:
         config = json.loads(cfg.read_text(encoding="utf-8"))
     except ValueError as err:
         raise ValueError(f"{cfg}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+    # weights without a recorded hash (written by hand or by another tool) are taken as they are
+    if "sha256" in config and state_dict_sha256(tensors) != config["sha256"]:
+        raise ValueError(f"{weights}: its tensors do not match the sha256 recorded in {cfg.name} (changed or "
+                         "damaged since they were written, or the JSON of other weights)")
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, config
 
 
-class FolderBusyError(RuntimeError):
+class FolderBusyError(StageFailedError):
     """Another live process holds the folder's lock."""
 
 

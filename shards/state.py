@@ -3,15 +3,20 @@
 A state (`state.pt`) holds only tensors and plain Python values (model and optimizer state dicts, the
 numpy bit-generator state, torch's RNG state, ints, floats, strings, lists, dicts), written atomically and
 read back with ``torch.load(weights_only=True)``: a crafted state file cannot run code, it is refused with
-its name. A log (`train.jsonl`) gets one record per step or epoch; on resume the records after the state's
-position are dropped before training goes on, so a killed run and its resume leave exactly one record each.
+its name. A state that loads but is not what its stage wrote (a key missing, a value of another type, a tensor
+or state dict that does not fit) is refused the same way, naming the file and the key: the loader checks the
+stage's schema, and every restore from a state runs inside `restoring`. A log (`train.jsonl`) gets one record
+per step or epoch; on resume the records after the state's position are dropped before training goes on, so a
+killed run and its resume leave exactly one record each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +47,13 @@ def save_state(path: str | Path, state: dict[str, Any]) -> None:
     atomic_torch_save(path, state)
 
 
-def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a state written by `save_state`; anything that is not plain data is refused, naming the file."""
+# A schema maps each key a state must hold to the type of its value, or to the schema of a nested dict.
+Schema = dict[str, "type | tuple[type, ...] | Schema"]
+
+
+def load_state(path: str | Path, device: str | torch.device = "cpu", *, schema: Schema | None = None) -> dict[str, Any]:
+    """Read a state written by `save_state`; anything that is not plain data is refused, naming the file, and so
+    is a state without the keys and types of `schema` (see `check_schema`)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -55,7 +65,43 @@ def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str
         raise StateError(f"{path}: unreadable training state ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict):
         raise StateError(f"{path}: a training state must be a dict, got {type(state).__name__}")
+    if schema is not None:
+        check_schema(path, state, schema)
     return state
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def check_schema(path: Path, state: dict, schema: Schema, where: str = "") -> None:
+    """Every key of `schema` is in `state` with a value of its type (an int is never a bool), recursively;
+    else a StateError naming the file and the key ("objects.student")."""
+    for key, kind in schema.items():
+        name = where + key
+        if key not in state:
+            raise StateError(f"{path}: malformed training state: it has no {name!r}")
+        value = state[key]
+        wanted = dict if isinstance(kind, dict) else kind
+        if not isinstance(value, wanted) or (wanted is int and isinstance(value, bool)):
+            raise StateError(f"{path}: malformed training state: {name!r} is a {type(value).__name__}, "
+                             f"expected {_type_name(wanted)}")
+        if isinstance(kind, dict):
+            check_schema(path, value, kind, name + ".")
+
+
+@contextlib.contextmanager
+def restoring(path: Path, key: str) -> Iterator[None]:
+    """Restore `key` of the state at `path` inside this block: what torch, numpy or a module raise on a value of
+    the right type but the wrong content (a tensor of another shape or dtype, a state dict of another model, a
+    bit-generator state of another kind) becomes a StateError naming the file and the key."""
+    try:
+        yield
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise StateError(f"{path}: malformed training state: {key!r} cannot be restored ({detail})") from err
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:

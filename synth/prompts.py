@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shards.errors import StageFailedError
 from shards.folders import scan_images
 from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from shards.io import append_jsonl, state_dict_sha256
 from shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
-from shards.state import StateError, load_state, save_state, trim_log
+from shards.state import StateError, load_state, restoring, save_state, trim_log
 
 from .embed import export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
@@ -37,6 +39,9 @@ from .prompt_encoder import DEFAULT_PROMPT_TOKENS, PromptEncoder
 from .sd_parts import SDParts
 
 log = logging.getLogger(__name__)
+# what `checkpoint` writes; a state without it (or with other types) is refused naming the file and the key
+STATE_SCHEMA = {"step": int, "args": {"prompt_dim": int}, "query": dict, "key": dict, "queue": dict,
+                "optimizer": dict}
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,10 @@ class PromptsConfig:
                 raise ValueError(f"PromptsConfig.{name} must be a positive int, got {value!r}")
         if len(self.widths) != 3 or min(self.widths) < 1:
             raise ValueError(f"PromptsConfig.widths must be three positive ints, got {self.widths}")
-        if not self.lr > 0 or not self.prompt_strength >= 0:
-            raise ValueError("PromptsConfig.lr must be > 0 and prompt_strength >= 0")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"PromptsConfig.lr (--lr) must be a finite number > 0, got {self.lr!r}")
+        if not self.prompt_strength >= 0:
+            raise ValueError(f"PromptsConfig.prompt_strength must be >= 0, got {self.prompt_strength!r}")
 
 
 @dataclass
@@ -118,7 +125,7 @@ def _batch(paths: list[Path], step: int, config: PromptsConfig) -> tuple[torch.T
         try:
             img = to_tensor(read_rgb(paths[i], min_side=config.crop))  # [3, H, W]
         except ImageSkipped as err:
-            raise RuntimeError(
+            raise StageFailedError(
                 f"{paths[i]} became unreadable during training ({err.reason}); restore it and rerun with --resume"
             ) from err
         rng = np.random.default_rng([config.seed, 1, step, slot])
@@ -126,6 +133,12 @@ def _batch(paths: list[Path], step: int, config: PromptsConfig) -> tuple[torch.T
         queries.append(img[:, t0 : t0 + config.crop, l0 : l0 + config.crop])
         keys.append(img[:, t1 : t1 + config.crop, l1 : l1 + config.crop])
     return torch.stack(queries), torch.stack(keys)
+
+
+def _resolved(paths: list) -> list[str]:
+    """Image paths as absolute, resolved strings: the same folder named relatively, absolutely or through a link
+    holds the same images, so a resume must not see changed settings."""
+    return [str(Path(p).resolve()) for p in paths]
 
 
 def _resume_args(config: PromptsConfig, dim: int, paths: list[Path], base: torch.Tensor | None) -> dict:
@@ -136,7 +149,7 @@ def _resume_args(config: PromptsConfig, dim: int, paths: list[Path], base: torch
     args["widths"] = list(config.widths)
     return args | {
         "prompt_dim": dim,
-        "images": [str(p) for p in paths],
+        "images": _resolved(paths),
         "base_sha256": None if base is None else state_dict_sha256({"base": base}),
     }
 
@@ -198,8 +211,8 @@ def train_prompts(
             width = int(prompt_encoder_info(out_dir)["encoder"].get("prompt_dim", dim))
             _check_width(f"the prompt encoder in {out_dir}", width, dim)
         if state_path.exists():
-            state = load_state(state_path)
-            _check_width(f"the state {state_path}", int(state["args"]["prompt_dim"]), dim)
+            state = load_state(state_path, schema=STATE_SCHEMA)
+            _check_width(f"the state {state_path}", state["args"]["prompt_dim"], dim)
 
     scan = scan_images(degraded_dir, min_side=config.crop)
     paths, counts = scan.paths, scan.counts()
@@ -235,17 +248,21 @@ def train_prompts(
 
     start = 0
     if state is not None:
-        changed = sorted(k for k in args if state["args"].get(k) != args[k])
+        saved = dict(state["args"])
+        if isinstance(saved.get("images"), list) and all(isinstance(p, str) for p in saved["images"]):
+            saved["images"] = _resolved(saved["images"])  # a state written before paths were resolved
+        changed = sorted(k for k in args if saved.get(k) != args[k])
         if changed:
             raise StateError(f"cannot resume {state_path}: settings changed ({', '.join(changed)}); "
                              "drop --resume or use another run folder")
-        start = int(state["step"])
+        start = state["step"]
+        if start < 0:
+            raise StateError(f"{state_path}: malformed training state: 'step' is {start}, below 0")
         if start > config.steps:
             raise StateError(f"{state_path} is at step {start}, past steps={config.steps}")
-        query_enc.load_state_dict(state["query"])
-        key_enc.load_state_dict(state["key"])
-        queue.load_state_dict(state["queue"])
-        optimizer.load_state_dict(state["optimizer"])
+        for key, obj in (("query", query_enc), ("key", key_enc), ("queue", queue), ("optimizer", optimizer)):
+            with restoring(state_path, key):
+                obj.load_state_dict(state[key])
         trim_log(log_path, "step", start)  # steps logged after the state are redone
         log.info("resuming %s from step %d", out_dir, start)
     else:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+from shards.errors import StageFailedError
+
 
 class SDLoadError(FileNotFoundError):
     """The SD spec names nothing loadable; the message says what was tried."""
@@ -64,7 +66,7 @@ class SDParts:
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP embeddings of `texts`, padded to the tokenizer's length: [B, L, D] in the UNet's dtype."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise RuntimeError(
+            raise StageFailedError(
                 f"SD model '{self.model_id}' has no text encoder loaded (a folder without text_encoder/, or a single "
                 f"file loaded without --sd-config). Pass prompt embeddings [B,L,{self.cross_attention_dim}] instead "
                 "of text."

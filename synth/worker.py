@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shards.embeddings import load_embeddings
+from shards.errors import StageFailedError
 from shards.folders import check_files, file_records, scan_images
 from shards.images import encode_png, read_rgb
 from shards.io import OutputFolderError, folder_lock, sha256_file
@@ -62,7 +63,7 @@ def local_distributor(
                 raise
             except Exception as err:  # noqa: BLE001 - retried, then surfaced with the shard named
                 if attempt == retries:
-                    raise RuntimeError(f"shard {job.index} failed after {retries + 1} attempts: {err}") from err
+                    raise StageFailedError(f"shard {job.index} failed after {retries + 1} attempts: {err}") from err
 
 
 def _prompt_source(job: ShardJob, parts: SDParts) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
@@ -322,7 +323,7 @@ def synthesize(
         bar.close()
         unfinished = [j.index for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         if unfinished:  # a distributor that returned without every shard: the round stays incomplete
-            raise RuntimeError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
+            raise StageFailedError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
         sizes = write_sizes(out_dir)
         write_manifest(out_dir, manifest | {"complete": True, "images": sum(sizes.values())})
     return SynthResult(

@@ -1,4 +1,5 @@
-"""Paired-set layouts: each benchmark's naming is recognised, unpaired files are named in the error."""
+"""Paired-set layouts: each benchmark's naming is recognised; unpaired files are skipped and named with their
+reason, and a set with no pair left is an error naming them."""
 
 from pathlib import Path
 
@@ -59,12 +60,16 @@ def test_prenet_flat_and_test_layouts(tmp_path: Path):
     assert [(p.name, p.clean.name) for p in find_pairs(test)] == [("rain-001", "norain-001.png")]
 
 
-def test_unpaired_files_are_named(tmp_path: Path):
-    root = _layout(tmp_path, ["degraded/1.png", "degraded/2.png", "clean/1.png", "clean/3.png"])
+def test_unpaired_files_are_skipped_and_named(tmp_path: Path):
+    root = _layout(tmp_path / "set", ["degraded/1.png", "degraded/2.png", "clean/1.png", "clean/3.png"])
+    pairs = find_pairs(root)
+    assert [p.name for p in pairs] == ["1"]
+    assert pairs.skipped == [("2", "degraded/2.png: no clean partner"), ("3", "clean/3.png: no degraded partner")]
+    none_left = _layout(tmp_path / "none", ["degraded/2.png", "clean/3.png"])
     with pytest.raises(UnpairedError) as err:
-        find_pairs(root)
-    msg = str(err.value)
-    assert "2 unpaired" in msg and "degraded/2.png" in msg and "clean/3.png" in msg
+        find_pairs(none_left)
+    assert str(err.value) == (f"{none_left}: no usable pair (2 skipped: 2: degraded/2.png: no clean partner; "
+                              "3: clean/3.png: no degraded partner)")
 
 
 def test_unknown_layout_and_missing_folder(tmp_path: Path):

@@ -122,3 +122,34 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     scan = scan_images(tmp_path)
     assert len(scan.paths) == 1 and os.fsencode(scan.paths[0].name) == b"caf\xe9-\xff.png"
     assert (read_rgb(scan.paths[0]) == 7).all()
+
+
+def test_16_bit_rgb_tiff_is_rounded_value_over_257_in_every_layout_and_counted(tmp_path):
+    tifffile = pytest.importorskip("tifffile")  # scikit-image's dependency, so present wherever d4ir is
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 65536, (10, 12, 3)).astype(np.uint16)
+    rgb[0, :4] = [[0, 128, 129], [383, 384, 385], [65535, 32767, 32768], [255, 256, 257]]  # rounding boundaries
+    want = np.rint(rgb / 257.0).astype(np.uint8)
+    layouts = {"plain": {}, "strips": dict(rowsperstrip=3), "zlib": dict(compression="zlib"),
+               "predictor": dict(compression="zlib", predictor=True), "big-endian": dict(byteorder=">"),
+               "tiled": dict(tile=(16, 16))}
+    for name, kwargs in layouts.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", rgb, photometric="rgb", **kwargs)
+        notes: list[str] = []
+        np.testing.assert_array_equal(read_rgb(tmp_path / f"{name}.tif", min_side=1, notes=notes), want, name)
+        assert notes == ["16-bit"], name
+    opaque = np.concatenate([rgb, np.full((10, 12, 1), 65535, np.uint16)], axis=2)
+    for name, extra in (("rgba", "unassalpha"), ("premultiplied", "assocalpha"), ("rgbx", "unspecified")):
+        tifffile.imwrite(tmp_path / f"{name}.tif", opaque, photometric="rgb", extrasamples=[extra])
+        np.testing.assert_array_equal(read_rgb(tmp_path / f"{name}.tif", min_side=1), want, name)
+    clear = opaque.copy()
+    clear[..., :3], clear[..., 3] = 0, 0  # premultiplied and fully transparent: white
+    tifffile.imwrite(tmp_path / "clear.tif", clear, photometric="rgb", extrasamples=["assocalpha"])
+    assert (read_rgb(tmp_path / "clear.tif", min_side=1) == 255).all()
+
+    folder = tmp_path / "check"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png16(rgb))
+    tifffile.imwrite(folder / "b.tif", rgb, photometric="rgb")
+    tifffile.imwrite(folder / "c.tif", rgb, photometric="rgb", compression="zlib")
+    assert scan_images(folder, min_side=1).counts() == {"usable": 3, "converted: 16-bit": 3}

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from shards.io import append_jsonl
 from shards.layout import LOG_FILE, STATE_FILE
-from shards.state import load_state, save_state, trim_log
+from shards.state import load_state, restoring, save_state, trim_log
 
 
 @dataclass(frozen=True)
@@ -142,13 +142,16 @@ def train_loop(
     ema = ema_state(modules[ema_of]) if ema_of is not None and config.ema_decay > 0 else None
     start, state_path = 0, out / STATE_FILE
     if state_path.is_file():
-        state = load_state(state_path)
+        state = load_state(state_path, schema={"step": int, "modules": dict.fromkeys(modules, dict),
+                                               "optimizer": dict})
         for name, m in modules.items():
-            m.load_state_dict(state["modules"][name])
-        opt.load_state_dict(state["optimizer"])
+            with restoring(state_path, f"modules.{name}"):
+                m.load_state_dict(state["modules"][name])
+        with restoring(state_path, "optimizer"):
+            opt.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             ema = state["ema"]
-        start = int(state["step"])
+        start = state["step"]
         trim_log(out / LOG_FILE, "step", start)
 
     def save(step: int) -> None:
