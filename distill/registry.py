@@ -102,7 +102,7 @@ def save_model(stem: str | Path, model: nn.Module, name: str | None = None, meta
 def _strip_module(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Drop the `module.` prefix that DataParallel/DDP put on every key."""
     if sd and all(k.startswith("module.") for k in sd):
-        log.info("%s: stripped the 'module.' prefix (a DataParallel/DDP state_dict)", path)
+        log.warning("%s: stripped the 'module.' prefix (a DataParallel/DDP state_dict)", path)
         return {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
@@ -117,7 +117,7 @@ def _unwrap(obj: dict, path: Path) -> tuple[dict, str | None]:
             break
         used.append(found[0])
         others = f" (also present: {', '.join(found[1:])})" if len(found) > 1 else ""
-        log.info("%s: weights from the checkpoint's %r entry%s", path, "/".join(used), others)
+        log.warning("%s: weights from the checkpoint's %r entry%s", path, "/".join(used), others)
         obj = obj[found[0]]
     return obj, "/".join(used) or None
 

@@ -7,7 +7,6 @@ the library.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
@@ -94,28 +93,6 @@ def main(debug: bool) -> None:
     Helpers: data (check folders, build the demo data), teacher, eval, models, probe, shards, report, demo.
     An expected failure (a missing file, a full disk, a bad value) ends with one line and exit status 2.
     """
-    show_log()
-
-
-class _ToStderr(logging.Handler):
-    """Log records as plain lines on the current stderr (looked up per record, so test runners that swap
-    sys.stderr between commands get them too)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            click.echo(self.format(record), err=True)
-        except Exception:  # logging must never end the command
-            self.handleError(record)
-
-
-def show_log() -> None:
-    """The project's own INFO messages (which checkpoint entry a teacher came from, what a stage skipped) on
-    stderr; other libraries keep their defaults."""
-    for name in ("shards", "synth", "distill", "pipelines"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        if not any(isinstance(h, _ToStderr) for h in logger.handlers):
-            logger.addHandler(_ToStderr())
 
 
 @main.command()

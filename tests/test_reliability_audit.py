@@ -117,7 +117,7 @@ def test_a_malformed_distill_state_is_one_line_naming_the_file_and_the_key(tiny_
 def test_a_malformed_prompts_or_teacher_state_is_one_line_naming_the_file_and_the_key(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
     state = r.root / "prompts" / "state.pt"
-    prompts = ["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--resume", "--steps", "3",
+    prompts = ["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--sd", "tiny", "--resume", "--steps", "3",
                "--batch-size", "4", "--crop", "16", "--prompt-tokens", "4", "--feat-dim", "8", "--widths", "4,8,8",
                "--token-rank", "4", "--queue-size", "4", "--embed-side", "32"]
     saved = state.read_bytes()
@@ -224,7 +224,7 @@ def test_minor_errors_name_the_folder_and_its_counts_or_the_option(tiny_run, tmp
          "encoder_lr (--encoder-lr) must be a finite number >= 0, got nan"),
         (["teacher", "--pairs", r.val, "--out", tmp_path / "t", "--lr", "inf"],
          "lr (--lr) must be a finite number > 0, got inf"),
-        (["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--lr", "0"],
+        (["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--sd", "tiny", "--lr", "0"],
          "PromptsConfig.lr (--lr) must be a finite number > 0, got 0.0"),
     ):
         result = _cli(*args)
