@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli, one_line_error
 from click.testing import CliRunner
 from PIL import Image
 
@@ -35,16 +36,6 @@ def _distill(r, cfg, name, **kw):
                    **kw)
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("d4ir: error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 class _Evil:
@@ -78,13 +69,13 @@ def test_crafted_pickles_in_every_resumable_file_never_run(tiny_run, tmp_path):
     for stage, (state, args) in cases.items():
         state.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"epoch": 1, "step": 1, "payload": _Evil(marker)}, state)
-        result = _cli(*args)
-        _one_line_error(result, str(state), "refused")
+        result = cli(*args)
+        one_line_error(result, str(state), "refused")
         assert not marker.exists(), f"{stage}: unpickling ran code"
     # an official-format teacher checkpoint with a payload is refused the same way
     evil = tmp_path / "evil.pth"
     torch.save({"params": _Evil(marker)}, evil)
-    _one_line_error(_cli("eval", "--model", evil, "--pairs", pairs), "evil.pth")
+    one_line_error(cli("eval", "--model", evil, "--pairs", pairs), "evil.pth")
     assert not marker.exists()
 
 
@@ -133,13 +124,13 @@ def _png() -> bytes:
 # ------------------------------------------------------------------------------ 4. verify passes complete only
 def test_verify_passes_only_complete_rounds(tiny_run, tmp_path):
     good = tiny_run.root / "shards"
-    assert verify_shards(good) == [] and _cli("shards", "verify", good).exit_code == 0
+    assert verify_shards(good) == [] and cli("shards", "verify", good).exit_code == 0
     empty = tmp_path / "empty"
     empty.mkdir()
     pictures = tmp_path / "pictures"
     shutil.copytree(tiny_run.clean, pictures)
     for folder in (empty, pictures):
-        result = _cli("shards", "verify", folder)
+        result = cli("shards", "verify", folder)
         assert result.exit_code == 1 and "not a shard round" in result.output, result.output
     root = shutil.copytree(good, tmp_path / "shards")
     shutil.copytree(root / "round-000", root / "round-001")
@@ -151,7 +142,7 @@ def test_verify_passes_only_complete_rounds(tiny_run, tmp_path):
     (root / "round-000" / "000000.tar").unlink()
     problems = verify_shards(root / "round-000")
     assert any("manifest.json: missing" in p for p in problems)
-    assert _cli("shards", "verify", root).exit_code == 1
+    assert cli("shards", "verify", root).exit_code == 1
 
 
 # ------------------------------------------------------------------------------------ 5. the manifest is the plan
@@ -246,9 +237,9 @@ def test_bad_pairs_are_counted_up_front_and_none_left_is_an_error(tiny_run, tmp_
     with pytest.raises(ValueError, match="no usable pair"):
         _distill(r, _cfg(data="web", joint_epochs=0, epochs=1), "y", val_dir=bad)
     assert not (r.root / "students" / "y").exists()  # refused before any work: nothing written
-    result = _cli("eval", "--model", "identity", "--pairs", val, "--out", tmp_path / "e.json")
+    result = cli("eval", "--model", "identity", "--pairs", val, "--out", tmp_path / "e.json")
     assert result.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["count"] == 4
-    _one_line_error(_cli("eval", "--model", "identity", "--pairs", bad, "--out", tmp_path / "f.json"),
+    one_line_error(cli("eval", "--model", "identity", "--pairs", bad, "--out", tmp_path / "f.json"),
                     "no usable pair")
 
 
@@ -271,16 +262,16 @@ def test_a_clean_photo_named_in_another_encoding_is_used(tiny_run, tmp_path):
 # ------------------------------------------------------------------------------- 9. one-line failures
 def test_expected_failures_are_one_line_and_leave_no_empty_folder(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
-    _one_line_error(_cli("eval", "--model", tmp_path / "missing.safetensors", "--pairs", r.val), "missing.safetensors")
+    one_line_error(cli("eval", "--model", tmp_path / "missing.safetensors", "--pairs", r.val), "missing.safetensors")
     broken = shutil.copytree(r.root / "teacher", tmp_path / "broken")
     weights = broken / "teacher.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    _one_line_error(_cli("eval", "--model", weights, "--pairs", r.val), "teacher.safetensors", "unreadable")
-    _one_line_error(_cli("distill", "--run-dir", r.root, "--round", 7, "--epochs", 1), "round-007")
-    bad_value = _cli("distill", "--run-dir", r.root, "--batch-size", 0)
+    one_line_error(cli("eval", "--model", weights, "--pairs", r.val), "teacher.safetensors", "unreadable")
+    one_line_error(cli("distill", "--run-dir", r.root, "--round", 7, "--epochs", 1), "round-007")
+    bad_value = cli("distill", "--run-dir", r.root, "--batch-size", 0)
     assert bad_value.exit_code == 2 and "batch_size must be a positive int" in bad_value.output
     fresh = tmp_path / "fresh-run"
-    _one_line_error(_cli("prompts", "--run-dir", fresh, "--degraded", r.degraded, "--sd", tmp_path / "no-sd"), "no-sd")
+    one_line_error(cli("prompts", "--run-dir", fresh, "--degraded", r.degraded, "--sd", tmp_path / "no-sd"), "no-sd")
     assert not fresh.exists()  # a failed start leaves no empty output folder
     debug = CliRunner().invoke(main, ["--debug", "eval", "--model", str(tmp_path / "x.pth"), "--pairs", str(r.val)])
     assert debug.exit_code != 0 and isinstance(debug.exception, FileNotFoundError)  # --debug keeps the traceback
@@ -295,9 +286,9 @@ def test_a_full_disk_is_one_line(tiny_run, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    result = _cli("synth", "--run-dir", r.root, "--clean", r.clean, "--sd", "tiny", "--round", 3, "--num-samples", 4,
+    result = cli("synth", "--run-dir", r.root, "--clean", r.clean, "--sd", "tiny", "--round", 3, "--num-samples", 4,
                   "--shard-size", 2, "--batch-size", 2, "--steps", 4, "--size", 32)
-    _one_line_error(result, "No space left on device")
+    one_line_error(result, "No space left on device")
 
 
 # --------------------------------------------------------------------------- 10. logs true across resume

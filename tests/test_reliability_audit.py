@@ -9,25 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import cli, one_line_error
 
-from pipelines.cli import main
 from shards.io import read_jsonl
 
 DISTILL = ["--data", "web", "--joint-epochs", "0", "--batch-size", "2", "--crop", "16", "--iters-per-epoch", "1",
            "--num-workers", "0", "--name", "x"]
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("d4ir: error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def _edit_state(path, edit) -> None:
@@ -68,31 +57,31 @@ def test_bad_links_in_a_paired_set_are_counted_skips_shown_by_every_command(tiny
     shown = (f"skipped: {val}: 2 usable pair(s), 4 skipped (v0: degraded/v0.png: not a regular file; v1: "
              "clean/v1.png: dangling symlink; v2: clean/v2.png: symlink loop; v5: clean/v5.png: no degraded partner)")
 
-    result = _cli("eval", "--model", "identity", "--pairs", val, "--out", tmp_path / "e.json")
+    result = cli("eval", "--model", "identity", "--pairs", val, "--out", tmp_path / "e.json")
     assert result.exit_code == 0 and shown in result.output, result.output
     written = json.loads((tmp_path / "e.json").read_text())
     assert (written["count"], written["skipped"]) == (2, SKIPPED)
 
-    result = _cli("teacher", "--pairs", val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
+    result = cli("teacher", "--pairs", val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
                   "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,"
                   "queue_size=8")
     assert result.exit_code == 0 and shown in result.output, result.output
 
     r = tiny_run.copy_to(tmp_path / "run")
-    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL,
+    result = cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL,
                   "--epochs", 1, "--val", val)
     assert result.exit_code == 0 and shown in result.output, result.output
     assert json.loads((r.root / "students" / "x" / "eval.json").read_text())["skipped"] == SKIPPED
 
     original = _bad_pairs(tiny_run.val, tmp_path / "original")  # the same damage, read as --original
-    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--original", original, "--data",
+    result = cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--original", original, "--data",
                   "original", *DISTILL[2:], "--name", "o", "--epochs", 1)
     assert result.exit_code == 0, result.output
     assert f"skipped: {original / 'degraded'}: 4 usable, skipped: 1 not a regular file" in result.output
 
     for p in (val / "degraded").iterdir():
         p.unlink()
-    _one_line_error(_cli("eval", "--model", "identity", "--pairs", val), f"{val}: no usable pair (6 skipped: ")
+    one_line_error(cli("eval", "--model", "identity", "--pairs", val), f"{val}: no usable pair (6 skipped: ")
 
 
 # ------------------------------------------------------------------ 14. a malformed state is one line
@@ -108,10 +97,10 @@ def test_bad_links_in_a_paired_set_are_counted_skips_shown_by_every_command(tiny
 def test_a_malformed_distill_state_is_one_line_naming_the_file_and_the_key(tiny_run, tmp_path, key, edit):
     r = tiny_run.copy_to(tmp_path / "run")
     args = ["distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL]
-    assert _cli(*args, "--epochs", 1).exit_code == 0
+    assert cli(*args, "--epochs", 1).exit_code == 0
     state = r.root / "students" / "x" / "state.pt"
     _edit_state(state, edit)
-    _one_line_error(_cli(*args, "--epochs", 2, "--resume"), str(state), "malformed training state", key)
+    one_line_error(cli(*args, "--epochs", 2, "--resume"), str(state), "malformed training state", key)
 
 
 def test_a_malformed_prompts_or_teacher_state_is_one_line_naming_the_file_and_the_key(tiny_run, tmp_path):
@@ -122,17 +111,17 @@ def test_a_malformed_prompts_or_teacher_state_is_one_line_naming_the_file_and_th
                "--token-rank", "4", "--queue-size", "4", "--embed-side", "32"]
     saved = state.read_bytes()
     _edit_state(state, lambda s: s.pop("query"))
-    _one_line_error(_cli(*prompts), str(state), "malformed training state", "'query'")
+    one_line_error(cli(*prompts), str(state), "malformed training state", "'query'")
     state.write_bytes(saved)
     _edit_state(state, lambda s: s.update(query={"no such weight": torch.zeros(1)}))
-    _one_line_error(_cli(*prompts), str(state), "'query' cannot be restored")
+    one_line_error(cli(*prompts), str(state), "'query' cannot be restored")
 
     teacher = ["teacher", "--pairs", r.val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
                "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,"
                "queue_size=8"]
-    assert _cli(*teacher).exit_code == 0
+    assert cli(*teacher).exit_code == 0
     _edit_state(tmp_path / "t" / "state.pt", lambda s: s["objects"].pop("optimizer"))
-    _one_line_error(_cli(*teacher[:-2], "--epochs", "2", *teacher[-2:], "--resume"), str(tmp_path / "t" / "state.pt"),
+    one_line_error(cli(*teacher[:-2], "--epochs", "2", *teacher[-2:], "--resume"), str(tmp_path / "t" / "state.pt"),
                     "'objects.optimizer'")
 
 
@@ -144,10 +133,10 @@ def test_unexpected_exceptions_keep_their_traceback(tiny_run, tmp_path, monkeypa
             raise bug
 
         monkeypatch.setattr(evaluate_mod, "evaluate", broken)
-        result = _cli("eval", "--model", "identity", "--pairs", tiny_run.val)
+        result = cli("eval", "--model", "identity", "--pairs", tiny_run.val)
         assert result.exit_code == 1 and result.exception is bug and "d4ir: error" not in result.output
     # the project's own KeyError kind (an unknown name) stays one line
-    _one_line_error(_cli("teacher", "--pairs", tiny_run.val, "--out", tmp_path / "t", "--arch", "nope"),
+    one_line_error(cli("teacher", "--pairs", tiny_run.val, "--out", tmp_path / "t", "--arch", "nope"),
                     "unknown architecture 'nope'")
 
 
@@ -202,7 +191,7 @@ def test_weights_are_fsynced_renamed_with_the_usual_mode_and_their_hash_is_check
     data = bytearray((teacher / "teacher.safetensors").read_bytes())
     data[-1] ^= 0x01
     (teacher / "teacher.safetensors").write_bytes(bytes(data))
-    _one_line_error(_cli("eval", "--model", teacher / "teacher.safetensors", "--pairs", tiny_run.val),
+    one_line_error(cli("eval", "--model", teacher / "teacher.safetensors", "--pairs", tiny_run.val),
                     str(teacher / "teacher.safetensors"), "do not match the sha256 recorded in teacher.json")
 
 
@@ -214,7 +203,7 @@ def test_minor_errors_name_the_folder_and_its_counts_or_the_option(tiny_run, tmp
     for i in range(3):
         (web / f"e{i}.png").write_bytes(b"")
     (web / "notes.txt").write_text("not a photo")
-    _one_line_error(_cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", web, *DISTILL,
+    one_line_error(cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", web, *DISTILL,
                          "--epochs", 1),
                     f"{web}: no usable image to train on (0 usable, skipped: 3 zero bytes, 1 not an image)")
     distill = ["distill", "--run-dir", r.root, "--teacher", r.teacher, "--degraded", r.degraded, *DISTILL]
@@ -227,6 +216,6 @@ def test_minor_errors_name_the_folder_and_its_counts_or_the_option(tiny_run, tmp
         (["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--sd", "tiny", "--lr", "0"],
          "PromptsConfig.lr (--lr) must be a finite number > 0, got 0.0"),
     ):
-        result = _cli(*args)
+        result = cli(*args)
         assert result.exit_code == 2 and text in result.output, result.output
     assert not (tmp_path / "t").exists()
