@@ -273,6 +273,9 @@ def synthesize(
     local = distributor is None or distributor is local_distributor
     sd = load_sd_cached(source, device if local else "cpu", dtype)
     num_prompts, hashes = check_inputs(config, sd, source, prompts_dir)
+    # absolute, as the manifest records it: every round names a photo alike (a regeneration round reads the
+    # manifest's clean_dir; round 0 from `--clean data/x` named it relatively, and no sample matched across rounds)
+    clean_dir = Path(clean_dir).resolve()
     if clean_files is None:
         scan = scan_images(clean_dir, min_side=32)
         paths, clean_scan = scan.paths, scan.counts()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,18 @@ from synth.worker import synthesize
 
 
 # ------------------------------------------------------------------------------------------ the shard set
+def test_samples_name_their_clean_photo_by_its_absolute_path(synth_inputs, tmp_path, monkeypatch):
+    """A round made from a relative --clean names each photo as a regeneration round (which reads the manifest's
+    absolute clean_dir) does, so samples of one photo match across rounds (the report's round grid)."""
+    monkeypatch.chdir(synth_inputs["clean"].parent)
+    root = tmp_path / "shards"
+    run({**synth_inputs, "clean": Path(synth_inputs["clean"].name)}, root / "round-000")
+    manifest = json.loads((root / "round-000" / "manifest.json").read_text())
+    cleans = {meta["clean"] for _, meta in samples(root / "round-000").values()}
+    assert cleans and all(Path(c).is_absolute() and Path(c).parent == synth_inputs["clean"] for c in cleans)
+    assert manifest["clean_dir"] == str(synth_inputs["clean"])
+
+
 def test_prompts_of_the_float32_sd_serve_a_bfloat16_synthesis(synth_inputs, tmp_path):
     """The prompts record the SD's fingerprint from a float32 load; a bfloat16 run of the same SD accepts them
     and records its own dtype."""
