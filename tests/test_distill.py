@@ -302,3 +302,23 @@ def test_bench_smoke(tmp_path, capsys):
 def test_bad_data_source(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="data must be one of"):
         _run(tiny_run.copy_to(tmp_path / "run"), _cfg(data="imagenet"), "x")
+
+
+def test_a_round_with_fewer_shards_than_ranks_x_workers_adapts_or_refuses(tiny_run, caplog):
+    """Each DataLoader worker of each rank needs a shard of its own: fewer workers are used, with a warning, and
+    more ranks than shards is refused before training."""
+    import logging
+
+    from distill.sources import ShardBatches
+    from shards.layout import RunLayout, rounds_in
+    from shards.reader import shard_urls
+
+    round0 = RunLayout(tiny_run.root).round_shards(rounds_in(RunLayout(tiny_run.root).shards)[0])
+    shards = len(shard_urls(round0))
+    cfg = DistillConfig(student="half", batch_size=2, crop=16, num_workers=shards + 3)
+    with caplog.at_level(logging.WARNING, logger="distill.sources"):
+        batches = ShardBatches(round0, cfg)
+    assert batches.loader.num_workers == shards
+    assert f"{shards} shards for 1 ranks x {shards + 3} DataLoader workers: using {shards} workers" in caplog.text
+    with pytest.raises(ValueError, match=f"{shards} usable shards in .* cannot feed {shards + 1} ranks"):
+        ShardBatches(round0, cfg, world=shards + 1)
