@@ -99,12 +99,12 @@ def save_model(stem: str | Path, model: nn.Module, name: str | None = None, meta
     return save_weights(stem, model.state_dict(), config, metadata)
 
 
-def _strip_module(sd: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _strip_module(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Drop the `module.` prefix that DataParallel/DDP put on every key."""
-    if sd and all(k.startswith("module.") for k in sd):
+    if state and all(k.startswith("module.") for k in state):
         log.warning("%s: stripped the 'module.' prefix (a DataParallel/DDP state_dict)", path)
-        return {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def _unwrap(obj: dict, path: Path) -> tuple[dict, str | None]:
@@ -122,40 +122,40 @@ def _unwrap(obj: dict, path: Path) -> tuple[dict, str | None]:
     return obj, "/".join(used) or None
 
 
-def _guess_arch(sd: dict[str, torch.Tensor]) -> str | None:
-    if "E.E.queue" in sd and "R.head.0.weight" in sd:
+def _guess_arch(state: dict[str, torch.Tensor]) -> str | None:
+    if "E.E.queue" in state and "R.head.0.weight" in state:
         return "airnet"
-    if "patch_embed.proj.weight" in sd and "output.weight" in sd:
+    if "patch_embed.proj.weight" in state and "output.weight" in state:
         return "restormer"
     return None
 
 
-def restormer_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+def restormer_kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
     """Constructor kwargs matching a Restormer state_dict: dim and channels from the first/last convs,
     block and head counts from the key names, LayerNorm type from the presence of norm biases."""
-    if "skip_conv.weight" in sd:
+    if "skip_conv.weight" in state:
         raise ValueError("dual-pixel Restormer checkpoints (skip_conv) are not supported")
-    w = sd["patch_embed.proj.weight"]  # [dim, C_in, 3, 3]
+    w = state["patch_embed.proj.weight"]  # [dim, C_in, 3, 3]
     dim = int(w.shape[0])
 
     def count(prefix: str) -> int:
         pat = re.compile(rf"^{prefix}\.(\d+)\.")
-        return len({m.group(1) for k in sd if (m := pat.match(k))})
+        return len({m.group(1) for k in state if (m := pat.match(k))})
 
     levels = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
-    heads = [int(sd[f"{lv}.0.attn.temperature"].shape[0]) for lv in levels]
-    hidden = int(sd["encoder_level1.0.ffn.project_in.weight"].shape[0]) // 2
+    heads = [int(state[f"{lv}.0.attn.temperature"].shape[0]) for lv in levels]
+    hidden = int(state["encoder_level1.0.ffn.project_in.weight"].shape[0]) // 2
     factor = 2.66 if int(dim * 2.66) == hidden else hidden / dim
     return dict(
         inp_channels=int(w.shape[1]),
-        out_channels=int(sd["output.weight"].shape[0]),
+        out_channels=int(state["output.weight"].shape[0]),
         dim=dim,
         num_blocks=[count(lv) for lv in levels],
         num_refinement_blocks=count("refinement"),
         heads=heads,
         ffn_expansion_factor=factor,
-        bias="encoder_level1.0.attn.qkv.bias" in sd,
-        layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in sd else "BiasFree",
+        bias="encoder_level1.0.attn.qkv.bias" in state,
+        layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in state else "BiasFree",
     )
 
 
@@ -171,8 +171,8 @@ def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state_dict or {{'params': state_dict}}, got {type(obj).__name__}")
     obj, container = _unwrap(obj, path)
-    sd = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
-    guessed = _guess_arch(sd)
+    state = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
+    guessed = _guess_arch(state)
     arch = arch or guessed
     if arch is None:
         raise ValueError(
@@ -184,11 +184,11 @@ def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
     if guessed is not None and guessed != arch:
         raise ValueError(f"{path} holds a {guessed} state_dict, but arch={arch!r} was requested")
     try:
-        kwargs = airnet_kwargs_from_state_dict(sd) if arch == "airnet" else restormer_kwargs_from_state_dict(sd)
+        kwargs = airnet_kwargs_from_state_dict(state) if arch == "airnet" else restormer_kwargs_from_state_dict(state)
     except KeyError as err:  # keys the architecture needs are missing: a checkpoint of something else
         raise ValueError(f"{path}: {err.args[0] if err.args else err}") from err
     model = _BY_BASE[arch](**kwargs)
-    _load_strict(model, sd, path)
+    _load_strict(model, state, path)
     info = {"arch": arch, "name": arch, "kwargs": dict(model.config), "source": "official",
             "container": container, "path": str(path)}
     return model, info
@@ -202,9 +202,9 @@ def _base_of_name(arch: str) -> str:
     raise UnknownNameError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
-def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path} does not match {type(model).__name__}({model.config}): {err}") from err
 
@@ -227,14 +227,14 @@ def load_model(path: str | Path, arch: str | None = None) -> tuple[nn.Module, di
         stem = path.with_suffix("") if path.suffix in {".safetensors", ".json"} else path
         if not stem.with_suffix(".safetensors").exists() and not stem.with_suffix(".json").exists():
             raise FileNotFoundError(f"checkpoint not found: {path} (expected {stem}.safetensors + .json)")
-        sd, config = load_weights(stem)
+        state, config = load_weights(stem)
         if "arch" not in config or "kwargs" not in config:
             raise ValueError(f"{stem}.json is not a network checkpoint (needs 'arch' and 'kwargs')")
         base = _base_of_name(config["arch"])
         if arch is not None and _base_of_name(arch) != base:
             raise ValueError(f"{stem} holds a {base} network, but arch={arch!r} was requested")
         model = _BY_BASE[base](**config["kwargs"])
-        _load_strict(model, sd, stem)
+        _load_strict(model, state, stem)
         info = {"arch": base, "name": config.get("name", base), "kwargs": dict(model.config),
                 "source": "d4ir", "path": str(stem)}
     return model.eval(), info
