@@ -74,7 +74,7 @@ class ShardJob:
     Args:
         index: shard number in the round.
         round_dir: the round folder the shard is written to.
-        sd: where the frozen SD comes from (`synth.sd.SDSource`), loaded once per process.
+        sd_source: where the frozen SD comes from (`synth.sd.SDSource`), loaded once per process.
         prompts_dir: the prompts folder (prompt modes encoder and content).
         config: the round's settings.
         items: (key, clean path, prompt row, sample seed) per sample.
@@ -88,7 +88,7 @@ class ShardJob:
 
     index: int
     round_dir: str
-    sd: SDSource
+    sd_source: SDSource
     prompts_dir: str | None
     config: SynthConfig
     items: tuple[tuple[str, str, int, int], ...]
@@ -105,7 +105,7 @@ def plan_jobs(
     config: SynthConfig,
     *,
     round_dir: Path,
-    sd: SDSource,
+    sd_source: SDSource,
     prompts_dir: Path | None,
     device: str = "cpu",
     dtype: str = "float32",
@@ -129,7 +129,7 @@ def plan_jobs(
             ShardJob(
                 index=start // config.shard_size,
                 round_dir=str(round_dir),
-                sd=sd,
+                sd_source=sd_source,
                 prompts_dir=str(prompts_dir) if prompts_dir else None,
                 config=config,
                 items=items,

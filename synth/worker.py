@@ -123,7 +123,7 @@ def _synthesize_shard(job: ShardJob) -> dict:
     (zlib releases the GIL) while batch k+1 is sampled, so the device does not wait on the encoder; the bytes
     and their order are the same either way."""
     t0 = time.perf_counter()
-    parts = load_sd_cached(job.sd, job.device, job.dtype)
+    parts = load_sd_cached(job.sd_source, job.device, job.dtype)
     cfg = job.config
 
     def record(item: tuple, png: bytes) -> dict:
@@ -284,7 +284,7 @@ def synthesize(
         paths = check_files(clean_dir, clean_files, "the clean photos this round's plan names",
                             "a round drawn from a recorded plan needs them as they were")
         clean_scan = {"usable": len(paths)}
-    jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd=source, prompts_dir=prompts_dir,
+    jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd_source=source, prompts_dir=prompts_dir,
                      device=device, dtype=dtype, hashes=hashes)
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
     manifest = {

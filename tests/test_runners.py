@@ -28,7 +28,7 @@ def fake_jobs(tmp_path: Path, n: int = 5) -> list[ShardJob]:
     """n one-sample shard jobs; the distributor tests run stand-in functions on them, not the SD."""
     config = SynthConfig(num_samples=n, shard_size=1)
     clean = [tmp_path / "a.png", tmp_path / "b.png"]
-    return plan_jobs(clean, 3, config, round_dir=tmp_path, sd=SDSource("tiny"), prompts_dir=None)
+    return plan_jobs(clean, 3, config, round_dir=tmp_path, sd_source=SDSource("tiny"), prompts_dir=None)
 
 
 @pytest.fixture(scope="module")

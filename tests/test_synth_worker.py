@@ -231,7 +231,7 @@ def test_encoding_in_threads_while_the_next_batch_samples_writes_the_same_bytes(
     clean = sorted(synth_inputs["clean"].iterdir())
     manifest = json.loads((synth_reference / "manifest.json").read_text())
     hashes = {k: manifest[k] for k in ("sd", "sd_config", "sd_fingerprint", "encoder_sha256")}  # as synthesize()
-    jobs = plan_jobs(clean, 5, CFG, round_dir=tmp_path, sd=SDSource("tiny"), prompts_dir=synth_inputs["prompts"],
+    jobs = plan_jobs(clean, 5, CFG, round_dir=tmp_path, sd_source=SDSource("tiny"), prompts_dir=synth_inputs["prompts"],
                      hashes=hashes)
     for job in jobs:
         stats = synthesize_shard(replace(job, encode_threads=2))
