@@ -38,6 +38,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # benc
 sys.path.insert(0, str(_HERE.parent))
 
 from bench.cpu_memory import PeakMeter  # noqa: E402
+from bench.results import write_json  # noqa: E402
 
 _TAG = "D4IR_BENCH_DEFORM "
 
@@ -292,9 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"env": {"device": device, "device_name": name, "torch": torch.__version__, "amp": amp,
                       "size": args.size, "memory": memory, "load_average": load, "cores": os.cpu_count()},
               "rows": rows}
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2))
+    write_json(args.json_out, result)
     return result
 
 

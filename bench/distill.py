@@ -22,7 +22,6 @@ the decoding work are those of a real round at that size.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(_HERE.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.results import write_json  # noqa: E402
 from distill.losses import kd_loss  # noqa: E402
 from distill.registry import ARCHITECTURES, build, load_model  # noqa: E402
 from distill.sources import ShardBatches  # noqa: E402
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {row[0]:<10} {row[1]:>10} {row[2]:>10}")
     verdict = "within" if result["ratio"] <= 1.10 else "NOT within"
     print(f"  shards / memory = {result['ratio']:.3f} ({verdict} the 10% target)")
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2))
+    write_json(args.json_out, result)
     return result
 
 

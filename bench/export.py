@@ -39,6 +39,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # benc
 sys.path.insert(0, str(_HERE.parent))
 
 from bench.cpu_memory import PeakMeter  # noqa: E402
+from bench.results import write_json  # noqa: E402
 
 _TAG = "D4IR_BENCH_EXPORT "
 PAIRS = (("airnet", "half-airnet"), ("restormer-24", "restormer-12"))
@@ -236,9 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{load_before[0]:.2f} before, {load['after'][0]:.2f} after; {time.perf_counter() - t_start:.0f} s")
     print(head + "\n" + "\n".join(lines), flush=True)
     result = {"env": {"header": head, "load_average": load}, "rows": rows, "int8": int8}
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.json_out, result)
     return result
 
 

@@ -44,7 +44,8 @@ sys.path.insert(0, str(_HERE.parent))
 
 import torch  # noqa: E402
 
-from bench.gpu_common import DTYPES, Clock, SectionTimeout, Tee, device_name, hard_limit, write_json  # noqa: E402
+from bench.gpu_common import DTYPES, Clock, SectionTimeout, Tee, device_name, hard_limit  # noqa: E402
+from bench.results import write_json  # noqa: E402
 
 # name -> (limit, reserve) in seconds: a section runs at most `limit`; later sections' reserves are kept back.
 SECTIONS = {"sampler": (100, 60), "baselines": (60, 30), "profile": (45, 20), "end_to_end": (75, 40),

@@ -13,13 +13,11 @@ multiply-add), share = achieved / peak, the peak being the device's dense fp16/b
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -156,13 +154,6 @@ class Variant:
 
     def as_dict(self) -> dict:
         return asdict(self) | {"label": self.label}
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` atomically (temporary file, then rename), so a killed run leaves the last whole file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
 
 
 class Tee:

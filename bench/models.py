@@ -35,6 +35,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from bench.cpu_memory import PeakMeter  # noqa: E402
+from bench.results import write_json  # noqa: E402
 
 DEFAULT_ARCHS = "airnet:half-airnet,restormer-24:restormer-12,restormer:restormer-24"
 DEFAULT_SIZES = "256x256,480x320"
@@ -222,9 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{warmup} warm-up, memory = {env['memory']}")
     print(format_table(rows), flush=True)
     result = {"env": env, "rows": [{k: v for k, v in r.items() if k != "teacher_result"} for r in rows]}
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    write_json(args.json_out, result)
     return result
 
 

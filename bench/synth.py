@@ -15,7 +15,6 @@ The pipeline baseline always runs the plain modules (no channels-last, no compil
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(_HERE.parent))
 import torch  # noqa: E402
 
 from bench.gpu_common import peak_tflops  # noqa: E402
+from bench.results import write_json  # noqa: E402
 from synth.ccd import CCDConfig, ccd_flops, ccd_sample  # noqa: E402
 from synth.reference import diffusers_img2img  # noqa: E402
 from synth.sd import SDParts, default_device, load_sd  # noqa: E402
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"   max |ccd - pipeline| {diff}",
         flush=True,
     )
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    write_json(args.json_out, result)
     return result
 
 

@@ -71,6 +71,19 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding one object; a file that is not valid JSON or holds something else is a ValueError
+    naming it (a missing one stays FileNotFoundError)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSON-lines file, skipping a torn (unparseable) line left by a killed writer."""
     out = []
@@ -177,12 +190,7 @@ def load_weights(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch
         tensors = load_file(str(weights), device="cpu")  # hashed on the CPU, then moved
     except Exception as err:  # SafetensorError for a truncated or foreign file; its text varies by version
         raise ValueError(f"{weights}: unreadable safetensors file (truncated or not safetensors): {err}") from err
-    try:
-        config = json.loads(cfg.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{cfg}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(cfg)
     # weights without a recorded hash (written by hand or by another tool) are taken as they are
     if "sha256" in config and state_dict_sha256(tensors) != config["sha256"]:
         raise ValueError(f"{weights}: its tensors do not match the sha256 recorded in {cfg.name} (changed or "

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from shards.io import OutputFolderError, atomic_write_json
+from shards.io import OutputFolderError, atomic_write_json, read_json_object
 from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_stats, shard_name, stats_name
 
 # Fixed tar header fields: the wall clock, the user and the umask must not leak into the bytes.
@@ -286,13 +286,7 @@ def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST_FILE} in {directory} (the round was not finished)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return manifest
+    return read_json_object(path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
