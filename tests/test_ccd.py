@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
 from synth.ccd import CCDConfig, ccd_flops, ccd_sample, feedback_surrogate, prepare_clean
-from synth.reference import diffusers_img2img
+from synth.reference import diffusers_img2img, diffusers_x0
 from synth.sd import build_tiny_sd
 from synth.sd_configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
@@ -139,16 +137,7 @@ def test_surrogate_is_the_ddim_x0_prediction(tiny, inputs):
     clean, prompts = inputs
     t_index = 2
     ours = feedback_surrogate(tiny, clean[:1], prompts[:1], gens(9), t_index=t_index, config=CFG)
-    g = torch.Generator().manual_seed(9)
-    sched = DDIMScheduler.from_config(tiny.scheduler.config)
-    sched.set_timesteps(CFG.steps)
-    t = sched.timesteps[CFG.steps - CFG.denoise_steps + t_index]
-    with torch.no_grad():
-        z0 = tiny.vae.encode(clean[:1] * 2 - 1).latent_dist.sample(g) * tiny.vae.config.scaling_factor
-        z_t = sched.add_noise(z0, randn_tensor(z0.shape, generator=g), t[None])
-        eps = tiny.unet(z_t, t, encoder_hidden_states=prompts[:1]).sample
-        x0 = sched.step(eps, t, z_t).pred_original_sample
-        ref = (tiny.vae.decode(x0 / tiny.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    ref = diffusers_x0(tiny, clean[:1], prompts[:1], torch.Generator().manual_seed(9), CFG, t_index)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="t_index"):
         feedback_surrogate(tiny, clean[:1], prompts[:1], gens(9), t_index=5, config=CFG)

@@ -167,10 +167,7 @@ def _gens(*seeds):
 
 
 def test_v_prediction_matches_diffusers(stored):
-    from diffusers import DDIMScheduler
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from synth.reference import diffusers_img2img
+    from synth.reference import diffusers_img2img, diffusers_x0
 
     sd = load_sd_cached(stored["sd21"].sources()["hub"], "cpu", "float32")
     assert sd.scheduler.config.prediction_type == "v_prediction"
@@ -184,16 +181,7 @@ def test_v_prediction_matches_diffusers(stored):
     assert (ours - clean).abs().mean() > 0.05
     # the feedback surrogate's x0 is DDIM's own v-prediction pred_original_sample
     ours = feedback_surrogate(sd, clean[:1], prompts[:1], _gens(9), config=CCD)
-    g = torch.Generator().manual_seed(9)
-    sched = DDIMScheduler.from_config(sd.scheduler.config)
-    sched.set_timesteps(CCD.steps)
-    t = sched.timesteps[CCD.steps - CCD.denoise_steps]
-    with torch.no_grad():
-        z0 = sd.vae.encode(clean[:1] * 2 - 1).latent_dist.sample(g) * sd.vae.config.scaling_factor
-        z_t = sched.add_noise(z0, randn_tensor(z0.shape, generator=g), t[None])
-        v = sd.unet(z_t, t, encoder_hidden_states=prompts[:1]).sample
-        x0 = sched.step(v, t, z_t).pred_original_sample
-        want = (sd.vae.decode(x0 / sd.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    want = diffusers_x0(sd, clean[:1], prompts[:1], torch.Generator().manual_seed(9), CCD)
     torch.testing.assert_close(ours.detach(), want, rtol=0, atol=1e-4)
 
 
