@@ -6,7 +6,7 @@ Prints (and writes with --json-out) images/s of both, their ratio, peak memory, 
 (--peak-tflops; 989 dense fp16/bf16 on H100/H200), plus the largest difference between the two
 samplers' images for the same seeds (a correctness check, loose in fp16).
 
-CPU smoke run (about a minute):  python bench/synth.py --model tiny --device cpu
+CPU run (about a minute; the shipped weather LDM by default): python bench/synth.py --device cpu
 GPU (bench/gpu_bench.py runs more): python bench/synth.py --model sd15-layout --device cuda --dtype float16 \
                                       --size 256 --batch 128 --n-images 512 --channels-last --compile all
 The pipeline baseline always runs the plain modules (no channels-last, no compile), as a user would.
@@ -40,8 +40,9 @@ COST_MODEL_SD15_256 = 35 * 0.180 + 0.273 + 0.622  # TFLOP per image, docs/design
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny | sd15-layout | any load_sd spec (folder, file, hub id)")
-    p.add_argument("--size", type=int, default=None, help="image side (default 64 for tiny, else 256)")
+    p.add_argument("--model", default="weather",
+                   help="weather | tiny | sd15-layout | any load_sd spec (folder, file, hub id)")
+    p.add_argument("--size", type=int, default=None, help="image side (default 64 for weather and tiny, else 256)")
     p.add_argument("--steps", type=int, default=70, help="T, the full DDIM schedule")
     p.add_argument("--strength", type=float, default=0.5, help="lambda: int(T*lambda) steps are run")
     p.add_argument("--batch", type=int, default=8, help="images per ccd_sample call")
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.size is None:
-        args.size = 64 if args.model == "tiny" else 256
+        args.size = 64 if args.model in ("weather", "tiny") else 256
     if min(args.batch, args.n_images, args.baseline_images + 1, args.warmup + 1) < 1:
         raise SystemExit("--batch and --n-images must be >= 1, --baseline-images and --warmup >= 0")
     return args
