@@ -302,6 +302,8 @@ def status(run: Path, stage: str | None) -> None:
 
     if stage is not None:
         sys.exit(0 if stage_done(run, stage) else 1)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run folder at {run}")
     for s in run_status(run):
         click.echo(f"{s.stage:<16} {'done' if s.done else 'missing':<8} {s.detail}")
 

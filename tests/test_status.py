@@ -46,3 +46,10 @@ def test_the_command_prints_the_stages_and_answers_done_by_exit_code(tmp_path):
     assert runner.invoke(main, ["status", "--run-dir", str(layout.root), "--done", "prompts"]).exit_code == 0
     done = runner.invoke(main, ["status", "--run-dir", str(layout.root), "--done", "synth"])
     assert done.exit_code == 1 and done.output == ""
+
+
+def test_a_missing_run_folder_is_named_and_counts_as_nothing_done(tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(main, ["status", "--run-dir", str(tmp_path / "nowhere")])
+    assert listed.exit_code == 2 and f"d4ir: error: no run folder at {tmp_path / 'nowhere'}" in listed.output
+    assert runner.invoke(main, ["status", "--run-dir", str(tmp_path / "nowhere"), "--done", "teacher"]).exit_code == 1
