@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+from shards.checks import check_rate
 
 from .datafree import DataFreeConfig
 from .losses import parse_weights
@@ -82,12 +83,8 @@ class DistillConfig:
             raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
         if self.round is not None and self.round < 0:
             raise ValueError(f"round must be >= 0, got {self.round}")
-        # checked here, not at Adam's start-up, so that the message names the option; 0 freezes the prompt encoder
-        for name, zero_ok in (("lr", False), ("encoder_lr", True)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 or zero_ok and value == 0)):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a finite number "
-                                 f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        check_rate("lr", self.lr)
+        check_rate("encoder_lr", self.encoder_lr, zero_ok=True)  # 0 freezes the prompt encoder
         object.__setattr__(self, "loss", parse_weights(self.loss))
         if self.data == "dfsr" and self.datafree.contrastive_weight:
             raise ValueError("contrastive_weight is DFMC's term: use data 'dfmc' (--data dfmc)")

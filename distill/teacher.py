@@ -8,7 +8,6 @@ NAME.safetensors + NAME.json, and the resumable state (distill/epochs.py).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from shards.checks import check_rate
 
 from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch
@@ -59,8 +60,7 @@ class SupervisedConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr (--lr) must be a finite number > 0, got {self.lr!r}")
+        check_rate("lr", self.lr)
         if self.lr_halve_every < 0 or self.cl_weight < 0:
             raise ValueError(f"lr_halve_every and cl_weight must be >= 0, got {self.lr_halve_every} and "
                              f"{self.cl_weight}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shards.checks import check_rate
 from shards.errors import StageFailedError
 from shards.folders import scan_images
 from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
@@ -88,8 +88,7 @@ class PromptsConfig:
                 raise ValueError(f"PromptsConfig.{name} must be a positive int, got {value!r}")
         if len(self.widths) != 3 or min(self.widths) < 1:
             raise ValueError(f"PromptsConfig.widths must be three positive ints, got {self.widths}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"PromptsConfig.lr (--lr) must be a finite number > 0, got {self.lr!r}")
+        check_rate("lr", self.lr, owner="PromptsConfig.")
         if not self.prompt_strength >= 0:
             raise ValueError(f"PromptsConfig.prompt_strength must be >= 0, got {self.prompt_strength!r}")
 

@@ -1,0 +1,14 @@
+"""Value checks the stage configs share, each raising one ValueError that names the field and its option."""
+
+from __future__ import annotations
+
+import math
+
+
+def check_rate(name: str, value: object, *, zero_ok: bool = False, owner: str = "") -> None:
+    """A learning rate must be a finite number > 0 (>= 0 with `zero_ok`: 0 freezes what it drives). Checked in
+    the config, not at the optimizer's start-up, so that the message names the option (`--encoder-lr`)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > 0 or (zero_ok and value == 0))):
+        raise ValueError(f"{owner}{name} (--{name.replace('_', '-')}) must be a finite number "
+                         f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
