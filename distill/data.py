@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from shards.images import DEFAULT_MAX_PIXELS, ImageSkipped, random_windows, read_rgb
-from shards.pairs import Pair, describe_skipped, find_pairs
+from shards.pairs import Pair, describe_skipped, find_pairs, no_usable_pair
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_
             skipped.append((p.name, str(err)))
     where = root or (listed[0].degraded.parent.parent if listed else "the paired set")
     if not items:
-        reasons = "; ".join(f"{n}: {r}" for n, r in skipped[:5]) or "no pairs"
-        raise ValueError(f"{where}: no usable pair ({len(skipped)} skipped: {reasons})")
+        raise no_usable_pair(where, skipped, "no pairs")
     loaded = PairSet(items, skipped, Path(where))
     if skipped:
         log.warning("%s", loaded.summary())

@@ -61,6 +61,13 @@ def describe_skipped(where: object, usable: int, skipped: list[tuple[str, str]])
     return f"{where}: {usable} usable pair(s), {len(skipped)} skipped ({shown}{more})"
 
 
+def no_usable_pair(where: object, skipped: list[tuple[str, str]], empty: str) -> UnpairedError:
+    """The error of a paired set with nothing left to use: its folder, how many were skipped and the first
+    reasons (`empty` when nothing was skipped at all)."""
+    why = "; ".join(f"{name}: {reason}" for name, reason in skipped[:5]) or empty
+    return UnpairedError(f"{where}: no usable pair ({len(skipped)} skipped: {why})")
+
+
 def _images(folder: Path) -> tuple[list[Path], dict[Path, str]]:
     """The image-named entries of `folder`, and the reason of each that is no usable file: a dangling link, a
     loop or a FIFO is not dropped but makes its pair a counted skip."""
@@ -132,8 +139,7 @@ def find_pairs(root: str | Path) -> PairList:
             f"beside a clean folder ({', '.join(CLEAN_DIRS)}), or rain-N/norain-N files"
         )
     if not pairs:
-        why = "; ".join(f"{n}: {r}" for n, r in pairs.skipped[:5]) or "its folders hold no images"
-        raise UnpairedError(f"{root}: no usable pair ({len(pairs.skipped)} skipped: {why})")
+        raise no_usable_pair(root, pairs.skipped, "its folders hold no images")
     return PairList(sorted(pairs, key=lambda p: _natural_key(p.name)), pairs.skipped, root)
 
 
