@@ -44,10 +44,11 @@ from .data import random_crop, to_batch
 from .losses import kd_loss
 
 
-def round0_photos(base: dict) -> list:
+def round0_photos(base: dict, *, verify: bool = True) -> list:
     """Round 0's clean photos as its manifest records them ([name, bytes, sha256] under its clean_dir), checked to
-    be all there and unchanged: a regeneration round is drawn from exactly these, never from what the folder
-    holds now (a photo added or removed since would change every sample's draw)."""
+    be all there and unchanged (with `verify`; `synthesize` checks them itself when it draws a plan from them): a
+    regeneration round is drawn from exactly these, never from what the folder holds now (a photo added or
+    removed since would change every sample's draw)."""
     folder = Path(base["clean_dir"])
     if not folder.is_dir():
         raise FileNotFoundError(f"round 0 was synthesized from {folder}, which is gone: the regeneration rounds need "
@@ -55,8 +56,9 @@ def round0_photos(base: dict) -> list:
     if "clean_files" not in base:
         raise ValueError("round 0's manifest does not name its clean photos (it was synthesized before d4ir recorded "
                          "them): synthesize round 0 again to regenerate from it, or pass --round-every 0")
-    check_files(folder, base["clean_files"], "round 0's clean photos",
-                "the regeneration rounds are made from exactly these; restore them, or pass --round-every 0")
+    if verify:
+        check_files(folder, base["clean_files"], "round 0's clean photos",
+                    "the regeneration rounds are made from exactly these; restore them, or pass --round-every 0")
     return base["clean_files"]
 
 
@@ -150,7 +152,7 @@ class FeedbackLoop(nn.Module):
             dtype=base.get("dtype", str(self.sd.dtype).removeprefix("torch.")),
             distributor=distributor,
             progress=progress,
-            clean_files=round0_photos(base),
+            clean_files=round0_photos(base, verify=False),  # synthesize hashes each photo once, not twice
         )
         return result.round_dir
 
