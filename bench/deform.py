@@ -33,12 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # bench/synth.py must not shadow synth
-sys.path.insert(0, str(_HERE.parent))
-
-from bench.cpu_memory import PeakMeter  # noqa: E402
-from bench.results import write_json  # noqa: E402
+from cpu_memory import PeakMeter
+from results import write_json
 
 _TAG = "D4IR_BENCH_DEFORM "
 
@@ -99,8 +95,7 @@ def _timer(device):
 def measure_op(spec: dict) -> dict:
     """One op measurement: no-grad forward and forward + backward seconds, peak memory of the latter."""
     import torch
-
-    from distill import deform
+    from d4ir.distill import deform
 
     device = torch.device(spec["device"])
     g = torch.Generator().manual_seed(0)
@@ -144,10 +139,9 @@ def measure_op(spec: dict) -> dict:
 def measure_kd(spec: dict) -> dict:
     """The whole KD step: teacher AirNet forward (no grad), Half-AirNet forward + backward, Adam."""
     import torch
-
-    from distill.airnet import DCNLayer
-    from distill.losses import kd_loss
-    from distill.registry import build
+    from d4ir.distill.airnet import DCNLayer
+    from d4ir.distill.losses import kd_loss
+    from d4ir.distill.registry import build
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -246,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(_TAG + json.dumps(result), flush=True)
         return {}
     import torch
-
-    from synth.sd import default_device
+    from d4ir.synth.sd import default_device
 
     device = default_device(args.device)
     cuda = device.startswith("cuda")

@@ -24,25 +24,19 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 # bench/ is not a package: put the repository root first so `import distill` finds the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.results import write_json  # noqa: E402
-from distill.losses import kd_loss  # noqa: E402
-from distill.registry import ARCHITECTURES, build, load_model  # noqa: E402
-from distill.sources import ShardBatches  # noqa: E402
-from distill.trainer import DistillConfig  # noqa: E402
-from synth.sd import default_device  # noqa: E402
+import numpy as np
+import torch
+from d4ir.distill.losses import kd_loss
+from d4ir.distill.registry import ARCHITECTURES, build, load_model
+from d4ir.distill.sources import ShardBatches
+from d4ir.distill.trainer import DistillConfig
+from d4ir.synth.sd import default_device
+from results import write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,11 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_round(out: Path, *, size: int, images: int, shard_size: int, device: str) -> Path:
     """Synthesize a round with the tiny SD from random smooth photos (no stage 1: prompt mode "none")."""
+    from d4ir.synth.ccd import CCDConfig
+    from d4ir.synth.plan import SynthConfig
+    from d4ir.synth.worker import synthesize
     from PIL import Image
-
-    from synth.ccd import CCDConfig
-    from synth.plan import SynthConfig
-    from synth.worker import synthesize
 
     clean = out / "clean"
     clean.mkdir(parents=True)

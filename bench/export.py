@@ -34,12 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # bench/synth.py must not shadow synth
-sys.path.insert(0, str(_HERE.parent))
+from cpu_memory import PeakMeter
+from results import write_json
 
-from bench.cpu_memory import PeakMeter  # noqa: E402
-from bench.results import write_json  # noqa: E402
+_HERE = Path(__file__).resolve().parent
 
 _TAG = "D4IR_BENCH_EXPORT "
 PAIRS = (("airnet", "half-airnet"), ("restormer-24", "restormer-12"))
@@ -82,7 +80,7 @@ def measure(spec: dict) -> dict:
         def run():
             session.run(None, {"degraded": x})
     else:
-        from distill.registry import build
+        from d4ir.distill.registry import build
 
         torch.manual_seed(0)
         model = build(spec["arch"]).eval()
@@ -126,12 +124,11 @@ def int8_study(args, work: Path, sizes) -> dict:
     import numpy as np
     import onnxruntime as ort
     import torch
-
-    from distill.export import export_onnx, quantize_dynamic_int8
-    from distill.metrics import psnr
-    from distill.registry import load_model
-    from distill.teacher import SupervisedConfig, train_supervised
-    from shards.pairs import find_pairs
+    from d4ir.distill.export import export_onnx, quantize_dynamic_int8
+    from d4ir.distill.metrics import psnr
+    from d4ir.distill.registry import load_model
+    from d4ir.distill.teacher import SupervisedConfig, train_supervised
+    from d4ir.shards.pairs import find_pairs
 
     train = _split(args.data, work / "pairs-1-50", range(1, 51))
     test = _split(args.data, work / "pairs-51-100", range(51, 51 + args.eval_images))
@@ -178,9 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(_TAG + json.dumps(measure(json.loads(args.child))), flush=True)
         return {}
     import torch
-
-    from distill.export import export_onnx
-    from distill.registry import build, count_parameters
+    from d4ir.distill.export import export_onnx
+    from d4ir.distill.registry import build, count_parameters
 
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     threads = [int(t) for t in args.threads.split(",")]

@@ -36,16 +36,9 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-# bench/ holds synth.py and distill.py: keep it off the path so `import synth` finds the package; the
-# repository root goes first, so the bench helpers import as the namespace package `bench`.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import torch  # noqa: E402
-
-from bench.gpu_common import DTYPES, Clock, SectionTimeout, Tee, device_name, hard_limit  # noqa: E402
-from bench.results import write_json  # noqa: E402
+import torch
+from gpu_common import DTYPES, Clock, SectionTimeout, Tee, device_name, hard_limit
+from results import write_json
 
 # name -> (limit, reserve) in seconds: a section runs at most `limit`; later sections' reserves are kept back.
 SECTIONS = {"sampler": (100, 60), "baselines": (60, 30), "profile": (45, 20), "end_to_end": (75, 40),
@@ -187,7 +180,8 @@ def _table(results: dict) -> str:
 
 
 def _run_sections(args, results, out_json, device, deadline) -> None:
-    from bench import gpu_e2e, gpu_sampler
+    import gpu_e2e
+    import gpu_sampler
 
     bench = None
     for i, name in enumerate(args.sections):

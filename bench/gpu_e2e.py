@@ -24,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from d4ir.synth.reference import diffusers_img2img
+from gpu_common import DTYPES, Clock, Variant, generators, sync
+from gpu_sampler import SamplerBench
 from PIL import Image
-
-from bench.gpu_common import DTYPES, Clock, Variant, generators, sync
-from bench.gpu_sampler import SamplerBench
-from synth.reference import diffusers_img2img
 
 
 def baselines_section(bench: SamplerBench, rec: dict, clock: Clock, args: argparse.Namespace) -> None:
@@ -128,11 +127,11 @@ class _Timers:
 
 def end_to_end_section(rec: dict, clock: Clock, args: argparse.Namespace, device: torch.device) -> None:
     """synthesize() on generated photos against ccd_sample alone at the same batch, same model and dtype."""
-    import synth.worker as worker
-    from shards.embeddings import save_embeddings
-    from synth.ccd import CCDConfig, ccd_sample
-    from synth.plan import SynthConfig
-    from synth.sd import default_dtype, load_sd_cached
+    import d4ir.synth.worker as worker
+    from d4ir.shards.embeddings import save_embeddings
+    from d4ir.synth.ccd import CCDConfig, ccd_sample
+    from d4ir.synth.plan import SynthConfig
+    from d4ir.synth.sd import default_dtype, load_sd_cached
 
     dtype = args.e2e_dtype or default_dtype(device)
     ccd = CCDConfig(steps=args.steps, strength=args.strength, size=args.size)
@@ -195,7 +194,7 @@ def _short(result: dict) -> dict:
 
 def distill_section(rec: dict, clock: Clock, args: argparse.Namespace, device: torch.device) -> None:
     """bench/distill.py on one pre-made round; then per deformable-conv implementation, if distill.deform exists."""
-    bench_distill = importlib.import_module("bench.distill")
+    bench_distill = importlib.import_module("distill")  # bench/distill.py, beside this file
     base = bench_distill.parse_args(args.distill_args)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-distill-") as tmp:
         t = time.perf_counter()
@@ -209,7 +208,7 @@ def distill_section(rec: dict, clock: Clock, args: argparse.Namespace, device: t
         run_s = time.perf_counter() - t
         rec["deform"] = deform = {"available": False}
         try:
-            module = importlib.import_module("distill.deform")
+            module = importlib.import_module("d4ir.distill.deform")
         except ModuleNotFoundError:
             deform["note"] = "distill.deform is absent on this branch: implementation comparison skipped"
             print(f"  {deform['note']}", flush=True)

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-
-from bench.gpu_common import DTYPES, Clock, Marks, Variant, generators, peak_memory_gib, reset_peak_memory, sync
-from synth.ccd import CCDConfig, ccd_flops, ccd_sample
-from synth.sd import load_sd
-from synth.sd_parts import SDParts
+from d4ir.synth.ccd import CCDConfig, ccd_flops, ccd_sample
+from d4ir.synth.sd import load_sd
+from d4ir.synth.sd_parts import SDParts
+from gpu_common import DTYPES, Clock, Marks, Variant, generators, peak_memory_gib, reset_peak_memory, sync
 
 
 @dataclasses.dataclass
@@ -101,7 +100,7 @@ def build_bench(args: argparse.Namespace, device: torch.device) -> SamplerBench:
     clean = torch.rand(n, 3, args.size, args.size, generator=g).to(device)
     prompts = torch.randn(n, args.prompt_tokens, parts.cross_attention_dim, generator=g).to(device)
     flops = ccd_flops(parts.unet.config, parts.vae.config, config, args.prompt_tokens)
-    from bench.gpu_common import peak_tflops
+    from gpu_common import peak_tflops
 
     return SamplerBench(parts, config, clean, prompts, args.vae_batch, flops, peak_tflops(device, args.peak_tflops))
 

@@ -28,14 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on the path, where bench/synth.py would shadow the `synth`
-# package: drop bench/ and put the project root first.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from bench.cpu_memory import PeakMeter  # noqa: E402
-from bench.results import write_json  # noqa: E402
+from cpu_memory import PeakMeter
+from results import write_json
 
 DEFAULT_ARCHS = "airnet:half-airnet,restormer-24:restormer-12,restormer:restormer-24"
 DEFAULT_SIZES = "256x256,480x320"
@@ -56,7 +50,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def parse_comparisons(text: str) -> list[tuple[str, str | None]]:
     """'airnet:half-airnet,restormer' -> [("airnet", "half-airnet"), ("restormer", None)], names checked."""
-    from distill.registry import ARCHITECTURES
+    from d4ir.distill.registry import ARCHITECTURES
 
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
@@ -106,9 +100,8 @@ def measure(spec: dict) -> dict:
         spec: {"arch", "width", "height", "device", "dtype", "batch", "repeats", "warmup", "threads"}.
     """
     import torch
-
-    from distill.inference import restore
-    from distill.registry import build, count_parameters
+    from d4ir.distill.inference import restore
+    from d4ir.distill.registry import build, count_parameters
 
     device = torch.device(spec["device"])
     if spec.get("threads"):
@@ -184,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(_RESULT_TAG + json.dumps(measure(json.loads(args.child))), flush=True)
         return {}
     import torch
-
-    from synth.sd import default_device
+    from d4ir.synth.sd import default_device
 
     device = default_device(args.device)
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -13,26 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-# `python bench/probe.py` puts bench/ first on sys.path, where bench/synth.py would shadow the synth package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import torch  # noqa: E402
-
-from pipelines.demo_data import build_demo_data  # noqa: E402
-from pipelines.figures import probe_plot  # noqa: E402
-from shards.folders import list_files  # noqa: E402
-from synth.embed import load_prompt_encoder  # noqa: E402
-from synth.moco import MoCoConfig  # noqa: E402
-from synth.probe import probe  # noqa: E402
-from synth.prompt_encoder import PromptEncoder  # noqa: E402
-from synth.prompts import PromptsConfig, train_prompts  # noqa: E402
-from synth.sd import load_sd  # noqa: E402
+import torch
+from d4ir.pipelines.demo_data import build_demo_data
+from d4ir.pipelines.figures import probe_plot
+from d4ir.shards.folders import list_files
+from d4ir.synth.embed import load_prompt_encoder
+from d4ir.synth.moco import MoCoConfig
+from d4ir.synth.probe import probe
+from d4ir.synth.prompt_encoder import PromptEncoder
+from d4ir.synth.prompts import PromptsConfig, train_prompts
+from d4ir.synth.sd import load_sd
 
 TYPES = {"rain": "derain", "haze": "dehaze", "snow": "desnow"}
 

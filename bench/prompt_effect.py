@@ -24,29 +24,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipelines.demo import SD_SPEC  # noqa: E402
-from pipelines.demo_data import build_demo_data  # noqa: E402
-from pipelines.presets import preset  # noqa: E402
-from pipelines.weather_sd.stats import content_kept, weather_stats  # noqa: E402
-from pipelines.weather_sd.vae import STAT_OF_WEATHER  # noqa: E402
-from shards.folders import list_files  # noqa: E402
-from shards.images import read_rgb  # noqa: E402
-from shards.layout import RunLayout, round_dir, rounds_in  # noqa: E402
-from shards.reader import iter_samples  # noqa: E402
-from synth.ccd import prepare_clean  # noqa: E402
-from synth.plan import WEATHER_TEXT  # noqa: E402
+import numpy as np
+import torch
+from d4ir.pipelines.demo import SD_SPEC
+from d4ir.pipelines.demo_data import build_demo_data
+from d4ir.pipelines.presets import preset
+from d4ir.pipelines.weather_sd.stats import content_kept, weather_stats
+from d4ir.pipelines.weather_sd.vae import STAT_OF_WEATHER
+from d4ir.shards.folders import list_files
+from d4ir.shards.images import read_rgb
+from d4ir.shards.layout import RunLayout, round_dir, rounds_in
+from d4ir.shards.reader import iter_samples
+from d4ir.synth.ccd import prepare_clean
+from d4ir.synth.plan import WEATHER_TEXT
 
 STATS = tuple(STAT_OF_WEATHER.values())
 
@@ -64,11 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_steps(args: argparse.Namespace) -> tuple[RunLayout, Path]:
     """The demo's teacher, prompts, synth round 0 and D4IR student (each skipped when already done)."""
-    from distill.teacher import train_supervised
-    from distill.trainer import distill
-    from synth.prompts import train_prompts
-    from synth.sd import load_sd_cached
-    from synth.worker import synthesize
+    from d4ir.distill.teacher import train_supervised
+    from d4ir.distill.trainer import distill
+    from d4ir.synth.prompts import train_prompts
+    from d4ir.synth.sd import load_sd_cached
+    from d4ir.synth.worker import synthesize
 
     build_demo_data(args.data, seed=args.seed, progress=False)
     task, layout = args.data / args.task, RunLayout(args.run)

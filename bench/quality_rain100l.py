@@ -22,14 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on the path, where bench/synth.py would shadow the `synth`
-# package: drop bench/ and put the project root first.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
 
 _TINY_AIRNET = {"n_feats": 16, "encoder_first": 16, "n_groups": 1, "n_blocks": 1, "queue_size": 256}
 _SMALL_PROMPTS = {"steps": 60, "batch_size": 16, "crop": 32, "moco": {"queue_size": 64}, "embed_side": 64,
@@ -109,7 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"config: {path}", flush=True)
     if args.config_only:
         return path
-    from pipelines.experiments import load_config, run_experiments
+    from d4ir.pipelines.experiments import load_config, run_experiments
 
     return run_experiments(load_config(path))
 

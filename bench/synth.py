@@ -17,22 +17,15 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
 # This file is bench/synth.py: drop bench/ from the path so `import synth` finds the package, not us.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import torch  # noqa: E402
-
-from bench.gpu_common import peak_tflops  # noqa: E402
-from bench.results import write_json  # noqa: E402
-from synth.ccd import CCDConfig, ccd_flops, ccd_sample  # noqa: E402
-from synth.reference import diffusers_img2img  # noqa: E402
-from synth.sd import SDParts, default_device, load_sd  # noqa: E402
+import torch
+from d4ir.synth.ccd import CCDConfig, ccd_flops, ccd_sample
+from d4ir.synth.reference import diffusers_img2img
+from d4ir.synth.sd import SDParts, default_device, load_sd
+from gpu_common import peak_tflops
+from results import write_json
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COST_MODEL_SD15_256 = 35 * 0.180 + 0.273 + 0.622  # TFLOP per image, docs/design.md ("Numbers")

@@ -29,23 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import torch  # noqa: E402
-
-from pipelines.weather_sd.data import WeatherSet, WeatherSetConfig, build_weather_set  # noqa: E402
-from pipelines.weather_sd.folder import save_weather_sd, weights_mb, write_card  # noqa: E402
-from pipelines.weather_sd.loop import LoopConfig, load_ema_into, train_loop  # noqa: E402
-from pipelines.weather_sd.probe import ccd_probe  # noqa: E402
-from pipelines.weather_sd.text import WeatherText, build_weather_text  # noqa: E402
-from pipelines.weather_sd.unet import Latents, build_unet, evaluate_unet, scheduler, unet_batch_loss, unet_config  # noqa: E402
-from pipelines.weather_sd.vae import (  # noqa: E402
+import torch
+from d4ir.pipelines.weather_sd.data import WeatherSet, WeatherSetConfig, build_weather_set
+from d4ir.pipelines.weather_sd.folder import save_weather_sd, weights_mb, write_card
+from d4ir.pipelines.weather_sd.loop import LoopConfig, load_ema_into, train_loop
+from d4ir.pipelines.weather_sd.probe import ccd_probe
+from d4ir.pipelines.weather_sd.text import WeatherText, build_weather_text
+from d4ir.pipelines.weather_sd.unet import Latents, build_unet, evaluate_unet, scheduler, unet_batch_loss, unet_config
+from d4ir.pipelines.weather_sd.vae import (
     build_vae,
     evaluate_vae,
     latent_scaling_factor,
@@ -53,7 +47,7 @@ from pipelines.weather_sd.vae import (  # noqa: E402
     vae_batch_loss,
     vae_config,
 )
-from shards.layout import LOG_FILE, STATE_FILE  # noqa: E402
+from d4ir.shards.layout import LOG_FILE, STATE_FILE
 
 STAGES = ("speed", "compare-vae", "vae", "unet", "export", "all")
 
@@ -261,7 +255,7 @@ def stage_unet(args, train: WeatherSet, held: WeatherSet, train_it: bool = True)
 
 
 def stage_export(args, train: WeatherSet, held: WeatherSet, trained: tuple | None = None) -> dict:
-    from synth.sd import load_sd
+    from d4ir.synth.sd import load_sd
 
     vae, unet, text, result, unet_eval = trained or stage_unet(args, train, held, train_it=False)
     if not result["done"]:

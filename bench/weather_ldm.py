@@ -18,22 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from pipelines.weather_sd.data import CAPTIONS, WeatherSetConfig, build_weather_set  # noqa: E402
-from pipelines.weather_sd.probe import caption_effects, clean_crops, sample_caption  # noqa: E402
-from pipelines.weather_sd.vae import STAT_OF_WEATHER, evaluate_vae  # noqa: E402
-from synth.ccd import CCDConfig  # noqa: E402
-from synth.sd import load_sd  # noqa: E402
+import numpy as np
+import torch
+from d4ir.pipelines.weather_sd.data import CAPTIONS, WeatherSetConfig, build_weather_set
+from d4ir.pipelines.weather_sd.probe import caption_effects, clean_crops, sample_caption
+from d4ir.pipelines.weather_sd.vae import STAT_OF_WEATHER, evaluate_vae
+from d4ir.synth.ccd import CCDConfig
+from d4ir.synth.sd import load_sd
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ship_model(args: argparse.Namespace, result: dict) -> Path:
     """Copy the measured folder into the package with its model card and files.json."""
-    from pipelines.weather_sd.ship import ship
-    from synth.sd import WEATHER_DIR
+    from d4ir.pipelines.weather_sd.ship import ship
+    from d4ir.synth.sd import WEATHER_DIR
 
     info = json.loads((Path(args.sd) / "training.json").read_text())
     if args.train_dir is not None:
@@ -112,7 +106,7 @@ def tables(result: dict) -> str:
 
 
 def save_grid(parts, held, n: int, steps: int, strength: float, seed: int, path: Path) -> None:
-    from pipelines.grid import sample_grid
+    from d4ir.pipelines.grid import sample_grid
 
     x, _ = clean_crops(held, n)
     config = CCDConfig(steps=steps, strength=strength, size=int(x.shape[-1]))

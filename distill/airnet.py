@@ -15,9 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from d4ir.distill.deform import IMPLS, deform_conv3x3
 from torch import nn
-
-from distill.deform import IMPLS, deform_conv3x3
 
 _SLOPE = 0.1  # every activation in AirNet is LeakyReLU(0.1)
 

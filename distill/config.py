@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shards.checks import check_rate
+from d4ir.shards.checks import check_rate
 
 from .datafree import DataFreeConfig
 from .losses import parse_weights

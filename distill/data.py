@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from shards.images import DEFAULT_MAX_PIXELS, ImageSkipped, random_windows, read_rgb
-from shards.pairs import Pair, describe_skipped, find_pairs, no_usable_pair
+from d4ir.shards.images import DEFAULT_MAX_PIXELS, ImageSkipped, random_windows, read_rgb
+from d4ir.shards.pairs import Pair, describe_skipped, find_pairs, no_usable_pair
 
 log = logging.getLogger(__name__)
 

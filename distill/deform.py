@@ -42,9 +42,8 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+from d4ir.distill import deform_kernels as K
 from torchvision.ops import deform_conv2d
-
-from distill import deform_kernels as K
 
 IMPLS = ("auto", "gather", "sample", "torchvision")
 ONNX_OPS = ("gridsample", "deformconv")

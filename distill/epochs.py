@@ -15,10 +15,18 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from shards.io import append_jsonl
-from shards.layout import LOG_FILE, STATE_FILE
-from shards.state import StateError, check_schema, load_state, restore_rng, restoring, rng_state, save_state, trim_log
+from d4ir.shards.io import append_jsonl
+from d4ir.shards.layout import LOG_FILE, STATE_FILE
+from d4ir.shards.state import (
+    StateError,
+    check_schema,
+    load_state,
+    restore_rng,
+    restoring,
+    rng_state,
+    save_state,
+    trim_log,
+)
 
 # what `end_epoch` writes; a state without it (or with other types) is refused naming the file and the key
 STATE_SCHEMA = {"epoch": int, "settings": dict, "objects": dict, "rng": dict, "torch_rng": torch.Tensor,

@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from d4ir.shards.images import to_tensor
+from d4ir.shards.io import atomic_write_json
+from d4ir.shards.pairs import Pair, PairList
 from torch import nn
-
-from shards.images import to_tensor
-from shards.io import atomic_write_json
-from shards.pairs import Pair, PairList
 
 from .data import PairSet, load_pairs
 from .inference import restore

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from d4ir.distill import deform
+from d4ir.distill.inference import crop_to_multiple, official_policy, pad_to_multiple
+from d4ir.distill.registry import count_parameters, load_model
 from torch import nn
-
-from distill import deform
-from distill.inference import crop_to_multiple, official_policy, pad_to_multiple
-from distill.registry import count_parameters, load_model
 
 _MIN_OPSET = {"gridsample": 16, "deformconv": 19}
 DEFAULT_OPSET = {"gridsample": 17, "deformconv": 19}

@@ -26,19 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from d4ir.shards.folders import ImageScan, check_files, scan_images
+from d4ir.shards.images import read_rgb
+from d4ir.shards.layout import RunLayout
+from d4ir.shards.writer import read_manifest
+from d4ir.synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
+from d4ir.synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
+from d4ir.synth.moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
+from d4ir.synth.plan import SynthConfig
+from d4ir.synth.sd import SDSource
+from d4ir.synth.sd_parts import SDParts
+from d4ir.synth.worker import Distributor, synthesize
 from torch import nn
-
-from shards.folders import ImageScan, check_files, scan_images
-from shards.images import read_rgb
-from shards.layout import RunLayout
-from shards.writer import read_manifest
-from synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
-from synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
-from synth.moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
-from synth.plan import SynthConfig
-from synth.sd import SDSource
-from synth.sd_parts import SDParts
-from synth.worker import Distributor, synthesize
 
 from .data import random_crop, to_batch
 from .losses import kd_loss

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from d4ir.distill.airnet import AirNet
+from d4ir.distill.restormer import Restormer
 from torch import nn
-
-from distill.airnet import AirNet
-from distill.restormer import Restormer
 
 POLICIES = ("crop", "pad", "none")
 # class -> (default policy, size multiple), from the official test scripts.

@@ -17,13 +17,12 @@ import re
 from pathlib import Path
 
 import torch
+from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
+from d4ir.distill.restormer import Restormer
+from d4ir.shards.errors import UnknownNameError
+from d4ir.shards.io import load_weights, save_weights
+from d4ir.shards.state import is_unsafe, unsafe_reason
 from torch import nn
-
-from distill.airnet import AirNet, airnet_kwargs_from_state_dict
-from distill.restormer import Restormer
-from shards.errors import UnknownNameError
-from shards.io import load_weights, save_weights
-from shards.state import is_unsafe, unsafe_reason
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
     "airnet": (AirNet, dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5)),

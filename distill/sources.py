@@ -24,17 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from d4ir.shards.embeddings import load_embeddings
+from d4ir.shards.errors import StageFailedError
+from d4ir.shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard, shard_name
+from d4ir.shards.pairs import find_pairs
+from d4ir.shards.reader import shard_dataset, shard_urls
+from d4ir.shards.verify import verify_shards
+from d4ir.shards.writer import check_manifest, format_problem, read_manifest, read_stats
+from d4ir.synth.sd import SDSource, load_sd_cached
+from d4ir.synth.worker import check_sd
 from torch.utils.data import DataLoader
-
-from shards.embeddings import load_embeddings
-from shards.errors import StageFailedError
-from shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard, shard_name
-from shards.pairs import find_pairs
-from shards.reader import shard_dataset, shard_urls
-from shards.verify import verify_shards
-from shards.writer import check_manifest, format_problem, read_manifest, read_stats
-from synth.sd import SDSource, load_sd_cached
-from synth.worker import check_sd
 
 from .config import DistillConfig
 from .data import random_crop, to_batch

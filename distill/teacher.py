@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from shards.checks import check_rate
+from d4ir.shards.checks import check_rate
 
 from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch

@@ -15,12 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from shards.io import atomic_write_json, save_weights
-from shards.layout import CONFIG_FILE, EVAL_FILE, PROMPT_ENCODER_STEM, STATE_FILE, STUDENT_STEM, RunLayout, parse_round
-from shards.state import StateError, check_schema
-from synth.sd import SDSource
-from synth.worker import Distributor
+from d4ir.shards.io import atomic_write_json, save_weights
+from d4ir.shards.layout import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    PROMPT_ENCODER_STEM,
+    STATE_FILE,
+    STUDENT_STEM,
+    RunLayout,
+    parse_round,
+)
+from d4ir.shards.state import StateError, check_schema
+from d4ir.synth.sd import SDSource
+from d4ir.synth.worker import Distributor
 
 from .config import DistillConfig
 from .data import load_pairs

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from distill.config import DATAFREE_DERIVED, DistillConfig
-from distill.teacher import SupervisedConfig
-from synth.plan import WEATHER_TEXT, SynthConfig
-from synth.prompts import PromptsConfig
+from d4ir.distill.config import DATAFREE_DERIVED, DistillConfig
+from d4ir.distill.teacher import SupervisedConfig
+from d4ir.synth.plan import WEATHER_TEXT, SynthConfig
+from d4ir.synth.prompts import PromptsConfig
 
 from .errors import OneLineErrors, no_empty_folders
 from .options import config_from, config_options, given_options
@@ -25,7 +24,7 @@ _existing = click.Path(exists=True, path_type=Path)
 
 
 def _device(device: str | None) -> str:
-    from synth.sd import default_device
+    from d4ir.synth.sd import default_device
 
     return default_device(device)
 
@@ -60,7 +59,7 @@ def sd_options(default: str | None):
 
 
 def _sd_source(spec: str | None, config: str | None):
-    from synth.sd import SDSource
+    from d4ir.synth.sd import SDSource
 
     if spec is None:
         if config is not None:
@@ -109,8 +108,8 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
     This is how the demo and the benchmarks get a teacher; with a student architecture it is also the
     paper's "Student" baseline (trained on the teacher's pairs with ground truth).
     """
-    from distill.teacher import train_supervised
-    from shards.layout import RunLayout
+    from d4ir.distill.teacher import train_supervised
+    from d4ir.shards.layout import RunLayout
 
     if (run is None) == (out is None):
         raise click.UsageError("give exactly one of --run-dir (writes RUN/teacher) or --out")
@@ -141,9 +140,9 @@ def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs)
     [N, L, D] fp16, D = the UNet's cross_attention_dim), index.jsonl (row -> source path, sha256),
     train.jsonl (per-step losses) and state.pt.
     """
-    from shards.layout import RunLayout
-    from synth.prompts import train_prompts
-    from synth.sd import load_sd_cached
+    from d4ir.shards.layout import RunLayout
+    from d4ir.synth.prompts import train_prompts
+    from d4ir.synth.sd import load_sd_cached
 
     device = _device(device)
     config = _config("prompts", preset, given_options(kwargs))
@@ -173,9 +172,9 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
       NNNNNN.stats.json   written last: a shard without it does not exist (reruns redo it, skip the rest)
       manifest.json       SD, prompt encoder hash, config;  sizes.json  images per shard
     """
-    from pipelines.runners import make_distributor
-    from shards.layout import RunLayout
-    from synth.worker import synthesize
+    from d4ir.pipelines.runners import make_distributor
+    from d4ir.shards.layout import RunLayout
+    from d4ir.synth.worker import synthesize
 
     given = given_options(kwargs)
     given.setdefault(("text",), WEATHER_TEXT[task])
@@ -211,9 +210,9 @@ def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, or
     train.jsonl, state.pt, eval.json (with --val), config.json; its regeneration rounds go to
     RUN/students/NAME/prompts/round-NNN and RUN/students/NAME/shards/round-NNN.
     """
-    from distill.trainer import distill, student_name
-    from pipelines.runners import make_distributor
-    from shards.layout import RunLayout
+    from d4ir.distill.trainer import distill, student_name
+    from d4ir.pipelines.runners import make_distributor
+    from d4ir.shards.layout import RunLayout
 
     config = _config("distill", preset, given_options(kwargs))
     with no_empty_folders(RunLayout(run).student(name or student_name(config.student))):

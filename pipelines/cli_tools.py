@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import click
-
-from shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from d4ir.shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
 _path = click.Path(path_type=Path)
 _existing = click.Path(exists=True, path_type=Path)
@@ -16,7 +15,7 @@ _device_option = click.option("--device", default=None, help="cpu, cuda or cuda:
 
 
 def _device(device: str | None) -> str:
-    from synth.sd import default_device
+    from d4ir.synth.sd import default_device
 
     return default_device(device)
 
@@ -43,7 +42,7 @@ def data_check(folder: Path, min_side: int, max_pixels: int, verbose: bool) -> N
     large). Exits non-zero only when nothing usable is left.
     """
 
-    from shards.folders import scan_images
+    from d4ir.shards.folders import scan_images
 
     try:
         scan = scan_images(folder, min_side=min_side, max_pixels=max_pixels)
@@ -73,7 +72,7 @@ def data_demo(out: Path, seed: int, force: bool) -> None:
       original/       paired degraded/ + clean/ set that trains the demo teacher
       test/           paired degraded/ + clean/ test set
     """
-    from pipelines.demo_data import build_demo_data
+    from d4ir.pipelines.demo_data import build_demo_data
 
     click.echo(f"demo data in {build_demo_data(out, seed=seed, force=force)}")
 
@@ -85,7 +84,7 @@ def models() -> None:
     Any of these names is a valid --arch (teacher) or --student (distill); `half` in distill means the
     teacher's own architecture at half width.
     """
-    from distill.registry import ARCHITECTURES, build, count_parameters
+    from d4ir.distill.registry import ARCHITECTURES, build, count_parameters
 
     click.echo(f"{'name':<14} {'class':<10} {'params':>12}  kwargs")
     for name, (cls, kwargs) in ARCHITECTURES.items():
@@ -111,9 +110,9 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
 
     Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
     """
-    from distill.evaluate import IDENTITY, evaluate, format_table
-    from distill.trainer import student_name
-    from shards.layout import EVAL_FILE, RunLayout
+    from d4ir.distill.evaluate import IDENTITY, evaluate, format_table
+    from d4ir.distill.trainer import student_name
+    from d4ir.shards.layout import EVAL_FILE, RunLayout
 
     device = _device(device)
     if (model_path is None) == (run is None or student is None):
@@ -133,7 +132,7 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
         m = result["mean"]
         click.echo(f"against the reference: PSNR {m['ref_psnr']:.2f} dB, SSIM {m['ref_ssim']:.4f}")
     if result["skipped"]:
-        from shards.pairs import describe_skipped
+        from d4ir.shards.pairs import describe_skipped
 
         click.echo(f"skipped: {describe_skipped(pairs, len(result['images']), result['skipped'])}")
     click.echo(f"{result['count']} images, {result['seconds_per_image']:.3f} s/image on {device}; wrote {out}")
@@ -155,10 +154,10 @@ def probe(prompts_dir, images, out, crop, json_out, device) -> None:
     """
     import json
 
-    from pipelines.figures import probe_plot
-    from synth.embed import load_prompt_encoder
-    from synth.probe import images_by_subfolder
-    from synth.probe import probe as run_probe
+    from d4ir.pipelines.figures import probe_plot
+    from d4ir.synth.embed import load_prompt_encoder
+    from d4ir.synth.probe import images_by_subfolder
+    from d4ir.synth.probe import probe as run_probe
 
     device = _device(device)
     result = run_probe(load_prompt_encoder(prompts_dir, device=device), images_by_subfolder(images), crop=crop,
@@ -183,7 +182,7 @@ def shards_group() -> None:
 def shards_verify(directory: Path) -> None:
     """Name every missing, truncated, altered or unfinished shard in DIRECTORY (a round folder, or a shards root:
     every round in it, and any folder there that holds shards but is not named round-NNN)."""
-    from shards.verify import verify_shards
+    from d4ir.shards.verify import verify_shards
 
     problems = verify_shards(directory)
     for p in problems:
@@ -199,8 +198,8 @@ def shards_verify(directory: Path) -> None:
 @click.option("-n", "--num", default=8, show_default=True, help="Samples in the grid.")
 def shards_show(directory: Path, out: Path | None, num: int) -> None:
     """Print counts and write a sample grid: clean source | prompt source | synthesized."""
-    from pipelines.report import shard_grid
-    from shards.writer import read_manifest
+    from d4ir.pipelines.report import shard_grid
+    from d4ir.shards.writer import read_manifest
 
     manifest = read_manifest(directory)
     click.echo(
@@ -218,7 +217,7 @@ def report(run: Path, test: Path | None) -> None:
 
     Every row of the tables is read from an eval.json written by `d4ir eval`, `d4ir distill --val` or the demo.
     """
-    from pipelines.report import build_report
+    from d4ir.pipelines.report import build_report
 
     click.echo(f"report: {build_report(run, test)}")
 
@@ -236,7 +235,7 @@ def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> Non
     demo data -> teacher -> prompts -> synth -> distill (D4IR with regeneration rounds) -> the paper's
     baselines (Student, Data, M0) -> eval -> RUN/report.md. A rerun resumes: finished steps are skipped.
     """
-    from pipelines.demo import run_demo
+    from d4ir.pipelines.demo import run_demo
 
     run_demo(data, run, task=task, seed=seed, device=device or "cpu")
 
@@ -255,9 +254,9 @@ def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
     After export, onnxruntime runs the file on a few real images at their own sizes and the largest difference
     from PyTorch is printed (it must be at most 1e-4 in fp32). Needs the `export` extra (onnx, onnxruntime).
     """
-    from distill.export import export_model, quantize_dynamic_int8
-    from shards.folders import scan_images
-    from shards.images import read_rgb
+    from d4ir.distill.export import export_model, quantize_dynamic_int8
+    from d4ir.shards.folders import scan_images
+    from d4ir.shards.images import read_rgb
 
     checks = [read_rgb(p) for p in scan_images(images).paths[:4]] if images else None
     r = export_model(model_path, out, checks, deform_op=deform_op)
@@ -282,7 +281,7 @@ def experiments(config: Path, out: Path | None, tables: tuple[str, ...], report_
     2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips finished rows
     and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. See README.md.
     """
-    from pipelines.experiments import load_config, run_experiments
+    from d4ir.pipelines.experiments import load_config, run_experiments
 
     cfg = load_config(config, out)
     run_experiments(cfg, only=list(tables) or None, report_only=report_only, log=click.echo)
@@ -298,7 +297,7 @@ def status(run: Path, stage: str | None) -> None:
     A stage is done when its hand-over file exists (written last); run its command with --resume to continue it.
     The Makefile runs a prerequisite stage only when `d4ir status --done STAGE` says it is missing.
     """
-    from shards.status import run_status, stage_done
+    from d4ir.shards.status import run_status, stage_done
 
     if stage is not None:
         sys.exit(0 if stage_done(run, stage) else 1)

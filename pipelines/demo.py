@@ -12,19 +12,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from distill.evaluate import IDENTITY, evaluate
-from distill.registry import build, half_of, load_model, save_model
-from distill.teacher import train_supervised
-from distill.trainer import distill
-from pipelines.demo_data import build_demo_data
-from pipelines.demo_export import export_and_time
-from pipelines.presets import preset
-from pipelines.report import build_report
-from shards.io import atomic_write_json
-from shards.layout import EVAL_FILE, STUDENT_STEM, RunLayout
-from synth.prompts import train_prompts
-from synth.sd import load_sd_cached
-from synth.worker import synthesize
+from d4ir.distill.evaluate import IDENTITY, evaluate
+from d4ir.distill.registry import build, half_of, load_model, save_model
+from d4ir.distill.teacher import train_supervised
+from d4ir.distill.trainer import distill
+from d4ir.pipelines.demo_data import build_demo_data
+from d4ir.pipelines.demo_export import export_and_time
+from d4ir.pipelines.presets import preset
+from d4ir.pipelines.report import build_report
+from d4ir.shards.io import atomic_write_json
+from d4ir.shards.layout import EVAL_FILE, STUDENT_STEM, RunLayout
+from d4ir.synth.prompts import train_prompts
+from d4ir.synth.sd import load_sd_cached
+from d4ir.synth.worker import synthesize
 
 # The shipped weather LDM (synth/weights/weather-ldm, trained at 64x64, the demo's synth size; "tiny" stays for
 # unit tests): round 0 shows the clean web photos kept and the prompt's weather added.

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import skimage.data
+from d4ir.pipelines.weather import HAZE_AIRLIGHT, HAZE_BETA, HAZE_DEPTH, RAIN_LEVELS, SNOW_LEVELS, TASKS, degrade
+from d4ir.shards.images import save_png
 from PIL import Image
 from tqdm import tqdm
-
-from pipelines.weather import HAZE_AIRLIGHT, HAZE_BETA, HAZE_DEPTH, RAIN_LEVELS, SNOW_LEVELS, TASKS, degrade
-from shards.images import save_png
 
 BUILD_VERSION = 1  # bump when the recipe changes, so existing folders are rebuilt
 TASK_IDS = {"derain": 0, "dehaze": 1, "desnow": 2}  # fixed, so a subset of tasks gives the same images

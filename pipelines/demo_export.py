@@ -18,8 +18,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from shards.io import atomic_write_json
-from shards.layout import RunLayout
+from d4ir.shards.io import atomic_write_json
+from d4ir.shards.layout import RunLayout
 
 LATENCY_FILE = "latency.json"
 
@@ -29,7 +29,7 @@ def export_and_time(
 ) -> dict:
     """Export every model in `models` (label -> checkpoint; the labels "teacher" and "student" get the ratio
     row) and time it; returns latency.json's content, or {"skipped": reason} without onnxruntime."""
-    from distill.export import export_model, onnx_latency_ms
+    from d4ir.distill.export import export_model, onnx_latency_ms
 
     try:
         import onnx  # noqa: F401

@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
-
-from shards.errors import ExpectedError
-from shards.images import ImageSkipped
+from d4ir.shards.errors import ExpectedError
+from d4ir.shards.images import ImageSkipped
 
 EXIT_ERROR = 2
 

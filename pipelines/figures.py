@@ -6,11 +6,10 @@ import io
 from pathlib import Path
 
 import numpy as np
+from d4ir.shards.io import atomic_write_bytes, read_jsonl
+from d4ir.shards.layout import LOG_FILE
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-
-from shards.io import atomic_write_bytes, read_jsonl
-from shards.layout import LOG_FILE
 
 
 def _png(fig: Figure) -> bytes:

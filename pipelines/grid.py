@@ -9,9 +9,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+from d4ir.shards.io import atomic_write_bytes
 from PIL import Image, ImageDraw, ImageFont
-
-from shards.io import atomic_write_bytes
 
 _GAP = 2  # pixels between cells
 _LABEL_HEIGHT = 16

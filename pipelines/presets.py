@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from distill.teacher import SupervisedConfig
-from distill.trainer import DistillConfig
-from shards.errors import UnknownNameError
-from synth.ccd import CCDConfig
-from synth.moco import MoCoConfig
-from synth.plan import SynthConfig
-from synth.prompts import PromptsConfig
+from d4ir.distill.teacher import SupervisedConfig
+from d4ir.distill.trainer import DistillConfig
+from d4ir.shards.errors import UnknownNameError
+from d4ir.synth.ccd import CCDConfig
+from d4ir.synth.moco import MoCoConfig
+from d4ir.synth.plan import SynthConfig
+from d4ir.synth.prompts import PromptsConfig
 
 STAGES = ("teacher", "prompts", "synth", "distill")
 

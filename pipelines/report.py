@@ -6,13 +6,12 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-
-from shards.embeddings import load_embeddings
-from shards.images import read_rgb
-from shards.io import atomic_write_text
-from shards.layout import EVAL_FILE, MANIFEST_FILE, RunLayout, rounds_in
-from shards.reader import iter_samples
-from shards.writer import read_manifest
+from d4ir.shards.embeddings import load_embeddings
+from d4ir.shards.images import read_rgb
+from d4ir.shards.io import atomic_write_text
+from d4ir.shards.layout import EVAL_FILE, MANIFEST_FILE, RunLayout, rounds_in
+from d4ir.shards.reader import iter_samples
+from d4ir.shards.writer import read_manifest
 
 from .demo_export import latency_lines
 from .figures import curves_png
@@ -91,11 +90,10 @@ def results_table(evals: list[dict], *, y_channel: bool = False, reference: bool
 def restoration_grid(run: Path, test: Path, out: Path, *, student: str = "d4ir", num: int = 4) -> Path:
     """degraded | teacher | student | ground truth for the first `num` test pairs."""
     import torch
-
-    from distill.inference import restore
-    from distill.registry import load_model
-    from shards.images import to_tensor, to_uint8
-    from shards.pairs import find_pairs
+    from d4ir.distill.inference import restore
+    from d4ir.distill.registry import load_model
+    from d4ir.shards.images import to_tensor, to_uint8
+    from d4ir.shards.pairs import find_pairs
 
     layout = RunLayout(run)
     teacher = load_model(layout.teacher)[0].eval()

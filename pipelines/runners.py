@@ -9,9 +9,9 @@ import itertools
 import uuid
 from collections.abc import Callable, Sequence
 
-from shards.errors import StageFailedError
-from shards.io import OutputFolderError
-from synth.worker import Distributor, ShardJob, local_distributor
+from d4ir.shards.errors import StageFailedError
+from d4ir.shards.io import OutputFolderError
+from d4ir.synth.worker import Distributor, ShardJob, local_distributor
 
 __all__ = ["dask_distributor", "local_distributor", "make_distributor"]
 

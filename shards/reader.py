@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from d4ir.shards.layout import parse_shard, shard_name
+from d4ir.shards.writer import DEGRADED_FIELD, META_FIELD, shard_done
 from PIL import Image
-
-from shards.layout import parse_shard, shard_name
-from shards.writer import DEGRADED_FIELD, META_FIELD, shard_done
 
 
 def shard_urls(directory: str | Path) -> list[str]:

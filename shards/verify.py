@@ -15,8 +15,8 @@ import re
 import tarfile
 from pathlib import Path
 
-from shards.io import sha256_file
-from shards.layout import (
+from d4ir.shards.io import sha256_file
+from d4ir.shards.layout import (
     MANIFEST_FILE,
     SIZES_FILE,
     parse_round,
@@ -26,7 +26,7 @@ from shards.layout import (
     shard_name,
     stats_name,
 )
-from shards.writer import accounted, format_problem, planned_sizes, read_stats
+from d4ir.shards.writer import accounted, format_problem, planned_sizes, read_stats
 
 # A folder name meant as a round's but not spelled as one (round-0001, round-1a): the number, if any.
 _ROUND_LIKE = re.compile(r"^round-(\d*)")

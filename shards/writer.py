@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from shards.io import OutputFolderError, atomic_write_json, read_json_object
-from shards.layout import MANIFEST_FILE, SIZES_FILE, parse_stats, shard_name, stats_name
+from d4ir.shards.io import OutputFolderError, atomic_write_json, read_json_object
+from d4ir.shards.layout import MANIFEST_FILE, SIZES_FILE, parse_stats, shard_name, stats_name
 
 # Fixed tar header fields: the wall clock, the user and the umask must not leak into the bytes.
 TAR_MTIME = 0

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from shards.embeddings import save_embeddings
-from shards.images import read_rgb, to_tensor
-from shards.io import load_weights, save_weights, sha256_file, state_dict_sha256
-from shards.layout import PROMPT_ENCODER_STEM, weights_file
+from d4ir.shards.embeddings import save_embeddings
+from d4ir.shards.images import read_rgb, to_tensor
+from d4ir.shards.io import load_weights, save_weights, sha256_file, state_dict_sha256
+from d4ir.shards.layout import PROMPT_ENCODER_STEM, weights_file
 
 from .prompt_encoder import PromptEncoder
 

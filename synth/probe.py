@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from d4ir.shards.folders import list_files
+from d4ir.shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from torch import nn
-
-from shards.folders import list_files
-from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 
 
 def images_by_subfolder(root: str | Path) -> dict[str, list[Path]]:

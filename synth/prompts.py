@@ -23,15 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from d4ir.shards.checks import check_rate
+from d4ir.shards.errors import StageFailedError
+from d4ir.shards.folders import scan_images
+from d4ir.shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
+from d4ir.shards.io import append_jsonl, state_dict_sha256
+from d4ir.shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
+from d4ir.shards.state import StateError, load_state, restoring, save_state, trim_log
 from tqdm import tqdm
-
-from shards.checks import check_rate
-from shards.errors import StageFailedError
-from shards.folders import scan_images
-from shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
-from shards.io import append_jsonl, state_dict_sha256
-from shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
-from shards.state import StateError, load_state, restoring, save_state, trim_log
 
 from .embed import export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, info_nce, momentum_update

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from d4ir.shards.errors import StageFailedError
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-from shards.errors import StageFailedError
 
 
 class SDLoadError(FileNotFoundError):

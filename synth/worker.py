@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from shards.embeddings import load_embeddings
-from shards.errors import StageFailedError
-from shards.folders import check_files, file_records, scan_images
-from shards.images import encode_png, read_rgb
-from shards.io import OutputFolderError, folder_lock, sha256_file
-from shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
-from shards.reader import iter_raw_metas
-from shards.writer import (
+from d4ir.shards.embeddings import load_embeddings
+from d4ir.shards.errors import StageFailedError
+from d4ir.shards.folders import check_files, file_records, scan_images
+from d4ir.shards.images import encode_png, read_rgb
+from d4ir.shards.io import OutputFolderError, folder_lock, sha256_file
+from d4ir.shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
+from d4ir.shards.reader import iter_raw_metas
+from d4ir.shards.writer import (
     DEGRADED_FIELD,
     SHARD_FORMAT,
     check_manifest,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from click.testing import CliRunner, Result
-
-from pipelines.cli import main
+from d4ir.pipelines.cli import main
 
 
 def cli(*args) -> Result:

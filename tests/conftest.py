@@ -25,8 +25,8 @@ CCD_KEYS = ("steps", "strength", "size", "guidance_scale", "z0", "eta")
 
 def synth_config(**overrides):
     """A SynthConfig from the flat SYNTH settings (the sampler's keys go into its nested CCDConfig)."""
-    from synth.ccd import CCDConfig
-    from synth.plan import SynthConfig
+    from d4ir.synth.ccd import CCDConfig
+    from d4ir.synth.plan import SynthConfig
 
     flat = {**SYNTH, **overrides}
     ccd = CCDConfig(**{k: flat.pop(k) for k in CCD_KEYS if k in flat})
@@ -34,8 +34,8 @@ def synth_config(**overrides):
 
 
 def _prompts_config():
-    from synth.moco import MoCoConfig
-    from synth.prompts import PromptsConfig
+    from d4ir.synth.moco import MoCoConfig
+    from d4ir.synth.prompts import PromptsConfig
 
     return PromptsConfig(prompt_tokens=4, feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=2, batch_size=4,
                          crop=16, moco=MoCoConfig(queue_size=4), embed_side=32)
@@ -120,12 +120,11 @@ def make_photos(root: Path, seed: int = 0) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> TinyRun:
     import torch
-
-    from distill.registry import build, save_model
-    from shards.layout import RunLayout
-    from synth.prompts import train_prompts
-    from synth.sd import load_sd_cached
-    from synth.worker import synthesize
+    from d4ir.distill.registry import build, save_model
+    from d4ir.shards.layout import RunLayout
+    from d4ir.synth.prompts import train_prompts
+    from d4ir.synth.sd import load_sd_cached
+    from d4ir.synth.worker import synthesize
 
     base = tmp_path_factory.mktemp("tiny")
     photos = make_photos(base / "photos")
@@ -162,9 +161,8 @@ def synth_inputs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def synth_reference(synth_inputs) -> Path:
     """One uninterrupted stage-2 run with synth_fixtures.CFG: what every other run of CFG equals byte for byte."""
+    from d4ir.synth.worker import synthesize
     from synth_fixtures import CFG
-
-    from synth.worker import synthesize
 
     inputs = synth_inputs
     r = synthesize(inputs["clean"], inputs["root"] / "reference", CFG, prompts_dir=inputs["prompts"], progress=False)

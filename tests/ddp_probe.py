@@ -1,4 +1,4 @@
-"""Observes one rank of a real `torchrun ... -m pipelines.cli distill` run for tests/test_distill_ddp.py.
+"""Observes one rank of a real `torchrun ... -m d4ir.pipelines.cli distill` run for tests/test_distill_ddp.py.
 
 The test puts a `sitecustomize.py` on the workers' PYTHONPATH that calls `install` when D4IR_DDP_DUMP names a
 folder and torchrun's RANK is set. `install` wraps (never changes) what `distill.trainer.distill` builds (the
@@ -15,10 +15,9 @@ from pathlib import Path
 
 
 def install(out: str) -> None:
+    import d4ir.distill.sources as sources_mod
+    import d4ir.distill.trainer as trainer_mod
     import torch
-
-    import distill.sources as sources_mod
-    import distill.trainer as trainer_mod
 
     seen: dict = {"shards": [], "student": None, "loop": None}
     real_build, real_batches, real_loop = trainer_mod.build, sources_mod.ShardBatches, sources_mod.FeedbackLoop

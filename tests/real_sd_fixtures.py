@@ -23,10 +23,9 @@ import os
 from pathlib import Path
 
 import torch
+from d4ir.synth.text_encoder import EOS, load_tokenizer, text_model, tiny_tokenizer_folder
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-
-from synth.text_encoder import EOS, load_tokenizer, text_model, tiny_tokenizer_folder
 
 _DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]

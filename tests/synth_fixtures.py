@@ -8,16 +8,15 @@ import tarfile
 from io import BytesIO
 from pathlib import Path
 
+import d4ir.synth.worker as worker
 import numpy as np
 import torch
+from d4ir.shards.embeddings import save_embeddings
+from d4ir.synth.ccd import CCDConfig
+from d4ir.synth.plan import SynthConfig
+from d4ir.synth.sd import build_tiny_sd
+from d4ir.synth.worker import synthesize
 from PIL import Image
-
-import synth.worker as worker
-from shards.embeddings import save_embeddings
-from synth.ccd import CCDConfig
-from synth.plan import SynthConfig
-from synth.sd import build_tiny_sd
-from synth.worker import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 samples in 3 shards of 2, one UNet call per 2 images; 4 DDIM steps at strength 0.5 -> 2 denoising steps.

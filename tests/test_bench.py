@@ -73,7 +73,7 @@ def test_models_cpu_smoke_prints_ratio_table(tmp_path):
 
 
 def _restormer12():
-    from distill.registry import build
+    from d4ir.distill.registry import build
 
     return build("restormer-12")
 
@@ -97,7 +97,7 @@ def test_models_table_ratios_are_relative_to_the_teacher():
 
 @pytest.mark.parametrize("scale", ["cpu-small", "gpu"])
 def test_quality_writes_a_valid_experiments_config(tmp_path, scale):
-    from pipelines.experiments import load_config
+    from d4ir.pipelines.experiments import load_config
 
     path = _load("quality_rain100l").main(["--scale", scale, "--work", str(tmp_path), "--data", str(tmp_path),
                                            "--config-only"])
@@ -111,11 +111,11 @@ def test_quality_writes_a_valid_experiments_config(tmp_path, scale):
 def test_cpu_peak_meter_is_not_fooled_by_a_parents_peak():
     """ru_maxrss survives fork + exec, so a measurement child of a process that once held 600 MiB reported a
     growth of 0; bench/cpu_memory.PeakMeter resets the high-water mark and measures the child's own 64 MiB."""
-    code = ("from bench.cpu_memory import PeakMeter\n"
+    code = ("from cpu_memory import PeakMeter\n"
             "m = PeakMeter()\nx = bytearray(64 * 2**20)\nx[::4096] = b'x' * len(x[::4096])\nprint(m.peak_mib())")
     held = bytearray(600 * 2**20)
     held[::4096] = b"x" * len(held[::4096])  # touch every page: resident, the parent's peak
     del held
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "bench", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert 60 <= float(done.stdout) <= 120

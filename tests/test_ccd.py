@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from synth.ccd import CCDConfig, ccd_flops, ccd_sample, feedback_surrogate, prepare_clean
-from synth.reference import diffusers_img2img, diffusers_x0
-from synth.sd import build_tiny_sd
-from synth.sd_configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from d4ir.synth.ccd import CCDConfig, ccd_flops, ccd_sample, feedback_surrogate, prepare_clean
+from d4ir.synth.reference import diffusers_img2img, diffusers_x0
+from d4ir.synth.sd import build_tiny_sd
+from d4ir.synth.sd_configs import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
 CFG = CCDConfig(steps=10, strength=0.5, size=64)
 

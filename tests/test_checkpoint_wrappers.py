@@ -7,10 +7,9 @@ import logging
 
 import pytest
 import torch
-
-from distill.airnet import AirNet
-from distill.registry import load_model
-from distill.restormer import Restormer
+from d4ir.distill.airnet import AirNet
+from d4ir.distill.registry import load_model
+from d4ir.distill.restormer import Restormer
 
 WRAPPERS = ("model", "net", "state_dict", "params", "params_ema")
 
@@ -34,7 +33,7 @@ def test_each_wrapper_unwraps_and_is_named(arch, wrapper, tmp_path, caplog):
     src = _tiny(arch)
     path = tmp_path / "ckpt.pth"
     torch.save({wrapper: src.state_dict(), "epoch": 7, "optimizer": {"lr": 1e-3}}, path)
-    with caplog.at_level(logging.INFO, logger="distill.registry"):
+    with caplog.at_level(logging.INFO, logger="d4ir.distill.registry"):
         model, info = load_model(path)
     assert info["arch"] == arch and info["container"] == wrapper and _same(model, src)
     assert f"weights from the checkpoint's '{wrapper}' entry" in caplog.text
@@ -46,7 +45,7 @@ def test_module_prefix_and_nested_wrappers(arch, tmp_path, caplog):
     ddp = {f"module.{k}": v for k, v in src.state_dict().items()}
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {"state_dict": ddp}}, path)
-    with caplog.at_level(logging.INFO, logger="distill.registry"):
+    with caplog.at_level(logging.INFO, logger="d4ir.distill.registry"):
         model, info = load_model(path)
     assert info["container"] == "model/state_dict" and _same(model, src)
     assert "'model/state_dict' entry" in caplog.text and "stripped the 'module.' prefix" in caplog.text
@@ -60,7 +59,7 @@ def test_basicsr_prefers_params_and_says_what_else_was_there(tmp_path, caplog):
                                                heads=[1, 2, 2, 4])
     path = tmp_path / "net_g.pth"
     torch.save({"params_ema": other.state_dict(), "params": src.state_dict()}, path)
-    with caplog.at_level(logging.INFO, logger="distill.registry"):
+    with caplog.at_level(logging.INFO, logger="d4ir.distill.registry"):
         model, info = load_model(path)
     assert info["container"] == "params" and _same(model, src)
     assert "(also present: params_ema)" in caplog.text
@@ -82,7 +81,7 @@ def test_the_command_line_shows_which_entry_it_used(tmp_path):
         Image.new("RGB", (16, 16), (90, 120, 200)).save(tmp_path / "pairs" / sub / "a.png")
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "--model", str(path), "--pairs",
+    done = subprocess.run([sys.executable, "-m", "d4ir.pipelines.cli", "eval", "--model", str(path), "--pairs",
                            str(tmp_path / "pairs"), "--out", str(tmp_path / "eval.json"), "--device", "cpu"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

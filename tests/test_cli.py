@@ -9,10 +9,9 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from d4ir.pipelines.cli import main
+from d4ir.pipelines.report import build_report, collect_evals, results_table
 from PIL import Image
-
-from pipelines.cli import main
-from pipelines.report import build_report, collect_evals, results_table
 
 
 def _commands(group, prefix=()):
@@ -48,7 +47,7 @@ def test_every_option_explains_itself(args):
 
 
 def test_args_doc_shares_a_text_between_fields_named_together():
-    from pipelines.options import args_doc
+    from d4ir.pipelines.options import args_doc
 
     class C:
         """Doc.

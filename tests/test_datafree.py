@@ -8,10 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-from distill.datafree import AdversarialSource, DataFreeConfig, DFSRGenerator
-from distill.dfmc import RandomFeatures, TeacherFeatures, contrastive_ratio
-from distill.registry import build
+from d4ir.distill.datafree import AdversarialSource, DataFreeConfig, DFSRGenerator
+from d4ir.distill.dfmc import RandomFeatures, TeacherFeatures, contrastive_ratio
+from d4ir.distill.registry import build
 
 CROP = 16
 SMALL = dict(widths=(16, 8))  # tiny generator widths for the CPU
@@ -219,7 +218,7 @@ def test_source_validation(crop, batch, match):
 
 
 def test_a_contrastive_weight_is_dfmc():
-    from distill.trainer import DistillConfig
+    from d4ir.distill.trainer import DistillConfig
 
     with pytest.raises(ValueError, match="is DFMC"):
         AdversarialSource(CROP, 2, DataFreeConfig(contrastive_weight=0.1, **SMALL))
@@ -232,8 +231,8 @@ def test_a_contrastive_weight_is_dfmc():
 def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, tmp_path, method):
     """`d4ir distill --data dfsr|dfmc`: the student learns from generated batches, the generator takes its steps
     (its loss is logged), and a run resumed after epoch 1 ends bit-equal to a straight one."""
-    from distill.trainer import DistillConfig, distill
-    from shards.io import load_weights, read_jsonl
+    from d4ir.distill.trainer import DistillConfig, distill
+    from d4ir.shards.io import load_weights, read_jsonl
 
     datafree = DataFreeConfig(widths=(16, 8), student_steps_per_generator_step=2)
     cfg = DistillConfig(student="half", data=method, epochs=2, joint_epochs=0, iters_per_epoch=4, batch_size=2,

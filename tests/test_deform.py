@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from d4ir.distill import deform
+from d4ir.distill import deform_kernels as K
+from d4ir.distill.airnet import AirNet, DCNLayer
+from d4ir.distill.registry import load_model, save_model
 from torchvision.ops import deform_conv2d
-
-from distill import deform
-from distill import deform_kernels as K
-from distill.airnet import AirNet, DCNLayer
-from distill.registry import load_model, save_model
 
 OURS = ("gather", "sample")
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from d4ir.pipelines.demo_data import SPLITS, build_demo_data
 from PIL import Image
-
-from pipelines.demo_data import SPLITS, build_demo_data
 
 SMALL = {"size": 32, "n_original": 6, "n_test": 3, "n_web_degraded": 5, "n_web_clean": 4, "progress": False}
 FOLDERS = {  # folder -> expected count under SMALL

@@ -8,23 +8,22 @@ import json
 import shutil
 from pathlib import Path
 
+import d4ir.distill.feedback as feedback_mod
+import d4ir.distill.trainer as trainer_mod
+import d4ir.synth.worker as worker_mod
 import numpy as np
 import pytest
 import torch
-
-import distill.feedback as feedback_mod
-import distill.trainer as trainer_mod
-import synth.worker as worker_mod
-from distill.evaluate import evaluate_model
-from distill.feedback import FeedbackLoop, synth_config_of
-from distill.losses import parse_weights
-from distill.registry import build, half_of, load_model
-from distill.trainer import DistillConfig, DistillResult, distill
-from shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
-from shards.pairs import find_pairs
-from shards.writer import read_manifest
-from synth.embed import load_prompt_encoder
-from synth.sd import build_tiny_sd, load_sd_cached, save_sd
+from d4ir.distill.evaluate import evaluate_model
+from d4ir.distill.feedback import FeedbackLoop, synth_config_of
+from d4ir.distill.losses import parse_weights
+from d4ir.distill.registry import build, half_of, load_model
+from d4ir.distill.trainer import DistillConfig, DistillResult, distill
+from d4ir.shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
+from d4ir.shards.pairs import find_pairs
+from d4ir.shards.writer import read_manifest
+from d4ir.synth.embed import load_prompt_encoder
+from d4ir.synth.sd import build_tiny_sd, load_sd_cached, save_sd
 
 # Tiny steps everywhere: 16x16 crops, batches of 2, one feedback image per step.
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
@@ -267,8 +266,7 @@ def test_baselines_improve_on_untrained(tiny_run, tmp_path, data):
 @pytest.mark.parametrize("data", ["original", "web"])
 def test_cli_baselines_write_students(tiny_run, tmp_path, data):
     from click.testing import CliRunner
-
-    from pipelines.cli import main
+    from d4ir.pipelines.cli import main
 
     r = tiny_run.copy_to(tmp_path / "run")
     source = ["--original", str(r.original)] if data == "original" else ["--degraded", str(r.degraded)]
@@ -309,14 +307,14 @@ def test_a_round_with_fewer_shards_than_ranks_x_workers_adapts_or_refuses(tiny_r
     more ranks than shards is refused before training."""
     import logging
 
-    from distill.sources import ShardBatches
-    from shards.layout import RunLayout, rounds_in
-    from shards.reader import shard_urls
+    from d4ir.distill.sources import ShardBatches
+    from d4ir.shards.layout import RunLayout, rounds_in
+    from d4ir.shards.reader import shard_urls
 
     round0 = RunLayout(tiny_run.root).round_shards(rounds_in(RunLayout(tiny_run.root).shards)[0])
     shards = len(shard_urls(round0))
     cfg = DistillConfig(student="half", batch_size=2, crop=16, num_workers=shards + 3)
-    with caplog.at_level(logging.WARNING, logger="distill.sources"):
+    with caplog.at_level(logging.WARNING, logger="d4ir.distill.sources"):
         batches = ShardBatches(round0, cfg)
     assert batches.loader.num_workers == shards
     assert f"{shards} shards for 1 ranks x {shards + 3} DataLoader workers: using {shards} workers" in caplog.text

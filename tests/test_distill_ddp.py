@@ -1,4 +1,4 @@
-"""Stage 3 under torchrun itself: `torchrun --nproc-per-node 2 -m pipelines.cli distill ...`, the README's
+"""Stage 3 under torchrun itself: `torchrun --nproc-per-node 2 -m d4ir.pipelines.cli distill ...`, the README's
 multi-GPU line with two gloo ranks on the CPU, on the tiny run (2 shards, the joint phase and one regeneration
 round). Both ranks must end with equal students and encoders, having read disjoint shards, and only rank 0
 writes. What the ranks end with is dumped by tests/ddp_probe.py, loaded through a sitecustomize hook."""
@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from shards.io import load_weights, read_jsonl
+from d4ir.shards.io import load_weights, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -40,7 +39,7 @@ def _free_port() -> int:
 def readme_torchrun() -> list[str]:
     """The README's torchrun command as words (continuation lines joined)."""
     text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    line = next(line for line in text.splitlines() if "torchrun " in line and "pipelines.cli" in line)
+    line = next(line for line in text.splitlines() if "torchrun " in line and "d4ir.pipelines.cli" in line)
     return shlex.split(line)
 
 
@@ -51,12 +50,12 @@ def _flags(words: list[str]) -> list[str]:
 def test_readme_line_runs_under_torchrun(run_copy, tmp_path):
     r = run_copy
     readme = readme_torchrun()
-    assert Path(readme[0]).name == "torchrun" and readme[1:5] == ["--nproc-per-node", "8", "-m", "pipelines.cli"]
+    assert Path(readme[0]).name == "torchrun" and readme[1:5] == ["--nproc-per-node", "8", "-m", "d4ir.pipelines.cli"]
     assert readme[5] == "distill"
     values = {"--run-dir": r.root, "--teacher": r.teacher, "--student": "half-airnet", "--degraded": r.degraded,
               "--clean": r.clean, "--val": r.val, "--num-workers": 1}  # 2 shards feed 2 ranks x 1 worker
     assert set(_flags(readme[5:])) == set(values)  # the README's flags, each one given below
-    cmd = [_torchrun(), "--nproc-per-node", str(WORLD), "-m", "pipelines.cli", "distill"]
+    cmd = [_torchrun(), "--nproc-per-node", str(WORLD), "-m", "d4ir.pipelines.cli", "distill"]
     cmd += [str(w) for flag, value in values.items() for w in (flag, value)] + SMALL
 
     hook = tmp_path / "hook"

@@ -8,15 +8,14 @@ import json
 import re
 from pathlib import Path
 
+import d4ir.distill.evaluate as evaluate_mod
+import d4ir.distill.trainer as trainer_mod
+import d4ir.pipelines.experiments.stages as stages
 import pytest
 from conftest import PROMPTS, TEACHER_KWARGS, make_photos
-
-import distill.evaluate
-import distill.trainer
-import pipelines.experiments.stages as stages
-from pipelines.experiments import load_config, run_experiments
-from pipelines.experiments.published import PUBLISHED
-from pipelines.experiments.tables import ROWS, TABLES
+from d4ir.pipelines.experiments import load_config, run_experiments
+from d4ir.pipelines.experiments.published import PUBLISHED
+from d4ir.pipelines.experiments.tables import ROWS, TABLES
 
 pytestmark = pytest.mark.filterwarnings("ignore:prompt_tokens=4")  # the tiny prompts are shorter than SD's 77
 RESTORMER = {"dim": 8, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 1, 1]}
@@ -113,8 +112,7 @@ def test_config_errors_name_the_field(tmp_path, change, message):
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
     from click.testing import CliRunner
-
-    from pipelines.cli import main
+    from d4ir.pipelines.cli import main
 
     data = _config(tmp_path)
     data["tasks"]["derain"]["test"]["SPA"] = 3
@@ -224,7 +222,7 @@ def test_rerun_trains_nothing_and_an_interrupted_row_resumes(matrix, monkeypatch
     marker = out / "derain/rows/main/Data/done.json"
     marker.unlink()
     calls = []
-    real_distill, real_evaluate = distill.trainer.distill, distill.evaluate.evaluate
+    real_distill, real_evaluate = trainer_mod.distill, evaluate_mod.evaluate
 
     def spy(*args, **kwargs):
         calls.append(kwargs["resume"])
@@ -243,7 +241,7 @@ def test_rerun_trains_nothing_and_an_interrupted_row_resumes(matrix, monkeypatch
 
 
 def test_the_caveat_names_what_the_sd_can_say():
-    from pipelines.experiments.report import TINY_SD_NOTE, WEATHER_SD_NOTE, sd_caveat
+    from d4ir.pipelines.experiments.report import TINY_SD_NOTE, WEATHER_SD_NOTE, sd_caveat
 
     assert sd_caveat("tiny") == TINY_SD_NOTE and "structured noise" in TINY_SD_NOTE
     assert sd_caveat("weather") == WEATHER_SD_NOTE and "weather LDM" in WEATHER_SD_NOTE

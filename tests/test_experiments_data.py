@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from d4ir.pipelines.experiments import datasets, matrix_data
+from d4ir.pipelines.experiments.inputs import resolve
+from d4ir.shards.folders import scan_images
+from d4ir.shards.pairs import find_pairs
 from PIL import Image
-
-from pipelines.experiments import datasets, matrix_data
-from pipelines.experiments.inputs import resolve
-from shards.folders import scan_images
-from shards.pairs import find_pairs
 
 
 def _png(path: Path, arr: np.ndarray) -> None:

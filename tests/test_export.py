@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from distill import export as E  # noqa: E402
-from distill.airnet import DCNLayer  # noqa: E402
-from distill.registry import build, count_parameters, save_model  # noqa: E402
+from d4ir.distill import export as E  # noqa: E402
+from d4ir.distill.airnet import DCNLayer  # noqa: E402
+from d4ir.distill.registry import build, count_parameters, save_model  # noqa: E402
 
 TINY = {
     "airnet": dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4),
@@ -101,9 +101,8 @@ def test_clear_errors(tmp_path):
 
 def test_the_export_command_writes_a_checked_onnx_and_an_int8_copy(tmp_path):
     from click.testing import CliRunner
-
-    from distill.registry import save_model
-    from pipelines.cli import main
+    from d4ir.distill.registry import save_model
+    from d4ir.pipelines.cli import main
 
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "student", build("restormer", dim=8, num_blocks=(1, 1, 1, 1),

@@ -96,7 +96,7 @@ def test_smoke_end_to_end_and_distill(smoke):
 
 def test_distill_section_times_each_deform_implementation(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("distill.deform")
+    fake = types.ModuleType("d4ir.distill.deform")
     fake.IMPLS = ("auto", "slow", "fast")
 
     @contextlib.contextmanager
@@ -105,7 +105,7 @@ def test_distill_section_times_each_deform_implementation(tmp_path, monkeypatch)
         yield
 
     fake.using = using
-    monkeypatch.setitem(sys.modules, "distill.deform", fake)
+    monkeypatch.setitem(sys.modules, "d4ir.distill.deform", fake)
     gb = _load()
     quick = gb.SMOKE_DISTILL.replace("--num-workers 1", "--num-workers 0").replace("--batch-size 2", "--batch-size 1")
     r = gb.main(["--smoke", "--sections", "distill", "--distill", quick, "--out", str(tmp_path)])
@@ -118,7 +118,7 @@ def test_distill_section_times_each_deform_implementation(tmp_path, monkeypatch)
 
 def test_a_failing_section_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
     gb = _load()
-    from bench import gpu_e2e
+    import gpu_e2e
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")

@@ -4,10 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from d4ir.shards.folders import scan_images
+from d4ir.shards.images import ImageSkipped, read_rgb, to_tensor, to_uint8
 from PIL import Image
-
-from shards.folders import scan_images
-from shards.images import ImageSkipped, read_rgb, to_tensor, to_uint8
 
 
 def _rgb(h=40, w=48, seed=0):

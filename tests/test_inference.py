@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from d4ir.distill.airnet import AirNet
+from d4ir.distill.inference import crop_to_multiple, official_policy, pad_to_multiple, restore
+from d4ir.distill.registry import build
 from torch import nn
-
-from distill.airnet import AirNet
-from distill.inference import crop_to_multiple, official_policy, pad_to_multiple, restore
-from distill.registry import build
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from d4ir.distill.metrics import psnr, rgb_to_y, ssim
 from skimage import data
 from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-from distill.metrics import psnr, rgb_to_y, ssim
 
 
 def _to_torch(imgs: list[np.ndarray]) -> torch.Tensor:

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from d4ir.synth.moco import MoCoQueue, info_nce, momentum_update
+from d4ir.synth.prompt_encoder import PromptEncoder
 from torch import nn
-
-from synth.moco import MoCoQueue, info_nce, momentum_update
-from synth.prompt_encoder import PromptEncoder
 
 # --- info_nce --------------------------------------------------------------------------------------------
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from distill.airnet import AirNet, MoCo, airnet_kwargs_from_state_dict
-from distill.registry import ARCHITECTURES, build, count_parameters, load_model, save_model
-from distill.restormer import Restormer
+from d4ir.distill.airnet import AirNet, MoCo, airnet_kwargs_from_state_dict
+from d4ir.distill.registry import ARCHITECTURES, build, count_parameters, load_model, save_model
+from d4ir.distill.restormer import Restormer
 
 _ROOT = Path(__file__).resolve().parents[1]
 _NOTE_DIRS = [Path(os.environ.get("D4IR_NOTES", "/nonexistent")), _ROOT / "shared" / "notes",

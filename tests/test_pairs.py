@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from d4ir.shards.pairs import UnpairedError, find_pairs
 from PIL import Image
-
-from shards.pairs import UnpairedError, find_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

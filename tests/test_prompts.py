@@ -4,24 +4,23 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import d4ir.synth.prompts as prompts_mod
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from d4ir.pipelines.figures import probe_plot
+from d4ir.shards.embeddings import load_embeddings
+from d4ir.shards.images import read_rgb, to_tensor
+from d4ir.shards.io import read_jsonl, sha256_file
+from d4ir.shards.state import StateError, load_state
+from d4ir.synth.embed import load_prompt_encoder
+from d4ir.synth.moco import MoCoConfig
+from d4ir.synth.probe import probe
+from d4ir.synth.prompt_encoder import PromptEncoder
+from d4ir.synth.prompts import PromptsConfig
+from d4ir.synth.sd import load_sd
 from PIL import Image
-
-import synth.prompts as prompts_mod
-from pipelines.figures import probe_plot
-from shards.embeddings import load_embeddings
-from shards.images import read_rgb, to_tensor
-from shards.io import read_jsonl, sha256_file
-from shards.state import StateError, load_state
-from synth.embed import load_prompt_encoder
-from synth.moco import MoCoConfig
-from synth.probe import probe
-from synth.prompt_encoder import PromptEncoder
-from synth.prompts import PromptsConfig
-from synth.sd import load_sd
 
 N_IMAGES, L, D = 12, 4, 16
 CFG = PromptsConfig(prompt_tokens=L, feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=4, batch_size=4, crop=16,

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import click
 import pytest
-
-from pipelines.cli import main
+from d4ir.pipelines.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 D4IR = ".venv/bin/d4ir"
@@ -95,7 +94,7 @@ def test_make_lines_run_commands_that_exist(line):
 def test_d4ir_lines_name_existing_options(line):
     words = shlex.split(line)
     if words[0].endswith("torchrun"):
-        words = words[words.index("pipelines.cli") + 1:]
+        words = words[words.index("d4ir.pipelines.cli") + 1:]
     else:
         words = words[1:]
     check_d4ir(words, line)

@@ -19,18 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from d4ir.shards.embeddings import load_embeddings
+from d4ir.shards.layout import RunLayout
+from d4ir.shards.verify import verify_shards
+from d4ir.synth.ccd import CCDConfig, ccd_sample, feedback_surrogate
+from d4ir.synth.embed import load_prompt_encoder, prompt_encoder_info
+from d4ir.synth.moco import MoCoConfig
+from d4ir.synth.plan import WEATHER_TEXT, SynthConfig
+from d4ir.synth.prompts import PromptsConfig, train_prompts
+from d4ir.synth.sd import SDLoadError, SDSource, load_sd, load_sd_cached
+from d4ir.synth.worker import synthesize
 from real_sd_fixtures import make_images, save_folder, to_compvis, to_hub_cache
-
-from shards.embeddings import load_embeddings
-from shards.layout import RunLayout
-from shards.verify import verify_shards
-from synth.ccd import CCDConfig, ccd_sample, feedback_surrogate
-from synth.embed import load_prompt_encoder, prompt_encoder_info
-from synth.moco import MoCoConfig
-from synth.plan import WEATHER_TEXT, SynthConfig
-from synth.prompts import PromptsConfig, train_prompts
-from synth.sd import SDLoadError, SDSource, load_sd, load_sd_cached
-from synth.worker import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = {"sd15": 768, "sd21": 1024}
@@ -113,9 +112,8 @@ def test_single_file_text_encoder_needs_its_configs(stored, tmp_path):
         load_sd(SDSource(s.file, config=str(bare)))
     with pytest.raises(SDLoadError, match="'v2' checkpoint; only SD1.x single files load without a config"):
         load_sd(str(s.file))
+    from d4ir.synth.sd_files import _single_file_text
     from safetensors.torch import load_file
-
-    from synth.sd_files import _single_file_text
 
     state = load_file(str(stored["sd15"].file))  # an SD1.x file without configs: UNet/VAE only, said loudly
     with pytest.warns(UserWarning, match="holds a text encoder, but its config and tokenizer are not in the file"):
@@ -148,8 +146,8 @@ def test_a_tiny_pipeline_on_the_real_layout(stored, photos, kind, tmp_path):
     assert (text.images, text.failures) == (2, 0)
 
     # stage 3's feedback loop on this SD: the surrogate's gradient reaches the encoder, then a new round
-    from distill.feedback import FeedbackLoop
-    from distill.registry import build
+    from d4ir.distill.feedback import FeedbackLoop
+    from d4ir.distill.registry import build
 
     loop = FeedbackLoop(layout.prompts, sd, photos["degraded"], photos["clean"], CCD)
     small = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4)
@@ -167,7 +165,7 @@ def _gens(*seeds):
 
 
 def test_v_prediction_matches_diffusers(stored):
-    from synth.reference import diffusers_img2img, diffusers_x0
+    from d4ir.synth.reference import diffusers_img2img, diffusers_x0
 
     sd = load_sd_cached(stored["sd21"].sources()["hub"], "cpu", "float32")
     assert sd.scheduler.config.prediction_type == "v_prediction"
@@ -189,7 +187,7 @@ def test_cli_takes_an_sd2_single_file_with_hub_configs(stored, photos, tmp_path)
     """`d4ir prompts --sd FILE --sd-config HUB_ID` in a fresh process whose only cache is HF_HOME, offline."""
     s = stored["sd21"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(s.hf_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pipelines.cli", "prompts", "--run-dir", str(tmp_path / "run"), "--degraded",
+    cmd = [sys.executable, "-m", "d4ir.pipelines.cli", "prompts", "--run-dir", str(tmp_path / "run"), "--degraded",
            str(photos["degraded"]), "--sd", str(s.file), "--sd-config", s.hub_id, "--preset", "demo", "--device",
            "cpu", "--steps", "2", "--batch-size", "4", "--crop", "16", "--queue-size", "4", "--widths", "4,8,8",
            "--feat-dim", "8", "--token-rank", "4", "--embed-side", "32"]

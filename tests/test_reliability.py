@@ -10,19 +10,18 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import d4ir.distill.epochs as epochs_mod
 import numpy as np
 import pytest
 import torch
 from cli_helpers import cli, one_line_error
 from click.testing import CliRunner
+from d4ir.distill.trainer import DistillConfig, distill
+from d4ir.pipelines.cli import main
+from d4ir.shards.io import read_jsonl
+from d4ir.shards.verify import verify_shards
+from d4ir.shards.writer import read_manifest, write_shard
 from PIL import Image
-
-import distill.epochs as epochs_mod
-from distill.trainer import DistillConfig, distill
-from pipelines.cli import main
-from shards.io import read_jsonl
-from shards.verify import verify_shards
-from shards.writer import read_manifest, write_shard
 
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
 
@@ -100,7 +99,7 @@ def test_a_damaged_round_is_refused_naming_the_shard_or_skipped_when_asked(tiny_
 def test_samples_that_fail_to_decode_are_counted_in_the_log(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
     round0 = r.root / "shards" / "round-000"
-    from shards.reader import iter_raw_metas
+    from d4ir.shards.reader import iter_raw_metas
 
     metas = list(iter_raw_metas(round0, 1))
     # rewrite shard 1 with the same keys, one sample's PNG broken but its stats consistent (a writer bug upstream)
@@ -148,9 +147,8 @@ def test_verify_passes_only_complete_rounds(tiny_run, tmp_path):
 # ------------------------------------------------------------------------------------ 5. the manifest is the plan
 def test_the_manifest_is_the_plan(tiny_run, tmp_path):
     from conftest import synth_config
-
-    from shards.io import FolderBusyError
-    from synth.worker import synthesize
+    from d4ir.shards.io import FolderBusyError
+    from d4ir.synth.worker import synthesize
 
     r = tiny_run.copy_to(tmp_path / "run")
     shards, prompts = r.root / "shards", r.root / "prompts"
@@ -214,7 +212,7 @@ def test_a_second_student_makes_its_own_rounds_and_a_fresh_rerun_names_resume(ti
     assert (second.student_dir / "shards" / "round-001" / "manifest.json").is_file()
     assert {p: p.read_bytes() for p in owned} == owned  # the first student's rounds are untouched
     assert sorted(p.name for p in (r.root / "shards").iterdir()) == ["round-000"]
-    from shards.state import StateError
+    from d4ir.shards.state import StateError
 
     with pytest.raises(StateError, match="pass --resume"):
         _distill(r, _cfg(**rounds), "first")
@@ -245,9 +243,8 @@ def test_bad_pairs_are_counted_up_front_and_none_left_is_an_error(tiny_run, tmp_
 
 def test_a_clean_photo_named_in_another_encoding_is_used(tiny_run, tmp_path):
     from conftest import synth_config
-
-    from shards.reader import iter_samples
-    from synth.worker import synthesize
+    from d4ir.shards.reader import iter_samples
+    from d4ir.synth.worker import synthesize
 
     clean = shutil.copytree(tiny_run.clean, tmp_path / "clean")
     raw = b"caf\xe9.png"  # Latin-1: not valid UTF-8
@@ -294,7 +291,7 @@ def test_a_full_disk_is_one_line(tiny_run, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 10. logs true across resume
 @pytest.mark.parametrize("stage", ["distill", "teacher"])
 def test_a_kill_between_log_and_state_leaves_one_record_per_epoch(tiny_run, tmp_path, monkeypatch, stage):
-    from distill.teacher import SupervisedConfig, train_supervised
+    from d4ir.distill.teacher import SupervisedConfig, train_supervised
 
     r = tiny_run.copy_to(tmp_path / "run")
     real, saved = epochs_mod.save_state, []

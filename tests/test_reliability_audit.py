@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import cli, one_line_error
-
-from shards.io import read_jsonl
+from d4ir.shards.io import read_jsonl
 
 DISTILL = ["--data", "web", "--joint-epochs", "0", "--batch-size", "2", "--crop", "16", "--iters-per-epoch", "1",
            "--num-workers", "0", "--name", "x"]
@@ -49,7 +48,7 @@ SKIPPED = [["v0", "degraded/v0.png: not a regular file"], ["v1", "clean/v1.png: 
 def test_bad_links_in_a_paired_set_are_counted_skips_shown_by_every_command(tiny_run, tmp_path):
     import json
 
-    from shards.pairs import find_pairs
+    from d4ir.shards.pairs import find_pairs
 
     val = _bad_pairs(tiny_run.val, tmp_path / "val")
     pairs = find_pairs(val)
@@ -126,7 +125,7 @@ def test_a_malformed_prompts_or_teacher_state_is_one_line_naming_the_file_and_th
 
 
 def test_unexpected_exceptions_keep_their_traceback(tiny_run, tmp_path, monkeypatch):
-    import distill.evaluate as evaluate_mod
+    import d4ir.distill.evaluate as evaluate_mod
 
     for bug in (KeyError("objects"), RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")):
         def broken(*args, bug=bug, **kwargs):
@@ -145,9 +144,8 @@ def test_prompts_resume_names_the_same_folder_by_another_path(tiny_run, tmp_path
     from dataclasses import replace
 
     from conftest import PROMPTS
-
-    from synth.prompts import train_prompts
-    from synth.sd import load_sd_cached
+    from d4ir.synth.prompts import train_prompts
+    from d4ir.synth.sd import load_sd_cached
 
     sd = load_sd_cached("tiny", "cpu", "float32")
     out = tmp_path / "prompts"
@@ -165,7 +163,7 @@ def test_weights_are_fsynced_renamed_with_the_usual_mode_and_their_hash_is_check
     import os
     import stat
 
-    from shards.io import load_weights, save_weights
+    from d4ir.shards.io import load_weights, save_weights
 
     events, fsync, replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),

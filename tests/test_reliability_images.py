@@ -9,13 +9,12 @@ import struct
 import zlib
 from pathlib import Path
 
+import d4ir.shards.images as images_mod
 import numpy as np
 import pytest
+from d4ir.shards.folders import scan_images
+from d4ir.shards.images import ImageSkipped, read_rgb
 from PIL import Image
-
-import shards.images as images_mod
-from shards.folders import scan_images
-from shards.images import ImageSkipped, read_rgb
 
 
 def _paeth(a: int, b: int, c: int) -> int:

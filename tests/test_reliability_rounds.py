@@ -15,13 +15,12 @@ import time
 import pytest
 from click.testing import CliRunner
 from conftest import synth_config
-
-from distill.trainer import DistillConfig, distill
-from pipelines.cli import main
-from shards.reader import iter_raw_metas
-from shards.verify import verify_shards
-from shards.writer import read_manifest, read_stats, write_manifest, write_shard, write_sizes
-from synth.worker import synthesize
+from d4ir.distill.trainer import DistillConfig, distill
+from d4ir.pipelines.cli import main
+from d4ir.shards.reader import iter_raw_metas
+from d4ir.shards.verify import verify_shards
+from d4ir.shards.writer import read_manifest, read_stats, write_manifest, write_shard, write_sizes
+from d4ir.synth.worker import synthesize
 
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
 ROUNDS = dict(epochs=2, joint_epochs=2, round_every=1)
@@ -147,7 +146,7 @@ def test_a_leftover_round_of_an_earlier_run_is_refused_before_training(tiny_run,
 
 # ---------------------------------------------------------------- 15. one taker of a stale lock
 def test_two_takers_of_a_stale_lock_never_both_hold_it(tmp_path, monkeypatch):
-    import shards.io as shards_io
+    import d4ir.shards.io as shards_io
 
     lock = tmp_path / "synth.lock"
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": DEAD_PID}))

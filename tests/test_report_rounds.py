@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from d4ir.pipelines.report import TINY_SD_NOTE, WEATHER_SD_NOTE, d4ir_sentence, rounds_grid, sd_note
+from d4ir.shards.images import save_png
+from d4ir.shards.layout import RunLayout
+from d4ir.shards.writer import write_manifest, write_shard
 from PIL import Image
-
-from pipelines.report import TINY_SD_NOTE, WEATHER_SD_NOTE, d4ir_sentence, rounds_grid, sd_note
-from shards.images import save_png
-from shards.layout import RunLayout
-from shards.writer import write_manifest, write_shard
 
 
 def _png(value: int) -> bytes:

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from d4ir.pipelines.runners import dask_distributor, make_distributor
+from d4ir.shards.embeddings import save_embeddings
+from d4ir.shards.io import OutputFolderError
+from d4ir.shards.verify import verify_shards
+from d4ir.synth.ccd import CCDConfig
+from d4ir.synth.plan import ShardJob, SynthConfig, plan_jobs
+from d4ir.synth.sd import SDSource, build_tiny_sd
+from d4ir.synth.worker import local_distributor, synthesize
 from PIL import Image
-
-from pipelines.runners import dask_distributor, make_distributor
-from shards.embeddings import save_embeddings
-from shards.io import OutputFolderError
-from shards.verify import verify_shards
-from synth.ccd import CCDConfig
-from synth.plan import ShardJob, SynthConfig, plan_jobs
-from synth.sd import SDSource, build_tiny_sd
-from synth.worker import local_distributor, synthesize
 
 CFG = SynthConfig(num_samples=8, shard_size=2, batch_size=2, ccd=CCDConfig(steps=4, strength=0.5, size=32), seed=1)
 

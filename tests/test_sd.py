@@ -8,9 +8,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from synth.sd import SDLoadError, build_tiny_sd, load_sd, save_sd
-from synth.sd_configs import sd15_modules
+from d4ir.synth.sd import SDLoadError, build_tiny_sd, load_sd, save_sd
+from d4ir.synth.sd_configs import sd15_modules
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +75,7 @@ def test_tiny_text_encoder_embeds_text(tiny):
 
 
 def test_fingerprint_covers_the_text_encoder(tiny):
-    from synth.sd_parts import sd_fingerprint
+    from d4ir.synth.sd_parts import sd_fingerprint
 
     assert sd_fingerprint(tiny.vae, tiny.unet, tiny.scheduler) != tiny.fingerprint  # without it: another model
     other = build_tiny_sd(0)

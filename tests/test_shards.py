@@ -13,21 +13,19 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
-
-from pipelines.grid import sample_grid
-from shards import writer
-from shards.io import OutputFolderError
-from shards.layout import round_dir, rounds_in
-from shards.reader import (
+from d4ir.pipelines.grid import sample_grid
+from d4ir.shards import writer
+from d4ir.shards.io import OutputFolderError
+from d4ir.shards.layout import round_dir, rounds_in
+from d4ir.shards.reader import (
     CountingHandler,
     ShardList,
     iter_samples,
     shard_dataset,
     shard_urls,
 )
-from shards.verify import check_shard_files
-from shards.writer import (
+from d4ir.shards.verify import check_shard_files
+from d4ir.shards.writer import (
     check_manifest,
     read_manifest,
     shard_done,
@@ -36,6 +34,7 @@ from shards.writer import (
     write_shard,
     write_sizes,
 )
+from PIL import Image
 
 
 def _png(arr: np.ndarray) -> bytes:

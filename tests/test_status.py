@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-
-from pipelines.cli import main
-from shards.layout import EMBEDDINGS_FILE, MANIFEST_FILE, RunLayout
-from shards.status import run_status, stage_done
+from d4ir.pipelines.cli import main
+from d4ir.shards.layout import EMBEDDINGS_FILE, MANIFEST_FILE, RunLayout
+from d4ir.shards.status import run_status, stage_done
 
 
 def _done(root) -> dict[str, bool]:

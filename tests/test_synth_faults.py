@@ -15,25 +15,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import d4ir.synth.worker as worker
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from d4ir.pipelines.cli import main
+from d4ir.shards import writer
+from d4ir.shards.io import OutputFolderError
+from d4ir.shards.verify import verify_shards
+from d4ir.synth.sd import SDSource
+from d4ir.synth.worker import plan_jobs, synthesize, synthesize_shard
 from synth_fixtures import CFG, CLI_OVERRIDES, REPO, assert_same_shards, rounds, run, samples, stats
-
-import synth.worker as worker
-from pipelines.cli import main
-from shards import writer
-from shards.io import OutputFolderError
-from shards.verify import verify_shards
-from synth.sd import SDSource
-from synth.worker import plan_jobs, synthesize, synthesize_shard
 
 # Runs `d4ir synth` with every UNet batch slowed down, so that a SIGKILL lands in the middle of shard 1.
 _SLOW_CLI = """
 import sys, time
-import synth.worker as w
-from pipelines.cli import main
+import d4ir.synth.worker as w
+from d4ir.pipelines.cli import main
 real = w.ccd_sample
 def slow(*args, **kwargs):
     out = real(*args, **kwargs)

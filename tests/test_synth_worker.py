@@ -8,11 +8,19 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import d4ir.synth.worker as worker
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from click.testing import CliRunner
+from d4ir.pipelines.cli import main
+from d4ir.shards.embeddings import save_embeddings
+from d4ir.shards.io import save_weights
+from d4ir.shards.verify import verify_shards
+from d4ir.synth.prompt_encoder import PromptEncoder
+from d4ir.synth.sd import build_tiny_sd, load_sd, save_sd
+from d4ir.synth.worker import synthesize
 from synth_fixtures import (
     CFG,
     CLI_OVERRIDES,
@@ -26,15 +34,6 @@ from synth_fixtures import (
     stats,
     tree,
 )
-
-import synth.worker as worker
-from pipelines.cli import main
-from shards.embeddings import save_embeddings
-from shards.io import save_weights
-from shards.verify import verify_shards
-from synth.prompt_encoder import PromptEncoder
-from synth.sd import build_tiny_sd, load_sd, save_sd
-from synth.worker import synthesize
 
 
 # ------------------------------------------------------------------------------------------ the shard set
@@ -223,10 +222,10 @@ def test_encoding_in_threads_while_the_next_batch_samples_writes_the_same_bytes(
                                                                                  tmp_path):
     """GPU runs encode batch k's PNGs in threads while batch k+1 samples: the shards must not change by a byte,
     and a failed sample keeps its place in the order."""
-    from shards.io import sha256_file
-    from synth.plan import plan_jobs
-    from synth.sd import SDSource
-    from synth.worker import synthesize_shard
+    from d4ir.shards.io import sha256_file
+    from d4ir.synth.plan import plan_jobs
+    from d4ir.synth.sd import SDSource
+    from d4ir.synth.worker import synthesize_shard
 
     clean = sorted(synth_inputs["clean"].iterdir())
     manifest = json.loads((synth_reference / "manifest.json").read_text())

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from d4ir.distill.evaluate import evaluate_model
+from d4ir.distill.registry import load_model
+from d4ir.distill.teacher import SupervisedConfig, train_supervised
+from d4ir.shards.pairs import find_pairs
 from PIL import Image
-
-from distill.evaluate import evaluate_model
-from distill.registry import load_model
-from distill.teacher import SupervisedConfig, train_supervised
-from shards.pairs import find_pairs
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-
-from synth.plan import WEATHER_TEXT
-from synth.text_encoder import (
+from d4ir.synth.plan import WEATHER_TEXT
+from d4ir.synth.text_encoder import (
     BOS,
     EOS,
     WORD_END,
@@ -31,7 +30,7 @@ def _digest() -> str:
     """sha256 of the tiny tokenizer's vocabulary and merges and of the tiny SD's fingerprint."""
     import hashlib
 
-    from synth.sd import build_tiny_sd
+    from d4ir.synth.sd import build_tiny_sd
 
     merges = train_merges(tuple(corpus()))
     return hashlib.sha256(json.dumps(merges).encode()).hexdigest() + " " + build_tiny_sd(0).fingerprint

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image
-
-from pipelines.weather import (
+from d4ir.pipelines.weather import (
     DEGRADE,
     HAZE_DEPTH,
     RAIN_LEVELS,
@@ -20,7 +18,8 @@ from pipelines.weather import (
     rain_layer,
     snow_mask,
 )
-from pipelines.weather_kernels import line_kernel
+from d4ir.pipelines.weather_kernels import line_kernel
+from PIL import Image
 
 
 def rng(seed: int) -> np.random.Generator:

@@ -8,13 +8,12 @@ import json
 
 import pytest
 import torch
-
-from pipelines.weather_sd.data import CAPTIONS, WeatherSetConfig, build_weather_set
-from pipelines.weather_sd.probe import clean_crops, sample_caption
-from pipelines.weather_sd.ship import MANIFEST, file_table
-from pipelines.weather_sd.stats import content_kept, rain_streak_energy
-from synth.ccd import CCDConfig
-from synth.sd import WEATHER_DIR, SDSource, load_sd
+from d4ir.pipelines.weather_sd.data import CAPTIONS, WeatherSetConfig, build_weather_set
+from d4ir.pipelines.weather_sd.probe import clean_crops, sample_caption
+from d4ir.pipelines.weather_sd.ship import MANIFEST, file_table
+from d4ir.pipelines.weather_sd.stats import content_kept, rain_streak_energy
+from d4ir.synth.ccd import CCDConfig
+from d4ir.synth.sd import WEATHER_DIR, SDSource, load_sd
 
 # Measured on these 18 held-out crops (the first 6 of each held-out photo, T = 10, lambda = 0.5, the probe's
 # seeds): the rain caption raised the streak statistic over "a photo" on 18 of 18 crops, by 0.288 on average

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import skimage.data
 import torch
-
-from pipelines.weather_sd.data import (
+from d4ir.pipelines.weather_sd.data import (
     CAPTIONS,
     EXCLUDED,
     HELD_OUT,
@@ -20,14 +19,14 @@ from pipelines.weather_sd.data import (
     build_weather_set,
     load_photo,
 )
-from pipelines.weather_sd.folder import save_weather_sd
-from pipelines.weather_sd.loop import LoopConfig, step_generator, train_loop
-from pipelines.weather_sd.text import build_weather_text
-from pipelines.weather_sd.unet import Latents, build_unet, scheduler, unet_batch_loss, unet_config
-from pipelines.weather_sd.vae import build_vae, posterior_moments, vae_batch_loss, vae_config, vae_loss
-from shards.io import read_jsonl
-from shards.state import load_state
-from synth.plan import WEATHER_TEXT as TASK_TEXT
+from d4ir.pipelines.weather_sd.folder import save_weather_sd
+from d4ir.pipelines.weather_sd.loop import LoopConfig, step_generator, train_loop
+from d4ir.pipelines.weather_sd.text import build_weather_text
+from d4ir.pipelines.weather_sd.unet import Latents, build_unet, scheduler, unet_batch_loss, unet_config
+from d4ir.pipelines.weather_sd.vae import build_vae, posterior_moments, vae_batch_loss, vae_config, vae_loss
+from d4ir.shards.io import read_jsonl
+from d4ir.shards.state import load_state
+from d4ir.synth.plan import WEATHER_TEXT as TASK_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VAE = dict(vae_config(4, widths=(32, 32, 32)), sample_size=32)
@@ -259,8 +258,8 @@ def test_training_killed_and_resumed_gives_the_same_weights_and_log(tiny_set, tm
 
 
 def test_saved_folder_loads_with_load_sd_and_samples(tiny_set, tmp_path):
-    from synth.ccd import CCDConfig, ccd_sample
-    from synth.sd import load_sd
+    from d4ir.synth.ccd import CCDConfig, ccd_sample
+    from d4ir.synth.sd import load_sd
 
     text = _tiny_text()
     vae = build_vae(TINY_VAE, seed=0)

@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from pipelines.weather import degrade
-from pipelines.weather_sd.data import WeatherSetConfig, build_weather_set
-from pipelines.weather_sd.stats import (
+from d4ir.pipelines.weather import degrade
+from d4ir.pipelines.weather_sd.data import WeatherSetConfig, build_weather_set
+from d4ir.pipelines.weather_sd.stats import (
     content_kept,
     dark_channel,
     dominant_angle,

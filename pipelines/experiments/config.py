@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.registry import ARCHITECTURES
-from pipelines.presets import PRESETS, STAGES, preset
+from d4ir.distill.registry import ARCHITECTURES
+from d4ir.pipelines.presets import PRESETS, STAGES, preset
 
 from .tables import ROWS, TABLES, TEACHER_FIELDS
 

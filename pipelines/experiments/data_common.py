@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-
-from pipelines.weather import degrade
-from shards.images import read_rgb, save_png
-from shards.io import atomic_write_json, sha256_bytes, sha256_file
-from shards.pairs import Pair, find_pairs
+from d4ir.pipelines.weather import degrade
+from d4ir.shards.images import read_rgb, save_png
+from d4ir.shards.io import atomic_write_json, sha256_bytes, sha256_file
+from d4ir.shards.pairs import Pair, find_pairs
 
 DATA_FILE = "data.json"  # written last: a builder's folder without it is half-built and rebuilt
 _CROPS = ((320, 480), (480, 320))  # the Rain100L test crops (H, W) of 481x321 originals

@@ -15,8 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
-from shards.io import atomic_write_json
-from shards.pairs import find_pairs
+from d4ir.shards.io import atomic_write_json
+from d4ir.shards.pairs import find_pairs
 
 from .config import Folder
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from shards.images import read_rgb
-from shards.pairs import find_pairs
+from d4ir.shards.images import read_rgb
+from d4ir.shards.pairs import find_pairs
 
 from .data_common import Protected, copy_pairs, finish, numbered_pairs, reuse, save_render, web_images
 

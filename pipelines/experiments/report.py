@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shards.io import atomic_write_json, atomic_write_text
-from shards.layout import LOG_FILE
+from d4ir.shards.io import atomic_write_json, atomic_write_text
+from d4ir.shards.layout import LOG_FILE
 
 from ..figures import curves_png
 from ..grid import sample_grid
@@ -109,11 +109,10 @@ def table_grid(ctx: Context, table: PlannedTable, out: Path) -> Path | None:
     """degraded | teacher | each finished row | ground truth on central GRID_SIDE crops of the first test images
     of the table; kept while no model is newer than it."""
     import torch
-
-    from distill.inference import restore
-    from distill.registry import load_model
-    from shards.images import read_rgb, to_tensor, to_uint8
-    from shards.pairs import find_pairs
+    from d4ir.distill.inference import restore
+    from d4ir.distill.registry import load_model
+    from d4ir.shards.images import read_rgb, to_tensor, to_uint8
+    from d4ir.shards.pairs import find_pairs
 
     models = []
     for key in ["Teacher"] + [k for k in table.rows if k not in ("Teacher", "Input")]:

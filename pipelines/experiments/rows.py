@@ -15,10 +15,10 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from distill.evaluate import IDENTITY
-from distill.registry import half_of, load_model
-from shards.io import atomic_write_json
-from shards.layout import EVAL_FILE, STUDENT_STEM, RunLayout
+from d4ir.distill.evaluate import IDENTITY
+from d4ir.distill.registry import half_of, load_model
+from d4ir.shards.io import atomic_write_json
+from d4ir.shards.layout import EVAL_FILE, STUDENT_STEM, RunLayout
 
 from . import stages, steps
 from .inputs import slug

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synth.plan import WEATHER_TEXT
-from synth.sd import default_device
+from d4ir.synth.plan import WEATHER_TEXT
+from d4ir.synth.sd import default_device
 
 from . import stages
 from .config import FOLDER_FIELDS, ExperimentConfig

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from shards.io import atomic_write_json
-from shards.layout import STATE_FILE, TEACHER_STEM, RunLayout, round_name, weights_file
-from synth.plan import WEATHER_TEXT
-from synth.sd import SDSource
+from d4ir.shards.io import atomic_write_json
+from d4ir.shards.layout import STATE_FILE, TEACHER_STEM, RunLayout, round_name, weights_file
+from d4ir.synth.plan import WEATHER_TEXT
+from d4ir.synth.sd import SDSource
 
 from . import stages
 from .config import FOLDER_FIELDS, ExperimentConfig, TeacherSpec, apply_overrides

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import skimage.data
 import torch
+from d4ir.pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA, cut_crop
+from d4ir.pipelines.weather import degrade
+from d4ir.synth.plan import WEATHER_TEXT as TASK_TEXT
 from tqdm import tqdm
-
-from pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA, cut_crop
-from pipelines.weather import degrade
-from synth.plan import WEATHER_TEXT as TASK_TEXT
 
 WEATHERS = ("clean", "derain", "dehaze", "desnow")
 CAPTIONS: dict[str, str] = {"clean": "a photo", **TASK_TEXT}

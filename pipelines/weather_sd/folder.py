@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from d4ir.pipelines.weather_sd.data import CAPTIONS, EXCLUDED, HELD_OUT, LICENCES, TRAIN_PHOTOS
+from d4ir.synth.text_encoder import save_tokenizer
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-from pipelines.weather_sd.data import CAPTIONS, EXCLUDED, HELD_OUT, LICENCES, TRAIN_PHOTOS
-from synth.text_encoder import save_tokenizer
 
 
 def _save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:

@@ -28,11 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from d4ir.shards.io import append_jsonl
+from d4ir.shards.layout import LOG_FILE, STATE_FILE
+from d4ir.shards.state import load_state, restoring, save_state, trim_log
 from tqdm import tqdm
-
-from shards.io import append_jsonl
-from shards.layout import LOG_FILE, STATE_FILE
-from shards.state import load_state, restoring, save_state, trim_log
 
 
 @dataclass(frozen=True)

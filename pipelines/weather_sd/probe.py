@@ -21,12 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from pipelines.weather_sd.data import CAPTIONS, WeatherSet
-from pipelines.weather_sd.stats import content_kept, weather_stats
-from pipelines.weather_sd.vae import STAT_OF_WEATHER
-from synth.ccd import CCDConfig, ccd_sample
-from synth.sd import SDParts
+from d4ir.pipelines.weather_sd.data import CAPTIONS, WeatherSet
+from d4ir.pipelines.weather_sd.stats import content_kept, weather_stats
+from d4ir.pipelines.weather_sd.vae import STAT_OF_WEATHER
+from d4ir.synth.ccd import CCDConfig, ccd_sample
+from d4ir.synth.sd import SDParts
 
 
 def clean_crops(held_out: WeatherSet, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:

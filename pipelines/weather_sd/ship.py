@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipelines.weather_sd.folder import weights_mb, write_card
+from d4ir.pipelines.weather_sd.folder import weights_mb, write_card
 
 MANIFEST = "files.json"
 CARD_FILES = ("README.md", "training.json", MANIFEST)
@@ -50,7 +50,7 @@ def ship(model_dir: str | Path, dest: str | Path, info: dict) -> Path:
         dest: where it goes (synth/weights/weather-ldm).
         info: the model card's content (`folder.model_card`).
     """
-    from synth.sd import load_sd
+    from d4ir.synth.sd import load_sd
 
     model_dir, dest = Path(model_dir), Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")

@@ -25,8 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from distill.metrics import psnr, ssim
+from d4ir.distill.metrics import psnr, ssim
 
 HIGHPASS_SIGMA = 2.0
 LINE_LENGTH = 7

@@ -19,8 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from synth.text_encoder import text_model, tiny_tokenizer
+from d4ir.synth.text_encoder import text_model, tiny_tokenizer
 
 TEXT_DIM = 64
 TEXT_LAYERS = 2

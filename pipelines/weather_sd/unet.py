@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from d4ir.pipelines.weather_sd.data import CAPTIONS, WEATHERS
+from d4ir.synth.sd_configs import SD15_SCHEDULER_CONFIG
 from diffusers import DDIMScheduler, UNet2DConditionModel
-
-from pipelines.weather_sd.data import CAPTIONS, WEATHERS
-from synth.sd_configs import SD15_SCHEDULER_CONFIG
 
 EVAL_TIMESTEPS = (50, 200, 400, 600, 800)
 

@@ -25,10 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from d4ir.pipelines.weather_sd.data import WEATHERS, WeatherSet
+from d4ir.pipelines.weather_sd.stats import content_kept, weather_stats
 from diffusers import AutoencoderKL
-
-from pipelines.weather_sd.data import WEATHERS, WeatherSet
-from pipelines.weather_sd.stats import content_kept, weather_stats
 
 VAE_WIDTHS: dict[int, tuple[int, ...]] = {4: (32, 64, 64), 8: (32, 64, 64, 64)}
 STAT_OF_WEATHER = {"derain": "rain", "dehaze": "haze", "desnow": "snow"}
