@@ -89,7 +89,12 @@ def main(debug: bool) -> None:
       prompts   learn degradation-aware prompts from web degraded photos
       synth     synthesize degraded images from web clean photos with a frozen Stable Diffusion
       distill   train a small student to mimic the teacher on the synthesized images
-    Helpers: data (check folders, build the demo data), teacher, eval, models, probe, shards, report, demo.
+    Around them:
+      teacher      train a teacher here from paired data (the demo and the benchmarks)
+      eval         score a model on a paired set;  export  write a student as ONNX, checked by onnxruntime
+      experiments  the paper's tables from one JSON config;  demo  every stage on the embedded demo data
+      status       what a run folder holds;  report  RUN/report.md;  shards  check and look at shards
+      data         check image folders, build the demo data;  models  the registered networks;  probe  see features
     An expected failure (a missing file, a full disk, a bad value) ends with one line and exit status 2.
     """
 

@@ -30,6 +30,13 @@ def test_every_command_has_help(args):
     assert len(result.output.split("Options:")[0].strip().splitlines()) >= 3
 
 
+def test_the_main_help_names_every_command():
+    """`d4ir --help`'s text (not only click's truncated command list) names every command with what it does."""
+    text = CliRunner().invoke(main, ["--help"]).output.split("Options:")[0]
+    missing = [name for name in main.commands if not re.search(rf"\b{name}\b", text)]
+    assert not missing, f"d4ir --help does not describe: {missing}"
+
+
 def _command(args):
     cmd = main
     for name in args:
