@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
-from d4ir.shards.checks import check_rate
+from d4ir.shards.checks import check_choice, check_positive_ints, check_rate
 
 from .datafree import DataFreeConfig
 from .losses import parse_weights
 
-DATA_SOURCES = ("shards", "original", "web", "dfsr", "dfmc")
+DataSource = Literal["shards", "original", "web", "dfsr", "dfmc"]
+DATA_SOURCES: tuple[str, ...] = get_args(DataSource)
 # DataFreeConfig fields the trainer sets from its own config (not options of their own)
 DATAFREE_DERIVED = ("datafree.method", "datafree.loss", "datafree.seed", "datafree.contrastive_layers",
                     "datafree.contrastive_layer_weights", "datafree.contrastive_eps", "datafree.betas")
@@ -49,7 +50,7 @@ class DistillConfig:
 
     student: str = "half"
     student_kwargs: dict | None = None
-    data: Literal["shards", "original", "web", "dfsr", "dfmc"] = "shards"
+    data: DataSource = "shards"
     epochs: int = 200
     joint_epochs: int = 50
     round_every: int = 10
@@ -70,12 +71,8 @@ class DistillConfig:
     datafree: DataFreeConfig = field(default_factory=DataFreeConfig)
 
     def __post_init__(self) -> None:
-        if self.data not in DATA_SOURCES:
-            raise ValueError(f"data must be one of {', '.join(DATA_SOURCES)}, got {self.data!r}")
-        for name in ("batch_size", "crop"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_choice("data", self.data, DATA_SOURCES)
+        check_positive_ints(self, ("batch_size", "crop"))
         for name in ("epochs", "joint_epochs", "round_every", "lr_halve_every", "feedback_batch", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

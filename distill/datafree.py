@@ -49,17 +49,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from d4ir.shards.checks import check_choice, check_positive_ints
 from torch import nn
 
 from .dfmc import FEATURE_KINDS, build_features, contrastive_ratio
 from .losses import kd_loss, parse_weights
 
-METHODS = ("dfsr", "dfmc")
-NORMS = ("l2", "l1")
+Method = Literal["dfsr", "dfmc"]
+METHODS: tuple[str, ...] = get_args(Method)
+Norm = Literal["l2", "l1"]
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
 @dataclass(frozen=True)
@@ -85,13 +89,13 @@ class DataFreeConfig:
         seed: seeds G's initial weights (and, with the rank, the generator step's noise).
     """
 
-    method: str = "dfsr"
+    method: Method = "dfsr"
     z_dim: int = 256
     widths: tuple[int, int] = (128, 64)
     generator_lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     student_steps_per_generator_step: int = 50
-    generator_norm: str = "l2"
+    generator_norm: Norm = "l2"
     lr_decay_every: int = 0
     lr_decay: float = 0.1
     loss: str | dict | None = None
@@ -117,23 +121,17 @@ class DataFreeConfig:
         for name in ("widths", "betas", "contrastive_layers", "contrastive_layer_weights"):
             if getattr(self, name) is not None:
                 fix(name, tuple(getattr(self, name)))
-        if self.method not in METHODS:
-            raise ValueError(f"DataFreeConfig.method must be one of {METHODS}, got {self.method!r}")
+        check_choice("method", self.method, METHODS, owner="DataFreeConfig.")
         if self.beta < 0 or self.contrastive_eps <= 0:
             raise ValueError("DataFreeConfig.contrastive_weight must be >= 0 and contrastive_eps > 0")
-        if not isinstance(self.z_dim, int) or self.z_dim < 1:
-            raise ValueError(f"DataFreeConfig.z_dim must be a positive int, got {self.z_dim!r}")
+        check_positive_ints(self, ("z_dim", "student_steps_per_generator_step"), owner="DataFreeConfig.")
         if len(self.widths) != 2 or any(not isinstance(w, int) or w < 1 for w in self.widths):
             raise ValueError(f"DataFreeConfig.widths must be two positive ints, got {self.widths!r}")
         if not self.generator_lr > 0:
             raise ValueError(f"DataFreeConfig.generator_lr must be > 0, got {self.generator_lr}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"DataFreeConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
-        k = self.student_steps_per_generator_step
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"DataFreeConfig.student_steps_per_generator_step must be an int >= 1, got {k!r}")
-        if self.generator_norm not in NORMS:
-            raise ValueError(f"DataFreeConfig.generator_norm must be one of {NORMS}, got {self.generator_norm!r}")
+        check_choice("generator_norm", self.generator_norm, NORMS, owner="DataFreeConfig.")
         if self.lr_decay_every < 0 or not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("DataFreeConfig.lr_decay_every must be >= 0 and lr_decay in (0, 1]")
         if self.contrastive_features not in FEATURE_KINDS:

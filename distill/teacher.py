@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from d4ir.shards.checks import check_rate
+from d4ir.shards.checks import check_positive_ints, check_rate
 
 from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch
@@ -53,10 +53,7 @@ class SupervisedConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "crop"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("epochs", "batch_size", "crop"))
         if self.iters_per_epoch is not None and self.iters_per_epoch < 1:
             raise ValueError(f"iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
         check_rate("lr", self.lr)

@@ -20,15 +20,19 @@ never on the batch it was sampled in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
+from d4ir.shards.checks import check_choice, check_positive_ints
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .sd_parts import SDParts
+
+Z0 = Literal["ccd", "noise"]  # where denoising starts: the noised clean latent (CCD) or pure noise
+Z0_CHOICES: tuple[str, ...] = get_args(Z0)
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,14 @@ class CCDConfig:
     strength: float = 0.5
     size: int = 256
     guidance_scale: float = 1.0
-    z0: Literal["ccd", "noise"] = "ccd"
+    z0: Z0 = "ccd"
     eta: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"CCDConfig.steps must be a positive int, got {self.steps!r}")
+        check_positive_ints(self, ("steps",), owner="CCDConfig.")
         if not 0.0 < self.strength <= 1.0:
             raise ValueError(f"CCDConfig.strength (lambda) must be in (0, 1], got {self.strength}")
-        if self.z0 not in ("ccd", "noise"):
-            raise ValueError(f"CCDConfig.z0 must be 'ccd' or 'noise', got {self.z0!r}")
+        check_choice("z0", self.z0, Z0_CHOICES, owner="CCDConfig.")
         if self.z0 == "ccd" and int(self.steps * self.strength) < 1:
             raise ValueError(f"steps={self.steps} x strength={self.strength} leaves no denoising step")
         if self.size < 8 or self.size % 8:

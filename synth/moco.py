@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from d4ir.shards.checks import check_positive_ints
 from torch import Tensor, nn
 
 
@@ -29,8 +30,7 @@ class MoCoConfig:
     momentum: float = 0.999
 
     def __post_init__(self) -> None:
-        if not isinstance(self.queue_size, int) or self.queue_size < 1:
-            raise ValueError(f"MoCoConfig.queue_size must be a positive int, got {self.queue_size!r}")
+        check_positive_ints(self, ("queue_size",), owner="MoCoConfig.")
         if not self.tau > 0:
             raise ValueError(f"MoCoConfig.tau must be > 0, got {self.tau}")
         if not 0.0 <= self.momentum <= 1.0:

@@ -11,9 +11,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
+from d4ir.shards.checks import check_choice, check_positive_ints
 
 from .ccd import CCDConfig
 from .sd import SDSource
@@ -21,7 +22,8 @@ from .sd import SDSource
 # Where each sample's prompt comes from (the paper's Table 3 "Prompt" column): the prompt encoder's
 # embedding of a web degraded image (D4IR), none (the empty text), a text prompt, or the prompt encoder
 # applied to the clean photo itself ("content").
-PROMPT_MODES = ("encoder", "none", "text", "content")
+PromptMode = Literal["encoder", "none", "text", "content"]
+PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
 # The text prompt of each weather, for prompt mode "text" (Table 3's M1/M5) and the embedded model's captions.
 WEATHER_TEXT = {
     "derain": "a photo taken in the rain, rain streaks",
@@ -49,18 +51,14 @@ class SynthConfig:
     shard_size: int = 256
     batch_size: int = 64
     ccd: CCDConfig = field(default_factory=CCDConfig)
-    prompt_mode: Literal["encoder", "none", "text", "content"] = "encoder"
+    prompt_mode: PromptMode = "encoder"
     text: str = WEATHER_TEXT["derain"]
     seed: int = 0
     round: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "shard_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"SynthConfig.{name} must be a positive int, got {value!r}")
-        if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"unknown prompt_mode {self.prompt_mode!r}; choose from {', '.join(PROMPT_MODES)}")
+        check_positive_ints(self, ("num_samples", "shard_size", "batch_size"), owner="SynthConfig.")
+        check_choice("prompt_mode", self.prompt_mode, PROMPT_MODES, owner="SynthConfig.")
         if not isinstance(self.round, int) or self.round < 0:
             raise ValueError(f"SynthConfig.round must be a non-negative int, got {self.round!r}")
         if self.prompt_mode == "text" and not self.text.strip():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from d4ir.shards.checks import check_rate
+from d4ir.shards.checks import check_positive_ints, check_rate
 from d4ir.shards.errors import StageFailedError
 from d4ir.shards.folders import scan_images
 from d4ir.shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
@@ -80,11 +80,8 @@ class PromptsConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
-        for name in ("prompt_tokens", "feat_dim", "token_rank", "steps", "batch_size", "crop", "embed_side",
-                     "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PromptsConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("prompt_tokens", "feat_dim", "token_rank", "steps", "batch_size", "crop",
+                                   "embed_side", "checkpoint_every"), owner="PromptsConfig.")
         if len(self.widths) != 3 or min(self.widths) < 1:
             raise ValueError(f"PromptsConfig.widths must be three positive ints, got {self.widths}")
         check_rate("lr", self.lr, owner="PromptsConfig.")

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from d4ir.shards.checks import check_positive_ints
 from d4ir.shards.io import append_jsonl
 from d4ir.shards.layout import LOG_FILE, STATE_FILE
 from d4ir.shards.state import load_state, restoring, save_state, trim_log
@@ -70,8 +71,7 @@ class LoopConfig:
     final_lr_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"LoopConfig.steps must be a positive int, got {self.steps!r}")
+        check_positive_ints(self, ("steps",), owner="LoopConfig.")
         if not (self.lr > 0 and self.warmup >= 0 and self.weight_decay >= 0 and self.clip >= 0):
             raise ValueError("LoopConfig needs lr > 0, warmup >= 0, weight_decay >= 0 and clip >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
