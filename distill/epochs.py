@@ -19,6 +19,7 @@ from d4ir.shards.io import append_jsonl
 from d4ir.shards.layout import LOG_FILE, STATE_FILE
 from d4ir.shards.state import (
     StateError,
+    changed_settings,
     check_schema,
     load_state,
     restore_rng,
@@ -62,9 +63,7 @@ class EpochLoop:
                              "use another output folder")
         if resume and self.state_path.exists():
             self.state = load_state(self.state_path, schema=STATE_SCHEMA)
-            if self.state.get("settings") != settings:
-                changed = sorted(k for k in set(settings) | set(self.state.get("settings") or {})
-                                 if (self.state.get("settings") or {}).get(k) != settings.get(k))
+            if changed := changed_settings(self.state.get("settings"), settings):
                 raise StateError(f"cannot resume {self.state_path}: it was written with other settings "
                                  f"({', '.join(changed)}); drop --resume and use another output folder")
             self.start = self.state["epoch"]

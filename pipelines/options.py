@@ -163,20 +163,45 @@ def given_options(kwargs: dict[str, Any]) -> dict[tuple[str, ...], Any]:
     return given
 
 
-def config_from(base: Any, given: dict[tuple[str, ...], Any]) -> Any:
-    """`base` (a preset's config instance) with the given option values replaced, nested configs included."""
-    hints = typing.get_type_hints(type(base))
-    changes: dict[str, Any] = {}
-    nested: dict[str, dict[tuple[str, ...], Any]] = {}
-    for path, value in given.items():
-        if len(path) > 1:
-            nested.setdefault(path[0], {})[path[1:]] = value
-            continue
-        _, convert = _click_type(hints[path[0]])
-        changes[path[0]] = convert(value) if convert and isinstance(value, str) else value
-    for name, sub in nested.items():
-        changes[name] = config_from(getattr(base, name), sub)
+def object_fields(value: Any, where: str, allowed: tuple[str, ...]) -> dict:
+    """`value` as a JSON object whose keys are all `allowed`; else one ValueError naming `where` and the field."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(allowed)})")
+    return value
+
+
+def apply_overrides(base: Any, overrides: dict, where: str = "") -> Any:
+    """`base` (a config dataclass) with `overrides` replaced, nested dataclasses by nested objects, JSON lists as
+    tuples: the one way a config is changed, from command-line options (`config_from`) and from JSON configs.
+    A bad value is one ValueError, prefixed with `where` (the JSON path) when given."""
+    names = [f.name for f in dataclasses.fields(base)]
+    changes = {}
+    for key, value in object_fields(overrides, where or type(base).__name__, tuple(names)).items():
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = apply_overrides(current, value, f"{where}.{key}" if where else "")
+        else:
+            changes[key] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
     try:
         return dataclasses.replace(base, **changes)
     except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}" if where else str(err)) from err
+
+
+def config_from(base: Any, given: dict[tuple[str, ...], Any]) -> Any:
+    """`base` (a preset's config instance) with the given option values replaced, nested configs included: the
+    option strings converted by each field's type, then `apply_overrides`; a bad value is a usage error."""
+    nested: dict[str, Any] = {}
+    for path, value in given.items():
+        node, owner = nested, base
+        for part in path[:-1]:
+            node, owner = node.setdefault(part, {}), getattr(owner, part)
+        _, convert = _click_type(typing.get_type_hints(type(owner))[path[-1]])
+        node[path[-1]] = convert(value) if convert and isinstance(value, str) else value
+    try:
+        return apply_overrides(base, nested)
+    except ValueError as err:
         raise click.UsageError(str(err)) from err

@@ -104,6 +104,14 @@ def restoring(path: Path, key: str) -> Iterator[None]:
         raise StateError(f"{path}: malformed training state: {key!r} cannot be restored ({detail})") from err
 
 
+def changed_settings(saved: dict | None, wanted: dict) -> list[str]:
+    """The names whose values differ between the settings a run was written with and the ones asked for now
+    (a name only one side has counts): every resume check (stages 1 and 3, the experiments' steps) refuses
+    with this list, so that the user sees what to put back."""
+    saved = saved or {}
+    return sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+
+
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:
     """The numpy generator's state as plain data (a dict of str and int)."""
     return rng.bit_generator.state

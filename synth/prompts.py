@@ -29,7 +29,7 @@ from d4ir.shards.folders import scan_images
 from d4ir.shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from d4ir.shards.io import append_jsonl, state_dict_sha256
 from d4ir.shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
-from d4ir.shards.state import StateError, load_state, restoring, save_state, trim_log
+from d4ir.shards.state import StateError, changed_settings, load_state, restoring, save_state, trim_log
 from tqdm import tqdm
 
 from .embed import export_prompts, prompt_encoder_info
@@ -246,8 +246,7 @@ def train_prompts(
         saved = dict(state["args"])
         if isinstance(saved.get("images"), list) and all(isinstance(p, str) for p in saved["images"]):
             saved["images"] = _resolved(saved["images"])  # a state written before paths were resolved
-        changed = sorted(k for k in args if saved.get(k) != args[k])
-        if changed:
+        if changed := changed_settings(saved, args):
             raise StateError(f"cannot resume {state_path}: settings changed ({', '.join(changed)}); "
                              "drop --resume or use another run folder")
         start = state["step"]

@@ -167,7 +167,7 @@ def test_prompt_mode_errors_are_clear_and_early(synth_inputs, tmp_path):
         run(synth_inputs, rounds(tmp_path / "c"), replace(CFG, prompt_mode="content"), prompts_dir=tmp_path / "no")
     with pytest.raises(ValueError, match="prompt mode 'encoder' needs the prompts folder"):
         run(synth_inputs, rounds(tmp_path / "encoder"), prompts_dir=None)
-    with pytest.raises(ValueError, match="unknown prompt_mode"):
+    with pytest.raises(ValueError, match="SynthConfig.prompt_mode must be one of encoder, none, text, content, got"):
         run(synth_inputs, rounds(tmp_path / "odd"), replace(CFG, prompt_mode="clip"))
     with pytest.raises(ValueError, match="multiple of 8"):
         run(synth_inputs, rounds(tmp_path / "size"), replace(CFG, ccd=replace(CFG.ccd, size=30)))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from d4ir.distill.registry import ARCHITECTURES
+from d4ir.pipelines.options import apply_overrides, object_fields
 from d4ir.pipelines.presets import PRESETS, STAGES, preset
 
 from .tables import ROWS, TABLES, TEACHER_FIELDS
@@ -28,31 +29,6 @@ OWNED = {"teacher": ("arch", "seed"), "prompts": ("seed",),
 FOLDER_FIELDS = ("web_degraded", "web_clean", "original")
 
 Folder = Path | tuple[Path, ...]  # one folder, or several mixed into one (the all-in-one task)
-
-
-def _object(value: Any, where: str, allowed: tuple[str, ...]) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(allowed)})")
-    return value
-
-
-def apply_overrides(base: Any, overrides: dict, where: str) -> Any:
-    """`base` (a config dataclass) with `overrides` replaced, nested dataclasses by nested objects."""
-    names = [f.name for f in dataclasses.fields(base)]
-    changes = {}
-    for key, value in _object(overrides, where, tuple(names)).items():
-        current = getattr(base, key)
-        if dataclasses.is_dataclass(current):
-            changes[key] = apply_overrides(current, value, f"{where}.{key}")
-        else:
-            changes[key] = tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
-    try:
-        return dataclasses.replace(base, **changes)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {err}") from err
 
 
 def _owned(overrides: dict, stage: str, where: str) -> None:
@@ -84,7 +60,7 @@ class ScaleConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"scale.preset: unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         for stage in STAGES:
-            _owned(_object(getattr(self, stage), f"scale.{stage}", _fields_of(stage)), stage, f"scale.{stage}")
+            _owned(object_fields(getattr(self, stage), f"scale.{stage}", _fields_of(stage)), stage, f"scale.{stage}")
             self.stage(stage)  # raises on a bad value
 
     def stage(self, name: str) -> Any:
@@ -121,7 +97,7 @@ class TeacherSpec:
             raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         if self.kwargs is not None and not isinstance(self.kwargs, dict):
             raise ValueError(f"kwargs: expected an object, got {type(self.kwargs).__name__}")
-        _owned(_object(self.overrides, "overrides", _fields_of("teacher")), "teacher", "overrides")
+        _owned(object_fields(self.overrides, "overrides", _fields_of("teacher")), "teacher", "overrides")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from d4ir.pipelines.options import object_fields
+
 from .config import (
     FOLDER_FIELDS,
     PREPARED,
@@ -18,7 +20,6 @@ from .config import (
     TableSpec,
     TaskConfig,
     TeacherSpec,
-    _object,
 )
 from .tables import TABLES
 
@@ -71,7 +72,7 @@ class _Paths:
 def _teacher(value: Any, where: str, paths: _Paths) -> TeacherSpec | None:
     if value is None:
         return None
-    d = _object(value, where, TEACHER)
+    d = object_fields(value, where, TEACHER)
     try:
         return TeacherSpec(checkpoint=paths.path(d["checkpoint"], f"{where}.checkpoint") if "checkpoint" in d else None,
                            train=paths.folder(d.get("train"), f"{where}.train"), arch=d.get("arch", "airnet"),
@@ -82,7 +83,7 @@ def _teacher(value: Any, where: str, paths: _Paths) -> TeacherSpec | None:
 
 def _task(name: str, value: Any, paths: _Paths) -> TaskConfig:
     where = f"tasks.{name}"
-    d = _object(value, where, TASK)
+    d = object_fields(value, where, TASK)
     weather = d.get("weather", name if name in WEATHERS else None)
     if weather is None:
         raise ValueError(f"{where}.weather: task {name!r} is not named after a weather; give one of "
@@ -147,8 +148,8 @@ def _tables(value: Any) -> tuple[TableSpec, ...]:
     if isinstance(value, list):
         value = {_str(v, "tables[]"): {} for v in value}
     tables = []
-    for name, spec in _object(value, "tables", tuple(TABLES)).items():
-        where, d, default = f"tables.{name}", _object(spec or {}, f"tables.{name}", TABLE), TABLES[name]
+    for name, spec in object_fields(value, "tables", tuple(TABLES)).items():
+        where, d, default = f"tables.{name}", object_fields(spec or {}, f"tables.{name}", TABLE), TABLES[name]
         for key in ("tests", "rows"):
             if key in d and (not isinstance(d[key], list) or not all(isinstance(v, str) for v in d[key])):
                 raise ValueError(f"{where}.{key}: expected a list of names, got {d[key]!r}")
@@ -172,7 +173,7 @@ def _local(spec: Any, base: Path) -> Any:
 
 def parse_config(data: Any, base: Path, out: str | Path | None = None) -> ExperimentConfig:
     """The validated config of a parsed JSON object whose relative paths are relative to `base`."""
-    top = _object(data, "config", TOP)
+    top = object_fields(data, "config", TOP)
     if out is None and "out" not in top:
         raise ValueError("out: name the experiments folder (or pass --out)")
     out_dir = Path(out).resolve() if out is not None else _Paths(base, base, ()).path(top["out"], "out")
@@ -184,7 +185,7 @@ def parse_config(data: Any, base: Path, out: str | Path | None = None) -> Experi
     sd, sd_config = (_local(top.get(k, default), base) for k, default in (("sd", "tiny"), ("sd_config", None)))
     return ExperimentConfig(
         out=out_dir, sd=sd, sd_config=sd_config,
-        scale=ScaleConfig(**_object(top.get("scale", {}), "scale", ("preset", "teacher", "prompts", "synth",
+        scale=ScaleConfig(**object_fields(top.get("scale", {}), "scale", ("preset", "teacher", "prompts", "synth",
                                                                      "distill"))),
         seed=top.get("seed", 0), device=top.get("device"), threads=top.get("threads"),
         vs_teacher=top.get("vs_teacher", False),

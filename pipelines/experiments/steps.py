@@ -22,13 +22,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from d4ir.pipelines.options import apply_overrides
 from d4ir.shards.io import atomic_write_json
 from d4ir.shards.layout import STATE_FILE, TEACHER_STEM, RunLayout, round_name, weights_file
+from d4ir.shards.state import changed_settings
 from d4ir.synth.plan import WEATHER_TEXT
 from d4ir.synth.sd import SDSource
 
 from . import stages
-from .config import FOLDER_FIELDS, ExperimentConfig, TeacherSpec, apply_overrides
+from .config import FOLDER_FIELDS, ExperimentConfig, TeacherSpec
 from .inputs import resolve, slug
 from .tables import TEACHER_NAMES, RowDef
 
@@ -44,9 +46,7 @@ def marked(marker: Path, settings: dict, fn: Callable[[], dict | None], *, title
     settings = plain(settings)
     if marker.exists():
         record = json.loads(marker.read_text())
-        old = record.get("settings", {})
-        if old != settings:
-            changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        if changed := changed_settings(record.get("settings"), settings):
             raise ValueError(f"{marker} was written with other settings ({', '.join(changed)}): delete it and "
                              "its outputs to redo the step, or use another experiments folder")
         return record
