@@ -32,7 +32,7 @@ from d4ir.shards.layout import RunLayout
 from d4ir.shards.writer import read_manifest
 from d4ir.synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
 from d4ir.synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
-from d4ir.synth.moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
+from d4ir.synth.moco import MoCoConfig, MoCoQueue, moco_step
 from d4ir.synth.plan import SynthConfig
 from d4ir.synth.sd import SDSource
 from d4ir.synth.sd_parts import SDParts
@@ -104,13 +104,7 @@ class FeedbackLoop(nn.Module):
         picks = rng.integers(0, len(self._degraded), batch)
         xq = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
         xk = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
-        q = self.encoder.features(xq)  # [B, F]
-        with torch.no_grad():
-            momentum_update(self.encoder, self.key_encoder, self.moco.momentum)
-            k = self.key_encoder.features(xk)  # [B, F]
-        loss = info_nce(q, k, self.queue.keys(), self.moco.tau)
-        self.queue.enqueue(k)
-        return loss
+        return moco_step(self.encoder, self.key_encoder, self.queue, xq, xk, self.moco)[0]
 
     def feedback_loss(
         self, student: nn.Module, teacher: nn.Module, rng: np.random.Generator, batch: int, weights: dict,

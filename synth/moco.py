@@ -157,3 +157,24 @@ def info_nce(
     if k_neg.shape[0] == 0:
         raise ValueError("the negatives-only form of Eq. (3) needs at least one negative key")
     return (torch.logsumexp(neg, dim=1) - pos[:, 0]).mean()
+
+
+def moco_step(query_enc: nn.Module, key_enc: nn.Module, queue: MoCoQueue, xq: Tensor, xk: Tensor,
+              config: MoCoConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One MoCo step of Eq. (3), the rule stage 1 and stage 3's joint phase share.
+
+    q = Enc_q(x_q) [B, F]; the key encoder follows the query encoder by momentum, then k = Enc_k(x_k) [B, F]
+    without gradient; the loss is InfoNCE of q against k and the queue's keys of earlier batches [K, F] (a
+    copy, so that enqueueing k, done last here, cannot change them under autograd).
+
+    Returns:
+        (loss, q, k, negatives): the loss to back-propagate and what it was computed from (for logging).
+    """
+    q = query_enc.features(xq)
+    with torch.no_grad():
+        momentum_update(query_enc, key_enc, config.momentum)
+        k = key_enc.features(xk)
+    negatives = queue.keys().clone()
+    loss = info_nce(q, k, negatives, config.tau)
+    queue.enqueue(k)
+    return loss, q, k, negatives

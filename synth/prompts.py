@@ -33,7 +33,7 @@ from d4ir.shards.state import StateError, changed_settings, load_state, restorin
 from tqdm import tqdm
 
 from .embed import export_prompts, prompt_encoder_info
-from .moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
+from .moco import MoCoConfig, MoCoQueue, moco_step
 from .prompt_encoder import DEFAULT_PROMPT_TOKENS, PromptEncoder
 from .sd_parts import SDParts
 
@@ -272,16 +272,10 @@ def train_prompts(
     bar = tqdm(total=config.steps, initial=start, desc="prompts", disable=not progress)
     for step in range(start, config.steps):
         xq, xk = (t.to(device) for t in _batch(paths, step, config))
-        q = query_enc.features(xq)  # [B, F]
-        with torch.no_grad():
-            momentum_update(query_enc, key_enc, moco.momentum)
-            k = key_enc.features(xk)  # [B, F]
-        negatives = queue.keys()  # [K, F], keys of earlier batches
-        loss = info_nce(q, k, negatives, moco.tau)
+        loss, q, k, negatives = moco_step(query_enc, key_enc, queue, xq, xk, moco)  # q, k [B, F]; negatives [K, F]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        queue.enqueue(k)
         loss_value = float(loss.detach())
         with torch.no_grad():
             pos = float((q * k).sum(1).mean())

@@ -123,7 +123,7 @@ def test_rerun_with_same_seed_is_exact(degraded, first_run, tmp_path):
 def test_resume_after_a_crash_matches_the_uninterrupted_run(degraded, first_run, tmp_path, monkeypatch):
     out, res = first_run
     calls = {"n": 0}
-    real = prompts_mod.info_nce
+    real = prompts_mod.moco_step
 
     def crash_on_step_4(*args, **kw):
         calls["n"] += 1
@@ -131,12 +131,12 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(degraded, first_run,
             raise KeyboardInterrupt  # killed after the step-2 checkpoint and the logged step 3
         return real(*args, **kw)
 
-    monkeypatch.setattr(prompts_mod, "info_nce", crash_on_step_4)
+    monkeypatch.setattr(prompts_mod, "moco_step", crash_on_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_prompts(degraded, FakeSD(), tmp_path)
     assert load_checkpoint(tmp_path)["step"] == 2 and len(read_jsonl(tmp_path / "train.jsonl")) == 3
     assert not (tmp_path / "prompt_encoder.safetensors").exists()
-    monkeypatch.setattr(prompts_mod, "info_nce", real)
+    monkeypatch.setattr(prompts_mod, "moco_step", real)
     resumed = train_prompts(degraded, FakeSD(), tmp_path, resume=True)
     assert resumed.encoder_sha256 == res.encoder_sha256
     assert torch.equal(load_embeddings(out).prompt_embeds, load_embeddings(tmp_path).prompt_embeds)
