@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from d4ir.shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from d4ir.synth.plan import WEATHERS
 
 _path = click.Path(path_type=Path)
 _existing = click.Path(exists=True, path_type=Path)
@@ -225,7 +226,7 @@ def report(run: Path, test: Path | None) -> None:
 @click.command()
 @click.option("--data", type=_path, default=Path("data/demo"), show_default=True, help="Demo data folder.")
 @click.option("--run-dir", "run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
-@click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True,
+@click.option("--task", type=click.Choice(WEATHERS), default="derain", show_default=True,
               help="The weather the teacher removes and the students learn.")
 @click.option("--seed", default=0, show_default=True, help="Seed of every stage: CPU runs repeat exactly.")
 @_device_option

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from d4ir.synth.plan import WEATHERS
 
 from .weather_kernels import (
     check_image,
@@ -43,7 +44,7 @@ from .weather_kernels import (
     smooth_field,
 )
 
-TASKS = ("derain", "dehaze", "desnow")
+TASKS = WEATHERS  # the physical model renders every weather the pipeline knows
 
 HAZE_BETA = (0.04, 0.2)  # scattering coefficient per unit depth (RESIDE OTS range)
 HAZE_AIRLIGHT = (0.8, 1.0)  # global atmospheric light, gray (RESIDE OTS range)

@@ -30,6 +30,8 @@ WEATHER_TEXT = {
     "dehaze": "a hazy photo, thick fog",
     "desnow": "a photo taken in snowfall, snowflakes",
 }
+# The weathers (restoration tasks) the project knows, in this order everywhere: the one list of them.
+WEATHERS: tuple[str, ...] = tuple(WEATHER_TEXT)
 
 
 @dataclass(frozen=True)

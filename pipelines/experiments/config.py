@@ -18,10 +18,11 @@ from typing import Any
 from d4ir.distill.registry import ARCHITECTURES
 from d4ir.pipelines.options import apply_overrides, object_fields
 from d4ir.pipelines.presets import PRESETS, STAGES, preset
+from d4ir.synth.plan import WEATHERS as PIPELINE_WEATHERS
 
 from .tables import ROWS, TABLES, TEACHER_FIELDS
 
-WEATHERS = ("derain", "dehaze", "desnow", "all")
+WEATHERS = (*PIPELINE_WEATHERS, "all")  # a task's weather: one of the pipeline's, or all of them mixed
 PREPARED = "prepared:"
 # Fields the experiments set per row or per stage; an override of them would be silently lost, so it is refused.
 OWNED = {"teacher": ("arch", "seed"), "prompts": ("seed",),

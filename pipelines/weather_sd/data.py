@@ -31,9 +31,10 @@ import torch
 from d4ir.pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA, cut_crop
 from d4ir.pipelines.weather import degrade
 from d4ir.synth.plan import WEATHER_TEXT as TASK_TEXT
+from d4ir.synth.plan import WEATHERS as PIPELINE_WEATHERS
 from tqdm import tqdm
 
-WEATHERS = ("clean", "derain", "dehaze", "desnow")
+WEATHERS = ("clean", *PIPELINE_WEATHERS)  # what the embedded model is captioned with: clean photos first
 CAPTIONS: dict[str, str] = {"clean": "a photo", **TASK_TEXT}
 RAIN_CHOICES = ("light", "heavy")
 SNOW_CHOICES = ("light", "medium", "heavy")
