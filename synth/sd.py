@@ -122,6 +122,24 @@ def build_sd15_layout(
     return assemble(vae, unet, DDIMScheduler(**SD15_SCHEDULER_CONFIG), "sd15-layout", dtype=dtype)
 
 
+def write_model_index(folder: Path, text_parts: dict[str, list[str]] | None = None) -> Path:
+    """FOLDER/model_index.json, diffusers' StableDiffusionPipeline index of a saved SD: the UNet, VAE and DDIM
+    scheduler, no safety checker, plus `text_parts` ({"text_encoder": ["transformers", "CLIPTextModel"], ...})."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        **(text_parts or {}),
+    }
+    path = Path(folder) / "model_index.json"
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
 def save_sd(parts: SDParts, folder: str | Path) -> Path:
     """Write `parts` as a diffusers folder that `load_sd` reads: unet/, vae/, scheduler/, text_encoder/ and
     tokenizer/ (vocab.json + merges.txt, as SD repositories ship it) when there is a text encoder, and
@@ -130,20 +148,12 @@ def save_sd(parts: SDParts, folder: str | Path) -> Path:
     parts.unet.save_pretrained(folder / "unet")
     parts.vae.save_pretrained(folder / "vae")
     parts.scheduler.save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
+    text_parts = {}
     if parts.text_encoder is not None and parts.tokenizer is not None:
         parts.text_encoder.save_pretrained(folder / "text_encoder")
         save_tokenizer(parts.tokenizer, folder / "tokenizer")
-        index |= {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        text_parts = {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    write_model_index(folder, text_parts)
     return folder
 
 

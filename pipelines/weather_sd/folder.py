@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from d4ir.pipelines.weather_sd.data import CAPTIONS, EXCLUDED, HELD_OUT, LICENCES, TRAIN_PHOTOS
+from d4ir.synth.sd import write_model_index
 from d4ir.synth.text_encoder import save_tokenizer
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
@@ -57,15 +58,7 @@ def save_weather_sd(
     _save_module(vae, tmp / "vae", dtype)
     _save_module(unet, tmp / "unet", dtype)
     sched.save_pretrained(tmp / "scheduler")
-    index: dict[str, Any] = {
-        "_class_name": "StableDiffusionPipeline",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
+    text_parts: dict[str, list[str]] = {}
     for sub in ("model", "tokenizer"):
         part = getattr(text_encoder, sub, None) if text_encoder is not None else None
         if part is None or not hasattr(part, "save_pretrained"):
@@ -79,8 +72,8 @@ def save_weather_sd(
             part.save_pretrained(tmp / name)
         library = type(part).__module__.split(".")[0]
         if library == "transformers":  # a stand-in tokenizer is not listed: pipelines could not build it
-            index[name] = [library, type(part).__name__]
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+            text_parts[name] = [library, type(part).__name__]
+    write_model_index(tmp, text_parts)
     write_card(tmp, {**(info or {}), "size_mb": round(weights_mb(tmp), 3)})
     if folder.exists():
         shutil.rmtree(folder)
