@@ -9,6 +9,7 @@ The fresh venv gets the project's dependencies (torch, diffusers, ...) from this
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -45,9 +46,15 @@ def fresh_venv(tmp_path_factory) -> Path:
         _stand_in(site, name)
     # this environment's packages (torch, diffusers, ...) after the venv's own: a .pth line is appended to sys.path
     (site / "zz_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # built from a copy of the tracked files: setuptools leaves build/ and *.egg-info in the tree it builds
+    source = base / "source"
+    for name in _run(["git", "ls-files"], ROOT).stdout.splitlines():
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     wheels = base / "wheels"
     built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                  str(ROOT)], base)
+                  str(source)], base)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     wheel = next(wheels.glob("d4ir-*.whl"))
     done = _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", str(wheel)], base)
