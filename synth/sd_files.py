@@ -129,11 +129,6 @@ def hub_snapshot(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, local_files_only=True))
 
 
-def load_hub(repo_id: str, device: Any, dtype: torch.dtype) -> SDParts:
-    """A hub id from the local cache: its snapshot is loaded as a diffusers folder, named by the hub id."""
-    return load_folder(hub_snapshot(repo_id), device, dtype, model_id=repo_id)
-
-
 def config_folder(config: str) -> Path:
     """The folder holding a single file's configs: `config` itself, or the cache snapshot of a hub id."""
     path = Path(config).expanduser()
