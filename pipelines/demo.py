@@ -100,7 +100,7 @@ def evaluate_all(layout: RunLayout, test: Path, arch: str, kwargs: dict, seed: i
     torch.manual_seed(seed)
     save_model(layout.student("untrained") / STUDENT_STEM, build(arch, **kwargs), "untrained")
     rows = [
-        ("Input", "Degraded input", IDENTITY, layout.root / "input"),
+        ("Input", "Degraded input", IDENTITY, layout.input_scores),
         ("Teacher", "AirNet (demo width)", layout.teacher, layout.teacher_dir),
         ("Untrained", "Half-AirNet, random init", layout.student_weights("untrained"), None),
         ("Student", "Half-AirNet on the teacher's pairs (GT)", layout.student_weights("student"), None),

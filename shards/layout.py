@@ -172,6 +172,11 @@ class RunLayout:
 
     # ---- the report
     @property
+    def input_scores(self) -> Path:
+        """The degraded input scored as if it were a model's output (the report's Input row)."""
+        return self.root / "input"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.md"
 
@@ -191,3 +196,69 @@ class RunLayout:
     def export(self) -> Path:
         """ONNX files of the teacher and the student and their onnxruntime latencies (`make demo`)."""
         return self.root / "export"
+
+
+DONE_FILE = "done.json"  # an experiments row's marker, written last
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """The folders of `d4ir experiments` under its OUT folder (pipelines/experiments):
+
+        OUT/data/NAME/                  a dataset a `prepare` builder made (data.json: its sources, counts)
+        OUT/TASK/                       the task's run (a RunLayout: prompts, shards, students, ...)
+        OUT/TASK/inputs/NAME/           folders the stages read, mixed or linked from the config's ones
+        OUT/TASK/steps/STEP.json        a shared step's marker (settings, seconds)
+        OUT/TASK/teachers/NAME-teacher/ a teacher trained here
+        OUT/TASK/rows/TEACHER/ROW/      a row: done.json, and TEST/eval.json per test set
+        OUT/TASK/ablations/ROW/         Table 3's rounds (M1-M5)
+        OUT/report.md, OUT/samples/, OUT/figures/
+    """
+
+    out: Path
+
+    def data(self, name: str) -> Path:
+        return self.out / "data" / name
+
+    def task(self, task: str) -> Path:
+        return self.out / task
+
+    def run(self, task: str) -> RunLayout:
+        return RunLayout(self.task(task))
+
+    def inputs(self, task: str, name: str) -> Path:
+        return self.task(task) / "inputs" / name
+
+    def step_marker(self, task: str, step: str) -> Path:
+        return self.task(task) / "steps" / f"{step}.json"
+
+    def teacher(self, task: str, name: str) -> Path:
+        return self.task(task) / "teachers" / f"{name}-teacher"
+
+    def row(self, task: str, teacher: str, row: str) -> Path:
+        return self.task(task) / "rows" / teacher / row
+
+    def ablation(self, task: str, row: str) -> Path:
+        return self.task(task) / "ablations" / row
+
+    def markers(self, task: str) -> list[Path]:
+        """Every step's and row's marker of a task (unordered)."""
+        root = self.task(task)
+        return [*(root / "steps").glob("*.json"), *(root / "rows").glob(f"*/*/{DONE_FILE}")]
+
+    @property
+    def datasets(self) -> list[Path]:
+        """The data.json of every prepared dataset."""
+        return sorted((self.out / "data").glob("*/data.json"))
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.md"
+
+    @property
+    def samples(self) -> Path:
+        return self.out / "samples"
+
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from d4ir.pipelines.options import object_fields
+from d4ir.shards.layout import ExperimentLayout
 
 from .config import (
     FOLDER_FIELDS,
@@ -55,7 +56,7 @@ class _Paths:
             name, _, sub = text[len(PREPARED):].partition("/")
             if name not in self.prepared:
                 raise ValueError(f"{where}: {text!r} names dataset {name!r}, which `prepare` does not build")
-            return self.out / "data" / name / sub
+            return ExperimentLayout(self.out).data(name) / sub
         path = Path(text).expanduser()
         return path if path.is_absolute() else (self.base / path).resolve()
 

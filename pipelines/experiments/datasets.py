@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from d4ir.shards.layout import ExperimentLayout
 
 from .data_common import Protected, finish, numbered_pairs, reuse, save_render, web_images
 
@@ -93,7 +94,7 @@ BUILDERS: dict[str, Callable[[Path, Path, int], dict]] = {
 
 def prepare(name: str, data_root: Path, out_root: Path, seed: int) -> dict:
     """Run builder `name` on the shared data under `data_root` into OUT/data/NAME; returns its data.json."""
-    out = Path(out_root) / "data" / name
+    out = ExperimentLayout(Path(out_root)).data(name)
     if out.resolve().is_relative_to(REPO_ROOT):
         raise ValueError(f"{out} is inside the repository; the shared benchmark images must not be copied into "
                          "it: choose an experiments folder outside it")

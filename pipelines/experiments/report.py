@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 
 from d4ir.shards.io import atomic_write_json, atomic_write_text
-from d4ir.shards.layout import LOG_FILE
+from d4ir.shards.layout import DONE_FILE, LOG_FILE, ExperimentLayout
 
 from ..figures import curves_png
 from ..grid import sample_grid
 from .inputs import slug
 from .published import NOT_PUBLISHED, published
-from .rows import DONE_FILE, row_dir
+from .rows import row_dir
 from .runner import PlannedTable
 from .steps import Context, teacher_seconds
 from .tables import ROWS, TEACHER_NAMES
@@ -162,7 +162,7 @@ def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
         parts += [f"### {test}" + (f" ({count} images)" if count else ""), "", results_table(ctx, table, test), ""]
     parts += [f"- {note}" for note in table.notes]
     parts += [f"- row {k} skipped: {reason}" for k, reason in table.skipped_rows.items()]
-    grid = table_grid(ctx, table, ctx.config.out / "samples" / f"table-{slug(table.name)}.png")
+    grid = table_grid(ctx, table, ctx.paths.samples / f"table-{slug(table.name)}.png")
     if grid:
         parts += ["", f"![samples of table {table.name}]({grid.relative_to(ctx.config.out)})"]
     return parts + [""]
@@ -172,14 +172,13 @@ def _steps(ctx: Context, tasks: list[str]) -> list[dict]:
     """Every shared step's and row's marker of the tasks, in the order they finished."""
     paths = []
     for task in tasks:
-        paths += list((ctx.root(task) / "steps").glob("*.json"))
-        paths += list((ctx.root(task) / "rows").glob(f"*/*/{DONE_FILE}"))
+        paths += ctx.paths.markers(task)
     return [json.loads(p.read_text()) for p in sorted(paths, key=lambda p: (p.stat().st_mtime_ns, str(p)))]
 
 
-def _datasets(out: Path) -> list[str]:
+def _datasets(paths: ExperimentLayout) -> list[str]:
     parts = []
-    for path in sorted((out / "data").glob("*/data.json")):
+    for path in paths.datasets:
         info = json.loads(path.read_text())
         parts += [f"- `{path.parent.name}` (from {info.get('source')}, seed {info.get('seed')}): counts "
                   f"{info.get('counts')}; {len(info.get('excluded', []))} images left out (listed in {path})"]
@@ -203,7 +202,7 @@ def build_report(ctx: Context, tables: list[PlannedTable]) -> Path:
     curves = []
     for task in tasks:
         if any(p.parent.name != "prompts" for p in ctx.root(task).rglob(LOG_FILE)):
-            curves.append((task, curves_png(ctx.root(task), out / "figures" / f"curves-{slug(task)}.png")))
+            curves.append((task, curves_png(ctx.root(task), ctx.paths.figures / f"curves-{slug(task)}.png")))
     if curves:
         parts += ["## Training curves", ""]
         parts += [f"### {task}\n\n![curves of {task}]({path.relative_to(out)})\n" for task, path in curves]
@@ -216,10 +215,10 @@ def build_report(ctx: Context, tables: list[PlannedTable]) -> Path:
     skipped = [f"- table {t.name}: {t.skipped}" for t in tables if t.skipped]
     skipped += [f"- table {t.name}, row {k}: {r}" for t in tables for k, r in t.skipped_rows.items()]
     parts += ["## Skipped, and why", ""] + (skipped or ["Nothing was skipped."]) + [""]
-    data_notes = _datasets(out)
+    data_notes = _datasets(ctx.paths)
     if data_notes:
         parts += ["## Data", ""] + data_notes + [""]
     parts += ["## Caveat", "", sd_caveat(cfg.sd), ""]
-    path = out / "report.md"
+    path = ctx.paths.report
     atomic_write_text(path, "\n".join(parts))
     return path

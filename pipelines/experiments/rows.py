@@ -18,18 +18,16 @@ from pathlib import Path
 from d4ir.distill.evaluate import IDENTITY
 from d4ir.distill.registry import half_of, load_model
 from d4ir.shards.io import atomic_write_json
-from d4ir.shards.layout import EVAL_FILE, STUDENT_STEM, RunLayout
+from d4ir.shards.layout import DONE_FILE, EVAL_FILE, STUDENT_STEM, RunLayout
 
 from . import stages, steps
 from .inputs import slug
 from .steps import Context, marked, resume_flag
 from .tables import ROWS, TEACHER_NAMES, RowDef
 
-DONE_FILE = "done.json"
-
 
 def row_dir(ctx: Context, task: str, field: str, key: str) -> Path:
-    return ctx.root(task) / "rows" / TEACHER_NAMES[field] / key
+    return ctx.paths.row(task, TEACHER_NAMES[field], key)
 
 
 def student_name(field: str, key: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from d4ir.pipelines.options import apply_overrides
 from d4ir.shards.io import atomic_write_json
-from d4ir.shards.layout import STATE_FILE, TEACHER_STEM, RunLayout, round_name, weights_file
+from d4ir.shards.layout import STATE_FILE, TEACHER_STEM, ExperimentLayout, RunLayout, round_name, weights_file
 from d4ir.shards.state import changed_settings
 from d4ir.synth.plan import WEATHER_TEXT
 from d4ir.synth.sd import SDSource
@@ -77,20 +77,25 @@ class Context:
     def sd(self) -> SDSource:
         return SDSource(self.config.sd, self.config.sd_config)
 
+    @property
+    def paths(self) -> ExperimentLayout:
+        """Every folder of OUT (shards/layout.py)."""
+        return ExperimentLayout(self.config.out)
+
     def root(self, task: str) -> Path:
-        return self.config.out / task
+        return self.paths.task(task)
 
     def layout(self, task: str) -> RunLayout:
-        return RunLayout(self.root(task))
+        return self.paths.run(task)
 
     def folder(self, task: str, field: str) -> Path | None:
         """A task folder (web_degraded, web_clean, original) as the stages read it (mixed when it is a list)."""
         value = self.config.tasks[task].part(field)
-        return resolve(value, self.root(task) / "inputs" / field, paired=field == "original")
+        return resolve(value, self.paths.inputs(task, field), paired=field == "original")
 
     def test_dir(self, task: str, name: str) -> Path:
         value = self.config.tasks[task].test[name]
-        return resolve(value, self.root(task) / "inputs" / f"test-{slug(name)}", paired=True)
+        return resolve(value, self.paths.inputs(task, f"test-{slug(name)}"), paired=True)
 
     def val_dir(self, task: str) -> Path | None:
         val = self.config.tasks[task].val
@@ -101,7 +106,7 @@ class Context:
         return replace(self.config.scale.stage(name), seed=self.config.seed)
 
     def marker(self, task: str, step: str) -> Path:
-        return self.root(task) / "steps" / f"{step}.json"
+        return self.paths.step_marker(task, step)
 
 
 # ------------------------------------------------------------------------------------------- teachers
@@ -118,8 +123,8 @@ def teacher(ctx: Context, task: str, field: str) -> Path:
     if spec.checkpoint is not None:
         return spec.checkpoint
     name = TEACHER_NAMES[field]
-    out = ctx.root(task) / "teachers" / f"{name}-teacher"
-    pairs = resolve(spec.train, ctx.root(task) / "inputs" / f"{name}-teacher-pairs", paired=True) \
+    out = ctx.paths.teacher(task, name)
+    pairs = resolve(spec.train, ctx.paths.inputs(task, f"{name}-teacher-pairs"), paired=True) \
         if spec.train is not None else ctx.folder(task, "original")
     cfg = teacher_config(ctx, spec)
     settings = {"config": asdict(cfg), "pairs": str(pairs), "val": str(ctx.val_dir(task))}
@@ -179,7 +184,7 @@ def ablation_round(ctx: Context, task: str, row: RowDef) -> Path:
     cfg = replace(base, prompt_mode=row.prompt, ccd=dataclasses.replace(base.ccd, z0=row.z0))
     if row.prompt == "text":
         cfg = replace(cfg, text=WEATHER_TEXT[ctx.config.tasks[task].weather])
-    return _synth(ctx, task, ctx.root(task) / "ablations" / row.key, cfg, f"ablation-{row.key}",
+    return _synth(ctx, task, ctx.paths.ablation(task, row.key), cfg, f"ablation-{row.key}",
                   f"{task}: {row.key} round (z0 {row.z0}, prompt {row.prompt})")
 
 
