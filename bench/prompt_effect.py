@@ -75,9 +75,9 @@ def run_steps(args: argparse.Namespace) -> tuple[RunLayout, Path]:
     synthesize(task / "web_clean", layout.shards, s_cfg, sd_source=args.sd, prompts_dir=layout.prompts,
                progress=False)
     d_cfg = replace(preset("demo", "distill"), student="half", seed=args.seed)
-    distill(layout.root, layout.teacher, d_cfg, name="d4ir", sd_source=args.sd, degraded_dir=task / "web_degraded",
-            clean_dir=task / "web_clean", original_dir=task / "original", val_dir=task / "test", resume=True,
-            progress=False)
+    distill(layout.root, layout.teacher_weights, d_cfg, name="d4ir", sd_source=args.sd,
+            degraded_dir=task / "web_degraded", clean_dir=task / "web_clean", original_dir=task / "original",
+            val_dir=task / "test", resume=True, progress=False)
     refs = args.run / "prompt_effect_refs"
     for mode in ("none", "text"):
         cfg = replace(s_cfg, prompt_mode=mode, text=WEATHER_TEXT[args.task])

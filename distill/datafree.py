@@ -48,7 +48,7 @@ state_dict(). G's initial weights depend on the seed only, so they agree across 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
@@ -90,14 +90,15 @@ class DataFreeConfig:
     """
 
     method: Method = "dfsr"
-    z_dim: int = 256
-    widths: tuple[int, int] = (128, 64)
+    # the generator's fields get command-line names that say so (`--widths` would read as the student's)
+    z_dim: int = field(default=256, metadata={"option": "--generator-z-dim"})
+    widths: tuple[int, int] = field(default=(128, 64), metadata={"option": "--generator-widths"})
     generator_lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"option": "--generator-betas"})
     student_steps_per_generator_step: int = 50
     generator_norm: Norm = "l2"
-    lr_decay_every: int = 0
-    lr_decay: float = 0.1
+    lr_decay_every: int = field(default=0, metadata={"option": "--generator-lr-decay-every"})
+    lr_decay: float = field(default=0.1, metadata={"option": "--generator-lr-decay"})
     loss: str | dict | None = None
     contrastive_weight: float | None = None
     contrastive_features: str = "teacher"

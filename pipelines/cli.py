@@ -189,7 +189,7 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
         r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config),
                        prompts_dir=layout.prompts, device=_device(device), dtype=dtype,
                        distributor=make_distributor(scheduler, workers))
-    click.echo(f"synth: {r.shards} shards ({r.skipped} already done), {r.images} images written, "
+    click.echo(f"synth: {r.shards} shards ({r.already_done} already done), {r.images} images written, "
                f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
 
 
@@ -221,9 +221,10 @@ def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, or
 
     config = _config("distill", preset, given_options(kwargs))
     with no_empty_folders(RunLayout(run).student(name or student_name(config.student))):
-        r = distill(run, teacher_path or RunLayout(run).teacher, config, sd_source=_sd_source(sd_spec, sd_config),
-                    degraded_dir=degraded, clean_dir=clean, original_dir=original, val_dir=val, name=name,
-                    resume=resume, device=_device(device), distributor=make_distributor(scheduler, workers))
+        r = distill(run, teacher_path or RunLayout(run).teacher_weights, config,
+                    sd_source=_sd_source(sd_spec, sd_config), degraded_dir=degraded, clean_dir=clean,
+                    original_dir=original, val_dir=val, name=name, resume=resume, device=_device(device),
+                    distributor=make_distributor(scheduler, workers))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
         click.echo(f"skipped: {line}")

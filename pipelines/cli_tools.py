@@ -121,7 +121,7 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
     if model_path is None:
         layout = RunLayout(run)
         model_path = layout.student_weights(student if layout.student(student).is_dir() else student_name(student))
-        reference = reference or (layout.teacher if layout.teacher.exists() else None)
+        reference = reference or (layout.teacher_weights if layout.teacher_weights.exists() else None)
     if out is None:
         out = Path(EVAL_FILE) if model_path == IDENTITY else Path(model_path).with_name(EVAL_FILE)
     result = evaluate(model_path, pairs, out, reference=reference, arch=arch, device=device, tile=tile,

@@ -67,13 +67,14 @@ def run_demo(
     d_cfg = replace(preset("demo", "distill"), student="half", seed=seed)
     common = dict(sd_source=SD_SPEC, degraded_dir=web_deg, clean_dir=web_clean, original_dir=pairs, val_dir=test,
                   resume=True, device=device, progress=progress)
-    _step("distill D4IR", log, distill, layout.root, layout.teacher, d_cfg, name="d4ir", **common)
-    _step("distill Data", log, distill, layout.root, layout.teacher, replace(d_cfg, data="original"), name="data",
+    _step("distill D4IR", log, distill, layout.root, layout.teacher_weights, d_cfg, name="d4ir", **common)
+    _step("distill Data", log, distill, layout.root, layout.teacher_weights, replace(d_cfg, data="original"),
+          name="data", **common)
+    _step("distill M0", log, distill, layout.root, layout.teacher_weights, replace(d_cfg, data="web"), name="m0",
           **common)
-    _step("distill M0", log, distill, layout.root, layout.teacher, replace(d_cfg, data="web"), name="m0", **common)
 
     # the "Student" baseline: the half-width network trained on the teacher's pairs with ground truth
-    arch, kwargs = half_of(load_model(layout.teacher)[1])
+    arch, kwargs = half_of(load_model(layout.teacher_weights)[1])
     st_cfg = replace(t_cfg, arch_kwargs=kwargs)
     _step("student (ground truth)", log, train_supervised, pairs, layout.student("student"), st_cfg,
           name=STUDENT_STEM, resume=True, device=device, progress=progress)
@@ -82,7 +83,7 @@ def run_demo(
     _step("evaluate", log, evaluate_all, layout, test, arch, kwargs, seed, device)
     # the device check: teacher and D4IR student as ONNX, timed by onnxruntime on one thread
     exported = _step("export (ONNX)", log, export_and_time, layout,
-                     {"teacher": layout.teacher, "student": layout.student_weights("d4ir")})
+                     {"teacher": layout.teacher_weights, "student": layout.student_weights("d4ir")})
     if "skipped" in exported:
         print(f"   export skipped: {exported['skipped']}", flush=True)
     atomic_write_json(layout.timings, log)  # the report shows the steps so far; the file is complete below
@@ -101,7 +102,7 @@ def evaluate_all(layout: RunLayout, test: Path, arch: str, kwargs: dict, seed: i
     save_model(layout.student("untrained") / STUDENT_STEM, build(arch, **kwargs), "untrained")
     rows = [
         ("Input", "Degraded input", IDENTITY, layout.input_scores),
-        ("Teacher", "AirNet (demo width)", layout.teacher, layout.teacher_dir),
+        ("Teacher", "AirNet (demo width)", layout.teacher_weights, layout.teacher_dir),
         ("Untrained", "Half-AirNet, random init", layout.student_weights("untrained"), None),
         ("Student", "Half-AirNet on the teacher's pairs (GT)", layout.student_weights("student"), None),
         ("KD", "Data (teacher's degraded inputs)", layout.student_weights("data"), None),
@@ -110,5 +111,5 @@ def evaluate_all(layout: RunLayout, test: Path, arch: str, kwargs: dict, seed: i
     ]
     for order, (kind, method, model, folder) in enumerate(rows):
         folder = folder or Path(model).parent
-        evaluate(model, test, folder / EVAL_FILE, reference=layout.teacher, device=device, progress=False,
+        evaluate(model, test, folder / EVAL_FILE, reference=layout.teacher_weights, device=device, progress=False,
                  type=kind, method=method, order=order)

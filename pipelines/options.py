@@ -83,10 +83,11 @@ class _Leaf:
     annotation: Any
     default: Any
     help: str
+    name: str = ""  # the option's own name (a field's metadata "option"), when the field's would mislead
 
     @property
     def option(self) -> str:
-        return "--" + self.path[-1].replace("_", "-")
+        return self.name or "--" + self.path[-1].replace("_", "-")
 
     @property
     def dest(self) -> str:
@@ -101,7 +102,7 @@ def _leaves(cls: type, instance: Any, prefix: tuple[str, ...] = ()) -> Iterator[
         if dataclasses.is_dataclass(value):
             yield from _leaves(type(value), value, prefix + (f.name,))
         else:
-            yield _Leaf(prefix + (f.name,), hints[f.name], value, docs.get(f.name, ""))
+            yield _Leaf(prefix + (f.name,), hints[f.name], value, docs.get(f.name, ""), f.metadata.get("option", ""))
 
 
 def _click_type(annotation: Any) -> tuple[Any, Callable[[Any], Any] | None]:

@@ -96,7 +96,7 @@ def restoration_grid(run: Path, test: Path, out: Path, *, student: str = "d4ir",
     from d4ir.shards.pairs import find_pairs
 
     layout = RunLayout(run)
-    teacher = load_model(layout.teacher)[0].eval()
+    teacher = load_model(layout.teacher_weights)[0].eval()
     student = load_model(layout.student_weights(student))[0].eval()
     rows = []
     for p in find_pairs(test)[:num]:

@@ -123,8 +123,9 @@ class RunLayout:
         return self.root / "teacher"
 
     @property
-    def teacher(self) -> Path:
-        """The teacher trained by `d4ir teacher` into this run (RUN/teacher/teacher.safetensors)."""
+    def teacher_weights(self) -> Path:
+        """The teacher trained by `d4ir teacher` into this run (RUN/teacher/teacher.safetensors): a file, as
+        `student_weights` is; `teacher_dir` and `student(name)` are the folders."""
         return self.teacher_dir / f"{TEACHER_STEM}.safetensors"
 
     @property

@@ -59,8 +59,8 @@ def run_status(root: str | Path) -> list[StageStatus]:
     layout = RunLayout(Path(root))
     out = []
     epochs = _log_lines(layout.teacher_dir / LOG_FILE)
-    out.append(StageStatus("teacher", layout.teacher.is_file(),
-                           f"{epochs} epochs logged" if layout.teacher.is_file() else "none trained here"))
+    out.append(StageStatus("teacher", layout.teacher_weights.is_file(),
+                           f"{epochs} epochs logged" if layout.teacher_weights.is_file() else "none trained here"))
     embeddings = layout.prompts / EMBEDDINGS_FILE
     out.append(StageStatus("prompts", embeddings.is_file(),
                            f"{_log_lines(layout.prompts / LOG_FILE)} steps logged" if embeddings.is_file() else

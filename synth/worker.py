@@ -161,7 +161,7 @@ def _emit(failed: list[dict], batch: list[tuple], pngs: list, record) -> Iterato
 class SynthResult:
     round_dir: Path
     shards: int
-    skipped: int  # shards already finished by an earlier run
+    already_done: int  # shards an earlier run had finished (not redone)
     images: int
     failures: int
     seconds: float

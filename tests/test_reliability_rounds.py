@@ -73,7 +73,7 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
 
     write_manifest(round0, manifest)
     res = synthesize(r.clean, shards, synth_config(), prompts_dir=r.root / "prompts", progress=False)
-    assert (res.skipped, res.images) == (1, 4)  # shard 1 redone, shard 0 kept
+    assert (res.already_done, res.images) == (1, 4)  # shard 1 redone, shard 0 kept
     assert (round0 / "000001.tar").read_bytes() == original and read_stats(round0, 1)["count"] == 4
     after = read_manifest(round0)
     assert (after["complete"], after["images"], after["shards"]) == (True, 8, {"000000.tar": 4, "000001.tar": 4})

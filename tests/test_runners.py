@@ -129,8 +129,8 @@ def test_two_worker_processes_write_the_local_shards(tmp_path):
     kw = {"sd_source": "tiny", "prompts_dir": tmp_path / "prompts", "progress": False}
     local = synthesize(clean, tmp_path / "local", CFG, **kw)
     dask = synthesize(clean, tmp_path / "dask", CFG, distributor=dask_distributor(workers=2), **kw)
-    assert (dask.shards, dask.skipped, dask.images, dask.failures) == (4, 0, 8, 0) == (
-        local.shards, local.skipped, local.images, local.failures)
+    assert (dask.shards, dask.already_done, dask.images, dask.failures) == (4, 0, 8, 0) == (
+        local.shards, local.already_done, local.images, local.failures)
     assert verify_shards(dask.round_dir) == []
     names = sorted(p.name for p in local.round_dir.iterdir())
     assert names == sorted(p.name for p in dask.round_dir.iterdir())

@@ -25,7 +25,7 @@ def test_each_stage_is_done_when_its_hand_over_file_is_written(tmp_path):
     assert _done(layout.root) == {"teacher": False, "prompts": True, "synth": False}  # an interrupted round
     (round0 / MANIFEST_FILE).write_text(json.dumps({"complete": True, "images": 8}))
     layout.teacher_dir.mkdir()
-    layout.teacher.write_bytes(b"x")
+    layout.teacher_weights.write_bytes(b"x")
     layout.student("half").mkdir(parents=True)
     status = run_status(layout.root)
     assert {s.stage: s.done for s in status} == {"teacher": True, "prompts": True, "synth": True,

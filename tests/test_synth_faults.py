@@ -157,7 +157,7 @@ def test_a_shard_that_keeps_failing_stops_the_run_with_its_index(synth_inputs, s
     # The finished shard survives; the next run redoes only the rest and ends equal to the reference.
     monkeypatch.setattr(worker, "synthesize_shard", synthesize_shard)
     r = run(synth_inputs, out)
-    assert (r.skipped, r.images) == (1, 4)
+    assert (r.already_done, r.images) == (1, 4)
     assert_same_shards(synth_reference, out)
 
 

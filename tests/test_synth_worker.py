@@ -88,7 +88,7 @@ def test_shard_set_is_complete_readable_and_reproducible(synth_inputs, synth_ref
     # Equal inputs, fresh folder: byte-equal shards.
     again = rounds(tmp_path / "again")
     r = run(synth_inputs, again)
-    assert (r.shards, r.skipped, r.images, r.failures) == (3, 0, 6, 0)
+    assert (r.shards, r.already_done, r.images, r.failures) == (3, 0, 6, 0)
     assert_same_shards(synth_reference, again)
     assert (synth_reference / "manifest.json").read_bytes() == (again / "manifest.json").read_bytes()
 
@@ -100,7 +100,7 @@ def test_shard_set_is_complete_readable_and_reproducible(synth_inputs, synth_ref
 
     monkeypatch.setattr(worker, "synthesize_shard", must_not_run)
     r = run(synth_inputs, again)
-    assert (r.shards, r.skipped, r.images) == (3, 3, 0)
+    assert (r.shards, r.already_done, r.images) == (3, 3, 0)
     assert tree(again) == before
 
 
