@@ -16,6 +16,9 @@ rain100l-split (docs/design.md, "Real data"; the protocol `bench/quality_rain100
 weather-matrix (pipelines/experiments/matrix_data.py): rain, haze and snow tasks whose test and training
 images are all kept out of one shared web folder, for the whole matrix on the CPU.
 
+real-derain, real-dehaze (pipelines/experiments/real_data.py): the real-parts setting, a published teacher's
+test set and real web photos (configs/real-derain.json, configs/real-dehaze.json).
+
 Shared images never go into the repository: a builder refuses an experiments folder inside it.
 """
 
@@ -29,6 +32,7 @@ import numpy as np
 from d4ir.shards.layout import ExperimentLayout
 
 from .data_common import Protected, finish, numbered_pairs, reuse, save_render, web_images
+from .real_data import real_dehaze, real_derain
 
 TEST_SET = "rain100l_test"
 PRIVATE, TEST = range(1, 51), range(51, 101)
@@ -89,6 +93,8 @@ def _weather_matrix(data_root: Path, out: Path, seed: int) -> dict:
 BUILDERS: dict[str, Callable[[Path, Path, int], dict]] = {
     "rain100l-split": rain100l_split,
     "weather-matrix": _weather_matrix,
+    "real-derain": real_derain,
+    "real-dehaze": real_dehaze,
 }
 
 

@@ -22,6 +22,7 @@ from d4ir.shards.layout import DONE_FILE, EVAL_FILE, STUDENT_STEM, RunLayout
 
 from . import stages, steps
 from .inputs import slug
+from .procedural import procedural_folder
 from .steps import Context, marked, resume_flag
 from .tables import ROWS, TEACHER_NAMES, RowDef
 
@@ -70,15 +71,19 @@ def _distilled(ctx: Context, task: str, field: str, row: RowDef, teacher: Path):
         cfg = replace(cfg, joint_epochs=0, round_every=0)  # Table 3's rows: no joint phase, no regeneration
     layout, name = RunLayout(run), student_name(field, row.key)
     shards = cfg.data == "shards"
+    # Procedural distils, as M0 does on the web degraded photos, on the renderer's images of the web clean ones
+    degraded = procedural_folder(ctx, task) if row.key == "Procedural" else ctx.folder(task, "web_degraded")
 
     def train() -> dict:
         r = stages.distill(run, teacher, cfg, sd_source=ctx.sd if shards else None,
-                           degraded_dir=ctx.folder(task, "web_degraded"), clean_dir=ctx.folder(task, "web_clean"),
+                           degraded_dir=degraded, clean_dir=ctx.folder(task, "web_clean"),
                            original_dir=ctx.folder(task, "original"), val_dir=ctx.val_dir(task), name=name,
                            resume=resume_flag(layout.student(name)), device=ctx.device, progress=ctx.progress)
         return {"model": str(layout.student_weights(name)), "params": r.params, "round": r.round}
 
     settings = {"config": asdict(cfg), "run": str(run), "inputs": steps.inputs_settings(ctx, task)}
+    if row.key == "Procedural":
+        settings["procedural"] = str(degraded)
     return settings | ({"sd": str(ctx.sd)} if shards else {}), train
 
 

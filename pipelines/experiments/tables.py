@@ -57,6 +57,9 @@ ROWS: dict[str, RowDef] = {r.key: r for r in (
     RowDef("M4", "Ablation", "M4 (CCD, no prompt)", "shards", "ccd", "none", ("web_clean",)),
     RowDef("M5", "Ablation", "M5 (CCD, text)", "shards", "ccd", "text", ("web_clean", "text")),
     RowDef("D4IR", "KD", "D4IR (ours: CCD + DPA, joint phase, rounds)", data="shards", needs=_WEB),
+    # not in the paper: the physical weather renderer on the web clean photos (pipelines/experiments/procedural.py)
+    RowDef("Procedural", "Baseline", "Procedural (physical weather on web clean photos; this project's baseline, "
+           "not in the paper)", data="web", needs=("web_clean",)),
 )}
 # The order rows run and are listed in: the teacher first (every other row needs it).
 ROW_ORDER = tuple(ROWS)
@@ -94,6 +97,9 @@ TABLES: dict[str, TableDef] = {t.name: t for t in (
              ("Teacher", "Student", "Data", "D4IR")),
     TableDef("desnow", "Desnowing (supplement; Snow100K)", "desnow", "teacher", ("Snow100K",), _TABLE1),
     TableDef("all", "All-in-one: one student for rain, haze and snow", "all", "teacher", None, _TABLE1),
+    # the real-parts setting: a published teacher, real web photos, every baseline (configs/real-*.json)
+    TableDef("real", "Real parts: a published teacher, its real test set, real web photos", "derain", "teacher",
+             None, ("Teacher", "Data", "M0", "Procedural", "DFSR", "DFMC", "M1", "M2", "M3", "M4", "M5", "D4IR")),
 )}
 
 TEACHER_FIELDS = ("teacher", "restormer_teacher")
