@@ -148,6 +148,7 @@ class GCANet(nn.Module):
         self.config = dict(channels=int(channels), residual=bool(residual))
         c = int(channels)
         self.residual = bool(residual)
+        self.size_multiple = SIZE_MULTIPLE  # an attribute, not the global, so that TorchScript can read it
         self.conv1 = nn.Conv2d(4, c, 3, padding=1, bias=False)
         self.norm1 = nn.InstanceNorm2d(c, affine=True)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
@@ -182,11 +183,11 @@ class GCANet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: RGB [B,3,H,W] in [0,1] -> restored RGB [B,3,H,W] (not clamped, not quantised)."""
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"GCANet expects an RGB batch [B,3,H,W], got shape {tuple(x.shape)}")
+            raise ValueError(f"GCANet expects an RGB batch [B,3,H,W], got shape {list(x.shape)}")
         h, w = x.shape[-2:]
         img = x * 255.0
         inp = torch.cat((img, edge_map(img)), dim=1) - 128.0  # [B,4,H,W]
-        out = self.network(_pad_bottom_right(inp, SIZE_MULTIPLE))[..., :h, :w]
+        out = self.network(_pad_bottom_right(inp, self.size_multiple))[..., :h, :w]
         out = out + img if self.residual else F.relu(out)
         return out / 255.0
 

@@ -60,7 +60,7 @@ class LightDehazeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: hazy RGB [B,3,H,W] in [0,1] -> dehazed RGB [B,3,H,W] = relu(K*x - K + 1)."""
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LightDehazeNet expects an RGB batch [B,3,H,W], got shape {tuple(x.shape)}")
+            raise ValueError(f"LightDehazeNet expects an RGB batch [B,3,H,W], got shape {list(x.shape)}")
         k = self.k_map(x)
         return F.relu(k * x - k + 1.0)
 

@@ -9,6 +9,7 @@ the reason when it is absent. D4IR_SHARED names another location (e.g. from a gi
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,9 +138,22 @@ def test_forward_keeps_the_size_is_finite_and_differentiable(name, size):
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["gcanet-dehaze", "gcanet-derain", "ldnet"])
+def test_torchscript_gives_the_eager_output_at_any_size(name):
+    """A scripted teacher (one of the forms `--teacher` accepts) keeps the size rule and the output rule."""
+    torch.manual_seed(0)
+    model = CONTRACT_MODELS[name]().eval()
+    with warnings.catch_warnings():  # torch.jit.script is deprecated (FutureWarning) in torch 2.14, still supported
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
+    for size in ((33, 47), (2, 3)):
+        x = torch.rand(1, 3, *size)
+        torch.testing.assert_close(scripted(x), model(x), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("cls", [GCANet, LightDehazeNet])
 def test_non_rgb_input_is_refused_in_one_line(cls):
-    with pytest.raises(ValueError, match=r"expects an RGB batch \[B,3,H,W\], got shape \(1, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"expects an RGB batch \[B,3,H,W\], got shape \[1, 4, 8, 8\]"):
         cls()(torch.rand(1, 4, 8, 8))
 
 
