@@ -25,7 +25,12 @@ The authors then round and clamp to 0..255 (`official_quantize`); the model itse
 stays differentiable with respect to its input.
 
 The residual flag is not in the checkpoint (both files have the same keys and shapes): the loader takes it from
-the registry name (`gcanet-dehaze` / `gcanet-derain`).
+the registry name (`gcanet-dehaze` / `gcanet-derain`). The wrong flag ruins the output (the derain weights with
+the residual rule give 7 to 10 dB on Test1200 samples instead of 30 to 35).
+
+InstanceNorm normalises over the whole image, so tiled inference differs from whole-image inference. The model
+scripts with TorchScript; torch.export works with static shapes (in torch 2.14 the symbolic shape solver cannot
+prove the pad-then-crop arithmetic for dynamic H and W).
 """
 
 from __future__ import annotations
