@@ -3,7 +3,7 @@ benchmark's experiments config (its data preparation is tested in tests/test_exp
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -16,10 +16,8 @@ BENCH = ROOT / "bench"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A bench script as a module (pytest puts bench/ on the path, as running it does)."""
+    return importlib.import_module(name)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ module here), a failing section is recorded while the next still runs, and bad a
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import json
 import sys
 import types
@@ -17,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_gpu_bench", ROOT / "bench" / "gpu_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("gpu_bench")  # pytest puts bench/ on the path
 
 
 @pytest.fixture(scope="module")

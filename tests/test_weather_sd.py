@@ -3,7 +3,7 @@ tiny VAE/UNet training steps, resumable training, and the saved diffusers folder
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import pytest
@@ -33,10 +33,7 @@ TINY_VAE = dict(vae_config(4, widths=(32, 32, 32)), sample_size=32)
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train_weather_sd", ROOT / "bench" / "train_weather_sd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("train_weather_sd")  # pytest puts bench/ on the path
 
 
 @pytest.fixture(scope="module")
