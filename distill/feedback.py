@@ -29,6 +29,7 @@ import torch
 from d4ir.shards.folders import ImageScan, check_files, scan_images
 from d4ir.shards.images import read_rgb
 from d4ir.shards.layout import RunLayout
+from d4ir.shards.records import RoundManifest
 from d4ir.shards.writer import read_manifest
 from d4ir.synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
 from d4ir.synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
@@ -43,27 +44,27 @@ from .data import random_crop, to_batch
 from .losses import kd_loss
 
 
-def round0_photos(base: dict, *, verify: bool = True) -> list:
+def round0_photos(base: RoundManifest, *, verify: bool = True) -> list:
     """Round 0's clean photos as its manifest records them ([name, bytes, sha256] under its clean_dir), checked to
     be all there and unchanged (with `verify`; `synthesize` checks them itself when it draws a plan from them): a
     regeneration round is drawn from exactly these, never from what the folder holds now (a photo added or
     removed since would change every sample's draw)."""
-    folder = Path(base["clean_dir"])
+    folder = Path(base.clean_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"round 0 was synthesized from {folder}, which is gone: the regeneration rounds need "
                                 "the same clean photos (or --round-every 0)")
-    if "clean_files" not in base:
+    if base.clean_files is None:
         raise ValueError("round 0's manifest does not name its clean photos (it was synthesized before d4ir recorded "
                          "them): synthesize round 0 again to regenerate from it, or pass --round-every 0")
     if verify:
-        check_files(folder, base["clean_files"], "round 0's clean photos",
+        check_files(folder, base.clean_files, "round 0's clean photos",
                     "the regeneration rounds are made from exactly these; restore them, or pass --round-every 0")
-    return base["clean_files"]
+    return base.clean_files
 
 
-def synth_config_of(manifest: dict) -> SynthConfig:
+def synth_config_of(manifest: RoundManifest) -> SynthConfig:
     """The SynthConfig a round's manifest records."""
-    cfg = dict(manifest["config"])
+    cfg = dict(manifest.config)
     return SynthConfig(**{**cfg, "ccd": CCDConfig(**cfg["ccd"])})
 
 
@@ -136,13 +137,13 @@ class FeedbackLoop(nn.Module):
         base = read_manifest(layout.round_shards(0))
         config = replace(synth_config_of(base), round=round_number)
         result = synthesize(
-            Path(base["clean_dir"]),
+            Path(base.clean_dir),
             layout.shards_root(student),
             config,
-            sd_source=SDSource(base["sd"], base.get("sd_config")),
+            sd_source=SDSource(base.provenance.sd, base.provenance.sd_config),
             prompts_dir=prompts_dir,
             device=device,
-            dtype=base.get("dtype", str(self.sd.dtype).removeprefix("torch.")),
+            dtype=base.dtype,
             distributor=distributor,
             progress=progress,
             clean_files=round0_photos(base, verify=False),  # synthesize hashes each photo once, not twice

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,11 +25,12 @@ import numpy as np
 import torch
 from d4ir.shards.embeddings import load_embeddings
 from d4ir.shards.errors import StageFailedError
-from d4ir.shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard, shard_name
+from d4ir.shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard
 from d4ir.shards.pairs import find_pairs
 from d4ir.shards.reader import shard_dataset, shard_urls
-from d4ir.shards.verify import verify_shards
-from d4ir.shards.writer import check_manifest, format_problem, read_manifest, read_stats
+from d4ir.shards.records import RoundManifest
+from d4ir.shards.verify import Finding, verify_shards
+from d4ir.shards.writer import check_manifest, read_manifest, read_stats
 from d4ir.synth.sd import SDSource, load_sd_cached
 from d4ir.synth.worker import check_sd
 from torch.utils.data import DataLoader
@@ -42,22 +42,15 @@ from .ddp import DistContext
 from .feedback import FeedbackLoop, image_source, round0_photos, synth_config_of
 
 log = logging.getLogger(__name__)
-_SHARD_IN = re.compile(r"\b(\d{6,})\.(?:tar|stats\.json)\b")
 
 
 def _as_is(sample: dict) -> dict:
     return sample
 
 
-def _damaged(problems: list[str]) -> tuple[set[str], list[str]]:
-    """(shard names the problems are about, the problems that name no shard: those no skip can mend)."""
-    shards, other = set(), []
-    for p in problems:
-        found = {shard_name(int(i)) for i in _SHARD_IN.findall(p)}
-        shards |= found
-        if not found:
-            other.append(p)
-    return shards, other
+def _damaged(problems: list[Finding]) -> tuple[set[str], list[Finding]]:
+    """(shard names the problems are about, the problems about no shard: those no skip can mend)."""
+    return {p.shard for p in problems if p.shard}, [p for p in problems if not p.shard]
 
 
 class ShardBatches:
@@ -92,7 +85,7 @@ class ShardBatches:
             log.warning("%d shards for %d ranks x %d DataLoader workers: using %d workers per rank",
                         len(urls), world, config.num_workers, workers)
         self.skipped = sorted(damaged)
-        self.total = sum(int(read_stats(self.directory, parse_shard(Path(u).name))["count"]) for u in urls)
+        self.total = sum(read_stats(self.directory, parse_shard(Path(u).name)).count for u in urls)
         self.batch_size, self.crop, self.world = config.batch_size, config.crop, world
         self.decode_errors = 0  # samples that failed to decode, counted in this process
         self.dataset = shard_dataset(urls, seed=config.seed, rank=rank, world_size=world, report_errors=True,
@@ -178,15 +171,13 @@ def round_batches(layout: RunLayout, n: int, name: str, config: DistillConfig, c
     return ShardBatches(folder, config, rank=ctx.rank, world=ctx.world, skip_damaged=config.skip_damaged_shards)
 
 
-def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, dict]:
+def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, RoundManifest]:
     """The round training starts on (the pinned one, else round 0) and its manifest, checked to be finished and
     made with the prompts of this run."""
     start = config.round if config.round is not None else 0
     folder = layout.round_shards(start)
-    manifest = read_manifest(folder)
-    if (why := format_problem(manifest)) is not None:
-        raise ValueError(f"{folder} {why}")
-    if not manifest.get("complete", False):
+    manifest = read_manifest(folder)  # a round of another format is refused here, naming its manifest
+    if not manifest.complete:
         raise ValueError(f"shard round {start} ({folder}) is incomplete (its synthesis was interrupted): "
                          "rerun `d4ir synth` for it")
     if start == 0 and (layout.prompts / EMBEDDINGS_FILE).exists():
@@ -213,9 +204,10 @@ def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistCo
     current, manifest = _open_round(layout, config)
     loop = None
     if sd_source is not None or config.joint:
-        sd_from = SDSource.of(sd_source or SDSource(manifest["sd"], manifest.get("sd_config")))
+        made = manifest.provenance
+        sd_from = SDSource.of(sd_source or SDSource(made.sd, made.sd_config))
         # in the dtype the round was made in, so that its regeneration rounds compute as it did
-        sd = load_sd_cached(sd_from, device, manifest.get("dtype", "float32"))
+        sd = load_sd_cached(sd_from, device, manifest.dtype)
         check_sd(manifest, sd, sd_from, layout.round_shards(current))
         if config.joint:
             if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast

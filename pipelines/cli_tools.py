@@ -203,10 +203,9 @@ def shards_show(directory: Path, out: Path | None, num: int) -> None:
     from d4ir.shards.writer import read_manifest
 
     manifest = read_manifest(directory)
-    click.echo(
-        f"{directory}: {manifest.get('images', '?')} images in {manifest.get('num_shards', '?')} shards, "
-        f"sd {manifest.get('sd')}, round {manifest.get('config', {}).get('round')}"
-    )
+    images = "?" if manifest.images is None else manifest.images
+    click.echo(f"{directory}: {images} images in {manifest.num_shards} shards, sd {manifest.provenance.sd}, "
+               f"round {manifest.round}")
     click.echo(f"grid: {shard_grid(directory, out or directory / 'samples.png', num=num)}")
 
 

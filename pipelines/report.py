@@ -9,7 +9,7 @@ import numpy as np
 from d4ir.shards.embeddings import load_embeddings
 from d4ir.shards.images import read_rgb
 from d4ir.shards.io import atomic_write_text
-from d4ir.shards.layout import EVAL_FILE, MANIFEST_FILE, RunLayout, rounds_in
+from d4ir.shards.layout import EVAL_FILE, RunLayout, rounds_in
 from d4ir.shards.reader import iter_samples
 from d4ir.shards.writer import read_manifest
 
@@ -33,9 +33,9 @@ def shard_grid(directory: Path, out: Path, *, num: int = 8, cell: int = 128) -> 
     """Grid of `num` samples of a round: clean source | prompt source | synthesized."""
     manifest = read_manifest(directory)
     index = []
-    if manifest.get("prompts_dir"):
+    if manifest.prompts_dir:
         try:
-            index = load_embeddings(manifest["prompts_dir"]).index
+            index = load_embeddings(manifest.prompts_dir).index
         except FileNotFoundError:
             index = []
     rows = []
@@ -201,11 +201,8 @@ training budget of this run."""
 
 def sd_note(run: Path) -> str:
     """The caveat for the SD that synthesized the run's round 0 (its manifest's "sd")."""
-    import json
-
-    manifest = RunLayout(run).round_shards(0) / MANIFEST_FILE
     try:
-        spec = json.loads(manifest.read_text()).get("sd")
+        spec = read_manifest(RunLayout(run).round_shards(0)).provenance.sd
     except (OSError, ValueError):
         spec = None
     return {"tiny": TINY_SD_NOTE, "weather": WEATHER_SD_NOTE}.get(spec, OTHER_SD_NOTE)

@@ -8,11 +8,11 @@ with --resume continues it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layout import EMBEDDINGS_FILE, EVAL_FILE, LOG_FILE, MANIFEST_FILE, RunLayout, rounds_in
+from .layout import EMBEDDINGS_FILE, EVAL_FILE, LOG_FILE, RunLayout, rounds_in
+from .writer import read_manifest
 
 STAGES = ("teacher", "prompts", "synth")
 
@@ -44,13 +44,13 @@ def _round_detail(layout: RunLayout) -> tuple[bool, str]:
     done, found = False, []
     for n in rounds_in(layout.shards):
         try:
-            manifest = json.loads((layout.round_shards(n) / MANIFEST_FILE).read_text(encoding="utf-8"))
+            manifest = read_manifest(layout.round_shards(n))
         except (OSError, ValueError):
             found.append(f"round {n}: unreadable manifest")
             continue
-        complete = bool(manifest.get("complete"))
-        done = done or (n == 0 and complete)
-        found.append(f"round {n}: {'complete' if complete else 'incomplete'}, {manifest.get('images', '?')} images")
+        done = done or (n == 0 and manifest.complete)
+        images = "?" if manifest.images is None else manifest.images
+        found.append(f"round {n}: {'complete' if manifest.complete else 'incomplete'}, {images} images")
     return done, "; ".join(found) or "no round"
 
 

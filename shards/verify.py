@@ -5,7 +5,8 @@ unreadable, miscounted; leftovers). `verify_shards` judges a *complete round*: i
 exist and be marked complete, every planned shard must be finished with every sample planned for it written or
 counted as failed, the manifest's image total must be what the shards hold, and nothing else may be there;
 given a shards root it verifies every round in it. Used by `d4ir shards verify` and before distillation starts. It
-reads every tar once (hash and parse).
+reads every tar once (hash and parse). It is the one place that reads a round's JSON files raw: a damaged file is
+its subject, and it names every problem where the typed readers (`shards.records`) stop at the first.
 """
 
 from __future__ import annotations
@@ -26,17 +27,42 @@ from d4ir.shards.layout import (
     shard_name,
     stats_name,
 )
-from d4ir.shards.writer import accounted, format_problem, planned_sizes, read_stats
+from d4ir.shards.records import format_problem, planned_sizes
+from d4ir.shards.writer import read_stats
+
+
+class Finding(str):
+    """One problem verify found: its text, as printed (a str, so it compares and prints as one), and the shard
+    file it is about (`shard`, e.g. "000003.tar"; None for a problem of the round itself), so that a reader
+    skipping damaged shards knows which without parsing the text."""
+
+    shard: str | None
+
+    def __new__(cls, text: str, shard: str | None = None) -> Finding:
+        obj = super().__new__(cls, text)
+        obj.shard = shard
+        return obj
+
+    def prefixed(self, prefix: str) -> Finding:
+        return Finding(prefix + self, self.shard)
+
+
+def _shard_of(name: str) -> str | None:
+    """The shard a file of a round belongs to (its tar, stats file or leftover .tmp), else None."""
+    index = parse_shard(name.removesuffix(".tmp"))
+    index = parse_stats(name) if index is None else index
+    return None if index is None else shard_name(index)
+
 
 # A folder name meant as a round's but not spelled as one (round-0001, round-1a): the number, if any.
 _ROUND_LIKE = re.compile(r"^round-(\d*)")
 
 
-def _load_json(path: Path, problems: list[str]) -> object | None:
+def _load_json(path: Path, problems: list[Finding]) -> object | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        problems.append(f"{path.name}: unreadable ({err})")
+        problems.append(Finding(f"{path.name}: unreadable ({err})", _shard_of(path.name)))
         return None
 
 
@@ -50,32 +76,32 @@ def _count_samples(path: Path) -> int:
     return len(keys)
 
 
-def _check_shard(directory: Path, index: int, stats: dict, problems: list[str]) -> None:
+def _check_shard(directory: Path, index: int, stats: dict, problems: list[Finding]) -> None:
     name = shard_name(index)
     tar_path = directory / name
     lacking = [k for k in ("bytes", "sha256", "count") if k not in stats]
     if lacking:
-        problems.append(f"{stats_name(index)}: lacks {lacking} (not written by write_shard)")
+        problems.append(Finding(f"{stats_name(index)}: lacks {lacking} (not written by write_shard)", name))
         return
     if not tar_path.is_file():
-        problems.append(f"{name}: missing (its stats file exists)")
+        problems.append(Finding(f"{name}: missing (its stats file exists)", name))
         return
     size = tar_path.stat().st_size
     if size != stats["bytes"]:
         kind = "truncated" if size < stats["bytes"] else "grown"
-        problems.append(f"{name}: {kind}: {size} bytes on disk, stats say {stats['bytes']}")
+        problems.append(Finding(f"{name}: {kind}: {size} bytes on disk, stats say {stats['bytes']}", name))
         return
     if sha256_file(tar_path) != stats["sha256"]:
-        problems.append(f"{name}: altered: sha256 differs from the one in its stats file")
+        problems.append(Finding(f"{name}: altered: sha256 differs from the one in its stats file", name))
         return
     try:
         count = _count_samples(tar_path)
     except (tarfile.TarError, OSError) as err:
-        problems.append(f"{name}: unreadable tar ({err})")
+        problems.append(Finding(f"{name}: unreadable tar ({err})", name))
         return
     # Failed samples are recorded in stats but have no members in the tar.
     if count != stats["count"]:
-        problems.append(f"{name}: holds {count} samples, stats say {stats['count']}")
+        problems.append(Finding(f"{name}: holds {count} samples, stats say {stats['count']}", name))
 
 
 def _listed_shards(manifest: dict) -> set[str]:
@@ -89,7 +115,7 @@ def _listed_shards(manifest: dict) -> set[str]:
     return names
 
 
-def verify_shards(path: str | Path) -> list[str]:
+def verify_shards(path: str | Path) -> list[Finding]:
     """Name every problem of a round, or of every round under a shards root; [] means complete and intact.
 
     A round is complete when its manifest exists and says so, every one of its `num_shards` shards passes
@@ -100,11 +126,12 @@ def verify_shards(path: str | Path) -> list[str]:
     Args:
         path: a round folder (RUN/shards/round-000) or a shards root (RUN/shards).
     Returns:
-        One line per problem, each starting with the file or round it is about.
+        One `Finding` per problem (a line starting with the file or round it is about; `.shard` names the shard
+        it is about, if any).
     """
     path = Path(path)
     if not path.is_dir():
-        return [f"{path}: shard folder does not exist"]
+        return [Finding(f"{path}: shard folder does not exist")]
     if _holds_shards(path):
         return _verify_round(path, str(path), "")
     folders = sorted(p for p in path.iterdir() if p.is_dir())
@@ -115,7 +142,7 @@ def verify_shards(path: str | Path) -> list[str]:
     if not rounds and not strays:
         return _verify_round(path, str(path), "")
     judged = {p: _verify_round(p, p.name, f"{p.name}/") for p in rounds}
-    judged |= {p: [f"{p.name}: {why}"] for p, why in strays}
+    judged |= {p: [Finding(f"{p.name}: {why}")] for p, why in strays}
     return [problem for p in sorted(judged) for problem in judged[p]]
 
 
@@ -136,63 +163,65 @@ def _stray(folder: Path) -> str | None:
     return f"named like a round but not round-NNN{hint}: no stage reads it"
 
 
-def _verify_round(directory: Path, label: str, prefix: str) -> list[str]:
+def _verify_round(directory: Path, label: str, prefix: str) -> list[Finding]:
     """The problems of one round, each starting with `prefix` (the round's name under a shards root, else "")
     and its file; a folder that is no round at all is one line starting with `label`, its name as given."""
     problems = _round_problems(directory)
     if problems is None:
-        return [f"{label}: not a shard round (no {MANIFEST_FILE}, no NNNNNN.tar shards)"]
-    return [prefix + problem for problem in problems]
+        return [Finding(f"{label}: not a shard round (no {MANIFEST_FILE}, no NNNNNN.tar shards)")]
+    return [problem.prefixed(prefix) for problem in problems]
 
 
-def _round_problems(directory: Path) -> list[str] | None:
+def _round_problems(directory: Path) -> list[Finding] | None:
     """The problems of one round, each starting with its file; None when the folder is no round at all."""
     problems = check_shard_files(directory)
     manifest_path = directory / MANIFEST_FILE
     if not manifest_path.exists():
         if not problems and not any(parse_shard(p.name) is not None for p in directory.iterdir()):
             return None
-        return [f"{MANIFEST_FILE}: missing (the round's plan): shards without a plan cannot be trusted"] + problems
+        return [Finding(f"{MANIFEST_FILE}: missing (the round's plan): shards without a plan cannot be trusted"),
+                *problems]
     manifest = _load_json(manifest_path, problems)
     if not isinstance(manifest, dict):
         return problems
     if (why := format_problem(manifest)) is not None:
-        return [f"{MANIFEST_FILE}: {directory.name} {why}"]  # its files follow other rules: one line says it all
+        return [Finding(f"{MANIFEST_FILE}: {directory.name} {why}")]  # its files follow other rules: one line
     if manifest.get("complete") is not True:
-        problems.append(f"{MANIFEST_FILE}: the round is not complete (its synthesis was interrupted or failed)")
+        problems.append(Finding(f"{MANIFEST_FILE}: the round is not complete (its synthesis was interrupted or "
+                                "failed)"))
     num = manifest.get("num_shards")
     if not isinstance(num, int) or num < 1:
-        problems.append(f"{MANIFEST_FILE}: no num_shards: not a round written by `d4ir synth`")
+        problems.append(Finding(f"{MANIFEST_FILE}: no num_shards: not a round written by `d4ir synth`"))
         return problems
     extra = sorted(p.name for p in directory.iterdir() if (i := parse_shard(p.name)) is not None and i >= num)
-    problems += [f"{name}: not in the plan ({num} shards)" for name in extra]
+    problems += [Finding(f"{name}: not in the plan ({num} shards)", name) for name in extra]
     if not (directory / SIZES_FILE).exists() and manifest.get("complete") is True:
-        problems.append(f"{SIZES_FILE}: missing")
+        problems.append(Finding(f"{SIZES_FILE}: missing"))
     problems += _against_the_plan(directory, manifest, problems)
     return problems
 
 
-def _against_the_plan(directory: Path, manifest: dict, problems: list[str]) -> list[str]:
+def _against_the_plan(directory: Path, manifest: dict, problems: list[Finding]) -> list[Finding]:
     """Each finished shard accounts for every sample planned for it (a shard rewritten short, with stats to
     match, is intact as a file but not what the plan made); an intact round holds the images its manifest says."""
     found, held = [], 0
     for name, want in sorted(planned_sizes(manifest).items()):
         index = parse_shard(name)
         stats = read_stats(directory, index) if index is not None else None
-        if not isinstance(stats, dict) or accounted(stats) is None:
+        if stats is None:
             continue  # missing or unreadable: check_shard_files names it
-        held += stats["count"]
-        if accounted(stats) != want:
-            found.append(f"{name}: holds {stats['count']} samples and {len(stats['failures'])} failed ones, but its "
-                         f"plan has {want}: rerun `d4ir synth` to redo it")
+        held += stats.count
+        if stats.accounted != want:
+            found.append(Finding(f"{name}: holds {stats.count} samples and {len(stats.failures)} failed ones, but "
+                                 f"its plan has {want}: rerun `d4ir synth` to redo it", name))
     # totals only mean something when every shard is intact
     images = manifest.get("images")
     if not problems and not found and manifest.get("complete") is True and isinstance(images, int) and images != held:
-        found.append(f"{MANIFEST_FILE}: images {images}, but the shards hold {held}")
+        found.append(Finding(f"{MANIFEST_FILE}: images {images}, but the shards hold {held}"))
     return found
 
 
-def check_shard_files(directory: str | Path) -> list[str]:
+def check_shard_files(directory: str | Path) -> list[Finding]:
     """Name every problem with the shard files of one folder (no manifest needed); [] when they are intact.
 
     Checks: stats without tar (missing), tar without stats (unfinished), size mismatch (truncated), sha256
@@ -201,13 +230,13 @@ def check_shard_files(directory: str | Path) -> list[str]:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        return [f"{directory}: shard folder does not exist"]
-    problems: list[str] = []
+        return [Finding(f"{directory}: shard folder does not exist")]
+    problems: list[Finding] = []
     names = sorted(p.name for p in directory.iterdir())
 
     for name in names:
         if name.endswith(".tmp"):
-            problems.append(f"{name}: leftover temporary file from an interrupted write")
+            problems.append(Finding(f"{name}: leftover temporary file from an interrupted write", _shard_of(name)))
 
     finished: dict[str, dict] = {}
     for name in names:
@@ -217,7 +246,7 @@ def check_shard_files(directory: str | Path) -> list[str]:
         stats = _load_json(directory / name, problems)
         if not isinstance(stats, dict):
             if stats is not None:
-                problems.append(f"{name}: not a JSON object")
+                problems.append(Finding(f"{name}: not a JSON object", shard_name(index)))
             continue
         before = len(problems)
         _check_shard(directory, index, stats, problems)
@@ -227,7 +256,7 @@ def check_shard_files(directory: str | Path) -> list[str]:
     for name in names:
         index = parse_shard(name)
         if index is not None and stats_name(index) not in names:
-            problems.append(f"{name}: unfinished (no stats file); a rerun rewrites it")
+            problems.append(Finding(f"{name}: unfinished (no stats file); a rerun rewrites it", name))
 
     # Shards with a tar or a stats file were judged above; the lists below only add vanished ones.
     present = {n for n in names if parse_shard(n) is not None}
@@ -239,15 +268,16 @@ def check_shard_files(directory: str | Path) -> list[str]:
         if isinstance(sizes, dict):
             for shard, count in sorted(sizes.items()):
                 if shard not in present:
-                    problems.append(f"{SIZES_FILE}: lists {shard}, which does not exist")
+                    problems.append(Finding(f"{SIZES_FILE}: lists {shard}, which does not exist", shard))
                 elif shard in finished and finished[shard]["count"] != count:
                     have = finished[shard]["count"]
-                    problems.append(f"{SIZES_FILE}: gives {shard} {count} samples, its stats say {have}")
+                    problems.append(Finding(f"{SIZES_FILE}: gives {shard} {count} samples, its stats say {have}",
+                                            shard))
 
     manifest_path = directory / MANIFEST_FILE
     if manifest_path.exists():
         manifest = _load_json(manifest_path, problems)
         if isinstance(manifest, dict):
             for shard in sorted(_listed_shards(manifest) - present):
-                problems.append(f"{MANIFEST_FILE}: lists {shard}, which does not exist")
+                problems.append(Finding(f"{MANIFEST_FILE}: lists {shard}, which does not exist", shard))
     return problems

@@ -28,8 +28,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from d4ir.shards.io import OutputFolderError, atomic_write_json, read_json_object
+from d4ir.shards.io import OutputFolderError, atomic_write_json
 from d4ir.shards.layout import MANIFEST_FILE, SIZES_FILE, parse_stats, shard_name, stats_name
+from d4ir.shards.records import RoundManifest, ShardStats
 
 # Fixed tar header fields: the wall clock, the user and the umask must not leak into the bytes.
 TAR_MTIME = 0
@@ -37,12 +38,8 @@ TAR_MODE = 0o444
 # A synthesized sample: `<key>.degraded.png` (the synthesized degraded image) and `<key>.json` (provenance).
 DEGRADED_FIELD = "degraded.png"
 META_FIELD = "json"
-# Version of the round format (fields, manifest keys); version 1 named the image field "input.png".
-SHARD_FORMAT = 2
 # errno values that mean "this folder cannot take the file", reported as OutputFolderError.
 _FOLDER_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT, errno.ENOTDIR}
-# Core stats keys that `extra_stats` may not override.
-_CORE_STATS = ("shard", "index", "count", "failures", "sha256", "bytes")
 
 
 def _folder_error(directory: Path, what: str, err: OSError) -> OutputFolderError:
@@ -102,7 +99,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_shard(
     directory: str | Path, index: int, samples: Iterable[dict], *,
     extra_stats: dict | Callable[[], dict] | None = None,
-) -> dict:
+) -> ShardStats:
     """Write shard `index` into `directory` and its stats file last; return the stats.
 
     Args:
@@ -114,7 +111,7 @@ def write_shard(
             returning them, called when the tar is done (e.g. the shard's time); may not override the core keys
             shard/index/count/failures/sha256/bytes.
     Returns:
-        The stats dict: {"shard", "index", "count", "failures": [{"key", "error"}], "sha256", "bytes", ...}.
+        The shard's `ShardStats` (also written to its stats file).
     Raises:
         ValueError: a key with a dot, a path separator, a duplicate key, or a sample without fields.
         TypeError: a field value that is not bytes/str/dict/list.
@@ -124,7 +121,7 @@ def write_shard(
 
     def extras() -> dict:
         extra = dict((extra_stats() if callable(extra_stats) else extra_stats) or {})
-        clash = sorted(set(extra) & set(_CORE_STATS))
+        clash = sorted(set(extra) & set(ShardStats.CORE))
         if clash:
             raise ValueError(f"extra_stats may not override core stats keys {clash}")
         return extra
@@ -182,21 +179,13 @@ def write_shard(
         tmp_path.unlink(missing_ok=True)
         raise
 
-    stats = {
-        "shard": name,
-        "index": index,
-        "count": count,
-        "failures": failures,
-        "sha256": out.sha.hexdigest(),
-        "bytes": out.size,
-    }
     try:
-        stats |= extras()
+        stats = ShardStats(name, index, count, tuple(failures), out.sha.hexdigest(), out.size, extras())
     except BaseException:
         tar_path.unlink(missing_ok=True)
         raise
     try:
-        atomic_write_json(stats_path, stats)  # last: the completion marker
+        atomic_write_json(stats_path, stats.to_json())  # last: the completion marker
     except BaseException:
         # Without stats the tar does not count; remove it so a full disk leaves nothing behind.
         tar_path.unlink(missing_ok=True)
@@ -204,11 +193,12 @@ def write_shard(
     return stats
 
 
-def read_stats(directory: str | Path, index: int) -> dict | None:
-    """The stats of shard `index`, or None when missing or unreadable (an unfinished shard)."""
+def read_stats(directory: str | Path, index: int) -> ShardStats | None:
+    """The stats of shard `index`, or None when missing, unreadable or malformed (an unfinished shard: a rerun
+    redoes it, `shards.verify` names what is wrong with it)."""
     path = Path(directory) / stats_name(index)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return ShardStats.from_json(json.loads(path.read_text(encoding="utf-8")), path)
     except (OSError, ValueError):
         return None
 
@@ -218,75 +208,27 @@ def shard_done(directory: str | Path, index: int, planned: int | None = None) ->
     number of samples `planned` for the shard, its stats account for each (written or failed): a shard cut
     short (by hand, or by a writer that stopped early) is not done, so a rerun redoes it."""
     stats = read_stats(directory, index)
-    if not isinstance(stats, dict) or "bytes" not in stats:
-        return False
-    if planned is not None and accounted(stats) != planned:
+    if stats is None or (planned is not None and stats.accounted != planned):
         return False
     tar_path = Path(directory) / shard_name(index)
     try:
-        return tar_path.stat().st_size == stats["bytes"]
+        return tar_path.stat().st_size == stats.bytes
     except OSError:
         return False
 
 
-def accounted(stats: dict) -> int | None:
-    """Samples a shard's stats account for: written plus failed (None for stats without a count)."""
-    count, failures = stats.get("count"), stats.get("failures", [])
-    if not isinstance(count, int) or not isinstance(failures, list):
-        return None
-    return count + len(failures)
-
-
-def planned_sizes(manifest: dict) -> dict[str, int]:
-    """{shard name: samples planned for it} of a round's manifest ({} when it says neither)."""
-    listed = manifest.get("shards")
-    if isinstance(listed, dict):
-        return {str(name): n for name, n in listed.items() if isinstance(n, int)}
-    # Rounds written before the manifest listed its shards' sizes: plan_jobs cuts num_samples into shard_size
-    # pieces, so the config in the manifest still says how many samples each shard holds.
-    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    total, size = config.get("num_samples"), config.get("shard_size")
-    if not (isinstance(total, int) and isinstance(size, int) and total > 0 and size > 0):
-        return {}
-    return {shard_name(i): min(size, total - i * size) for i in range(-(-total // size))}
-
-
-def format_problem(manifest: dict) -> str | None:
-    """Why this d4ir cannot read a round with this manifest (its format version is another), or None.
-
-    Readers check this first: a round of another format fails sample by sample otherwise (version 1 named the
-    image field differently), and a resumed synthesis would mix its shards with new ones.
-    """
-    have = manifest.get("format_version")
-    if have == SHARD_FORMAT and not isinstance(have, bool):
-        return None
-    made = "has no format_version (not written by `d4ir synth`)" if have is None else \
-        f"is a round of format version {have!r}"
-    return f"{made}; this d4ir reads version {SHARD_FORMAT}: synthesize it again"
-
-
-def write_manifest(directory: str | Path, manifest: dict) -> Path:
-    """Write `manifest.json` atomically (what made the shards: SD id/fingerprint, encoder hash, config,
-    counts).
-
-    Args:
-        directory: the round folder.
-        manifest: JSON-serialisable dict. `verify_shards` checks two optional keys: "shards" (list of
-            shard names, or {name: samples planned for it}) and "num_shards" (int: shards 0..n-1 must exist).
-    """
-    if not isinstance(manifest, dict):
-        raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
+def write_manifest(directory: str | Path, manifest: RoundManifest) -> Path:
+    """Write the round's `manifest.json` atomically (what made the shards, the plan, completion)."""
+    if not isinstance(manifest, RoundManifest):
+        raise TypeError(f"manifest must be a RoundManifest, got {type(manifest).__name__}")
     path = Path(directory) / MANIFEST_FILE
-    atomic_write_json(path, manifest)
+    atomic_write_json(path, manifest.to_json())
     return path
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """Read `manifest.json`; a missing or corrupt file is a clear error naming it."""
-    path = Path(directory) / MANIFEST_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"no {MANIFEST_FILE} in {directory} (the round was not finished)")
-    return read_json_object(path)
+def read_manifest(directory: str | Path) -> RoundManifest:
+    """The round's manifest; a missing, corrupt or other-format file is a clear error naming it."""
+    return RoundManifest.read(directory)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -303,7 +245,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 _ABSENT = object()
 
 
-def check_manifest(directory: str | Path, expected: dict) -> dict:
+def check_manifest(directory: str | Path, expected: dict) -> RoundManifest:
     """Check that the shards were made by what the run asks for; return the manifest.
 
     Args:
@@ -313,7 +255,8 @@ def check_manifest(directory: str | Path, expected: dict) -> dict:
     Raises:
         ValueError: naming every mismatching key with the shards' value and the requested one.
     """
-    manifest = read_manifest(directory)
+    typed = read_manifest(directory)
+    manifest = typed.to_json()
     have = _flatten(manifest)
     problems = []
     for key, want in _flatten(expected).items():
@@ -332,7 +275,7 @@ def check_manifest(directory: str | Path, expected: dict) -> dict:
             f"shards in {directory} do not match this run ({len(problems)} mismatching keys): "
             + "; ".join(problems)
         )
-    return manifest
+    return typed
 
 
 def write_sizes(directory: str | Path) -> dict[str, int]:
@@ -341,6 +284,6 @@ def write_sizes(directory: str | Path) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for index in sorted(i for i in map(parse_stats, (p.name for p in directory.iterdir())) if i is not None):
         if shard_done(directory, index):
-            sizes[shard_name(index)] = int(read_stats(directory, index)["count"])
+            sizes[shard_name(index)] = read_stats(directory, index).count
     atomic_write_json(directory / SIZES_FILE, sizes)
     return sizes

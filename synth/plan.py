@@ -15,6 +15,7 @@ from typing import Literal, get_args
 
 import numpy as np
 from d4ir.shards.checks import check_choice, check_positive_ints
+from d4ir.shards.records import PlannedSample
 
 from .ccd import CCDConfig
 from .sd import SDSource
@@ -77,9 +78,9 @@ class ShardJob:
         sd_source: where the frozen SD comes from (`synth.sd.SDSource`), loaded once per process.
         prompts_dir: the prompts folder (prompt modes encoder and content).
         config: the round's settings.
-        items: (key, clean path, prompt row, sample seed) per sample.
+        items: the samples it plans (`shards.records.PlannedSample`: key, clean photo, prompt row, noise seed).
         device, dtype: where and in which dtype the SD runs.
-        hashes: provenance stored in every sample's JSON (SD, prompt encoder).
+        provenance: `shards.records.Provenance.to_json()` of the round, stored in every sample's JSON.
         threads: torch's intra-op CPU threads for this job (0: leave the process's setting). CPU float sums
             depend on the thread count (about 1 value in 5000 moves by one grey level), so the run's count
             travels with the job and a dask worker (started with 1 thread) writes the same bytes.
@@ -91,10 +92,10 @@ class ShardJob:
     sd_source: SDSource
     prompts_dir: str | None
     config: SynthConfig
-    items: tuple[tuple[str, str, int, int], ...]
+    items: tuple[PlannedSample, ...]
     device: str = "cpu"
     dtype: str = "float32"
-    hashes: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
     threads: int = 0
     encode_threads: int = 0
 
@@ -109,7 +110,7 @@ def plan_jobs(
     prompts_dir: Path | None,
     device: str = "cpu",
     dtype: str = "float32",
-    hashes: dict | None = None,
+    provenance: dict | None = None,
 ) -> list[ShardJob]:
     """Draw the (clean photo, prompt row, noise seed) of every sample with the seed and cut them into shards."""
     if not clean_paths:
@@ -122,7 +123,8 @@ def plan_jobs(
     for start in range(0, config.num_samples, config.shard_size):
         stop = min(start + config.shard_size, config.num_samples)
         items = tuple(
-            (f"r{config.round:03d}-{i:07d}", str(clean_paths[clean_idx[i]]), int(prompt_idx[i]), int(noise_seeds[i]))
+            PlannedSample(f"r{config.round:03d}-{i:07d}", str(clean_paths[clean_idx[i]]), int(prompt_idx[i]),
+                          int(noise_seeds[i]))
             for i in range(start, stop)
         )
         jobs.append(
@@ -135,7 +137,7 @@ def plan_jobs(
                 items=items,
                 device=device,
                 dtype=dtype,
-                hashes=dict(hashes or {}),
+                provenance=dict(provenance or {}),
             )
         )
     return jobs
@@ -150,5 +152,5 @@ def plan_hash(jobs: Sequence[ShardJob]) -> str:
     its finished shards would be mixed with shards of another draw (e.g. after the clean folder changed)."""
     h = hashlib.sha256()
     for job in jobs:
-        h.update(repr((job.index, job.items)).encode())
+        h.update(repr((job.index, tuple(map(tuple, job.items)))).encode())  # plain tuples: stable across versions
     return h.hexdigest()[:16]

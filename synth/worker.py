@@ -22,11 +22,10 @@ from d4ir.shards.images import encode_png, read_rgb
 from d4ir.shards.io import OutputFolderError, folder_lock, sha256_file
 from d4ir.shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
 from d4ir.shards.reader import iter_raw_metas
+from d4ir.shards.records import PlannedSample, Provenance, RoundManifest, ShardStats
 from d4ir.shards.writer import (
     DEGRADED_FIELD,
-    SHARD_FORMAT,
     check_manifest,
-    format_problem,
     read_manifest,
     shard_done,
     write_manifest,
@@ -40,7 +39,8 @@ from .plan import ShardJob, SynthConfig, config_hash, plan_hash, plan_jobs
 from .sd import SDSource, default_dtype, load_sd_cached
 from .sd_parts import SDParts
 
-Distributor = Callable[[Callable[[ShardJob], dict], Sequence[ShardJob], Callable[[ShardJob, dict], None]], None]
+Distributor = Callable[[Callable[[ShardJob], ShardStats], Sequence[ShardJob],
+                        Callable[[ShardJob, ShardStats], None]], None]
 
 
 def local_distributor(
@@ -84,7 +84,7 @@ def _prompt_source(job: ShardJob, parts: SDParts) -> Callable[[list[int], torch.
     return lambda rows, clean: enc.prompt(clean.float()).to(dtype)
 
 
-def synthesize_shard(job: ShardJob) -> dict:
+def synthesize_shard(job: ShardJob) -> ShardStats:
     """Synthesize one shard and write it (tar, then stats last); returns the stats."""
     previous = torch.get_num_threads()
     if job.threads and job.threads != previous:
@@ -96,28 +96,28 @@ def synthesize_shard(job: ShardJob) -> dict:
             torch.set_num_threads(previous)
 
 
-def _sampled(job: ShardJob, parts: SDParts) -> Iterator[tuple[list[dict], list[tuple], np.ndarray]]:
+def _sampled(job: ShardJob, parts: SDParts) -> Iterator[tuple[list[dict], list[PlannedSample], np.ndarray]]:
     """Per batch of the job: (failed-sample records, the batch's items, synthesized images [b,S,S,3] uint8)."""
     cfg, device = job.config, torch.device(job.device)
     prompts_for = _prompt_source(job, parts)
     for start in range(0, len(job.items), cfg.batch_size):
         failed, batch, images = [], [], []
-        for key, path, row, seed in job.items[start : start + cfg.batch_size]:
+        for item in job.items[start : start + cfg.batch_size]:
             try:
-                images.append(prepare_clean(read_rgb(path), cfg.ccd.size))
-                batch.append((key, path, row, seed))
+                images.append(prepare_clean(read_rgb(item.clean), cfg.ccd.size))
+                batch.append(item)
             except Exception as err:  # noqa: BLE001 - counted in the shard's failures
-                failed.append({"__key__": key, "__error__": f"{type(err).__name__}: {err}"})
+                failed.append({"__key__": item.key, "__error__": f"{type(err).__name__}: {err}"})
         if not batch:
             yield failed, [], np.zeros((0, cfg.ccd.size, cfg.ccd.size, 3), np.uint8)
             continue
         clean = torch.stack(images).to(device, getattr(torch, job.dtype))
-        gens = [torch.Generator(device=device).manual_seed(b[3]) for b in batch]
-        out = ccd_sample(parts, clean, prompts_for([b[2] for b in batch], clean), gens, cfg.ccd)
+        gens = [torch.Generator(device=device).manual_seed(b.seed) for b in batch]
+        out = ccd_sample(parts, clean, prompts_for([b.prompt_row for b in batch], clean), gens, cfg.ccd)
         yield failed, batch, out.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _synthesize_shard(job: ShardJob) -> dict:
+def _synthesize_shard(job: ShardJob) -> ShardStats:
     """The shard's samples in plan order. With `job.encode_threads`, batch k's PNGs are encoded in threads
     (zlib releases the GIL) while batch k+1 is sampled, so the device does not wait on the encoder; the bytes
     and their order are the same either way."""
@@ -125,11 +125,11 @@ def _synthesize_shard(job: ShardJob) -> dict:
     parts = load_sd_cached(job.sd_source, job.device, job.dtype)
     cfg = job.config
 
-    def record(item: tuple, png: bytes) -> dict:
-        key, path, row, seed = item
-        meta = {"clean": path, "prompt_row": row, "seed": seed, "lambda": cfg.ccd.strength, "steps": cfg.ccd.steps,
-                "round": cfg.round, "prompt_mode": cfg.prompt_mode, "z0": cfg.ccd.z0, **job.hashes}
-        return {"__key__": key, DEGRADED_FIELD: png, "json": meta}
+    def record(item: PlannedSample, png: bytes) -> dict:
+        meta = {"clean": item.clean, "prompt_row": item.prompt_row, "seed": item.seed, "lambda": cfg.ccd.strength,
+                "steps": cfg.ccd.steps, "round": cfg.round, "prompt_mode": cfg.prompt_mode, "z0": cfg.ccd.z0,
+                **job.provenance}
+        return {"__key__": item.key, DEGRADED_FIELD: png, "json": meta}
 
     def samples() -> Iterator[dict]:
         pool = ThreadPoolExecutor(job.encode_threads) if job.encode_threads else None
@@ -167,16 +167,16 @@ class SynthResult:
     seconds: float
 
 
-def check_sd(manifest: dict, sd: SDParts, source: SDSource, folder: Path) -> None:
+def check_sd(manifest: RoundManifest, sd: SDParts, source: SDSource, folder: Path) -> None:
     """The round in `folder` was synthesized by the SD this run loaded (by fingerprint, whatever its path)."""
-    made_by = manifest.get("sd_fingerprint")
-    if made_by != sd.fingerprint:
-        raise ValueError(f"{folder} was synthesized by SD {manifest.get('sd')!r} (fingerprint {str(made_by)[:12]}), "
+    made = manifest.provenance
+    if made.sd_fingerprint != sd.fingerprint:
+        raise ValueError(f"{folder} was synthesized by SD {made.sd!r} (fingerprint {made.sd_fingerprint[:12]}), "
                          f"but this run loads {source} (fingerprint {sd.fingerprint[:12]})")
 
 
-def _adopt(out_dir: Path, manifest: dict, jobs: list[ShardJob], sd: SDParts, source: SDSource, threads: int,
-           hashes: dict) -> int:
+def _adopt(out_dir: Path, manifest: RoundManifest, jobs: list[ShardJob], sd: SDParts, source: SDSource,
+           threads: int) -> int:
     """Resume only what this plan made: shards there without a manifest, or a manifest or samples that disagree
     with this run's plan, are refused. Returns the CPU thread count the round's shards are computed with."""
     names = [p.name for p in out_dir.iterdir()]
@@ -186,39 +186,37 @@ def _adopt(out_dir: Path, manifest: dict, jobs: list[ShardJob], sd: SDParts, sou
             raise ValueError(f"{out_dir} holds shards but no {MANIFEST_FILE}: the plan that made them is unknown, "
                              "so they cannot be resumed; restore the manifest or delete the shards")
         return threads
-    old = read_manifest(out_dir)
-    if (why := format_problem(old)) is not None:  # resuming would mix shards of two formats in one round
-        raise ValueError(f"{out_dir} {why}")
+    old = read_manifest(out_dir)  # a round of another format is refused: resuming would mix two formats
     check_sd(old, sd, source, out_dir)
-    check_manifest(out_dir, {k: manifest[k] for k in ("config_hash", "plan_hash", *hashes)
-                             if k not in ("sd", "sd_config")})
+    check_manifest(out_dir, {"config_hash": manifest.config_hash, "plan_hash": manifest.plan_hash,
+                             **manifest.provenance.identity()})
     for job in jobs:  # each finished shard's samples are the ones its job plans
         if not shard_done(out_dir, job.index, len(job.items)):
             continue
-        planned = {key: (clean, row, seed) for key, clean, row, seed in job.items}
+        planned = {s.key: (s.clean, s.prompt_row, s.seed) for s in job.items}
         for key, meta in iter_raw_metas(out_dir, job.index):
             if planned.get(key) != (meta.get("clean"), meta.get("prompt_row"), meta.get("seed")):
                 raise ValueError(f"{out_dir}: shard {job.index} sample {key} does not match the manifest's plan "
                                  "(made by another run?); delete the round or use another one")
     # A resumed CPU round keeps the thread count its first shards were computed with (see ShardJob.threads).
-    return int(old.get("cpu_threads") or threads) if threads else 0
+    return int(old.cpu_threads or threads) if threads else 0
 
 
-def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource, prompts_dir: Path | None) -> tuple[int, dict]:
+def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource,
+                 prompts_dir: Path | None) -> tuple[int, Provenance]:
     """Every error a shard job would hit, found once in the parent before any shard starts.
 
     Returns (number of prompt rows, the provenance recorded in the manifest and every sample).
     """
-    hashes: dict = {"sd": source.spec, "sd_config": source.config, "sd_fingerprint": sd.fingerprint}
+    made = Provenance(source.spec, source.config, sd.fingerprint)
     if config.prompt_mode == "text" and (sd.text_encoder is None or sd.tokenizer is None):
         raise ValueError(f"prompt mode 'text' needs an SD with a text encoder; {source} has none")
     if config.prompt_mode not in ("encoder", "content"):
-        return 1, hashes
+        return 1, made
     if prompts_dir is None:
         raise ValueError(f"prompt mode {config.prompt_mode!r} needs the prompts folder of `d4ir prompts`")
     if config.prompt_mode == "content":
-        hashes["prompt_encoder_file_sha256"] = sha256_file(prompt_encoder_file(prompts_dir))
-        return 1, hashes
+        return 1, replace(made, prompt_encoder_file_sha256=sha256_file(prompt_encoder_file(prompts_dir)))
     emb = load_embeddings(prompts_dir)
     n, _, width = emb.prompt_embeds.shape
     if n == 0:
@@ -230,8 +228,7 @@ def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource, prompts_dir
     if made_for and made_for != sd.fingerprint:
         raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
                          f"(fingerprint {made_for[:12]}), not for {source} (fingerprint {sd.fingerprint[:12]})")
-    hashes["encoder_sha256"] = emb.metadata.get("encoder_sha256", "")
-    return n, hashes
+    return n, replace(made, encoder_sha256=emb.metadata.get("encoder_sha256", ""))
 
 
 def synthesize(
@@ -271,7 +268,7 @@ def synthesize(
     # run loads the SD where its shards will use it (the cache keeps it); a cluster's parent only checks it.
     local = distributor is None or distributor is local_distributor
     sd = load_sd_cached(source, device if local else "cpu", dtype)
-    num_prompts, hashes = check_inputs(config, sd, source, prompts_dir)
+    num_prompts, provenance = check_inputs(config, sd, source, prompts_dir)
     # absolute, as the manifest records it: every round names a photo alike (a regeneration round reads the
     # manifest's clean_dir; round 0 from `--clean data/x` named it relatively, and no sample matched across rounds)
     clean_dir = Path(clean_dir).resolve()
@@ -284,41 +281,32 @@ def synthesize(
                             "a round drawn from a recorded plan needs them as they were")
         clean_scan = {"usable": len(paths)}
     jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd_source=source, prompts_dir=prompts_dir,
-                     device=device, dtype=dtype, hashes=hashes)
+                     device=device, dtype=dtype, provenance=provenance.to_json())
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
-    manifest = {
-        "format_version": SHARD_FORMAT,
-        "dtype": dtype,
-        "config": asdict(config),
-        "config_hash": config_hash(config),
-        "plan_hash": plan_hash(jobs),
-        "num_shards": len(jobs),
-        "shards": {shard_name(j.index): len(j.items) for j in jobs},  # samples planned per shard
-        "clean_dir": str(Path(clean_dir).resolve()),
-        "prompts_dir": str(Path(prompts_dir).resolve()) if prompts_dir else None,
-        "clean_scan": clean_scan,
-        "clean_files": clean_files,
-        **hashes,
-    }
+    manifest = RoundManifest(
+        config=asdict(config), config_hash=config_hash(config), plan_hash=plan_hash(jobs),
+        shards={shard_name(j.index): len(j.items) for j in jobs},  # samples planned per shard
+        clean_dir=str(clean_dir), prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
+        clean_scan=clean_scan, clean_files=clean_files, provenance=provenance, dtype=dtype)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputFolderError(err.errno, f"cannot create the output folder {out_dir}: {err.strerror}") from err
     with folder_lock(out_dir / LOCK_FILE):
-        threads = _adopt(out_dir, manifest, jobs, sd, source, threads, hashes)
+        threads = _adopt(out_dir, manifest, jobs, sd, source, threads)
         encode_threads = 4 if torch.device(device).type == "cuda" else 0  # on a CPU the cores are the sampler's
         jobs = [replace(j, threads=threads, encode_threads=encode_threads) for j in jobs]
-        manifest["cpu_threads"] = threads
-        write_manifest(out_dir, manifest | {"complete": False})
+        manifest = replace(manifest, cpu_threads=threads)
+        write_manifest(out_dir, manifest)
         # a shard is done only with every planned sample accounted for: one cut short is redone
         todo = [j for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
         bar.update(config.num_samples - sum(len(j.items) for j in todo))
         totals = {"images": 0, "failures": 0}
 
-        def on_done(job: ShardJob, stats: dict) -> None:
-            totals["images"] += stats.get("count", 0)
-            totals["failures"] += len(stats.get("failures", []))
+        def on_done(job: ShardJob, stats: ShardStats) -> None:
+            totals["images"] += stats.count
+            totals["failures"] += len(stats.failures)
             bar.update(len(job.items))
 
         (distributor or local_distributor)(synthesize_shard, todo, on_done)
@@ -327,7 +315,7 @@ def synthesize(
         if unfinished:  # a distributor that returned without every shard: the round stays incomplete
             raise StageFailedError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
         sizes = write_sizes(out_dir)
-        write_manifest(out_dir, manifest | {"complete": True, "images": sum(sizes.values())})
+        write_manifest(out_dir, replace(manifest, complete=True, images=sum(sizes.values())))
     return SynthResult(
         out_dir, len(jobs), len(jobs) - len(todo), totals["images"], totals["failures"], time.perf_counter() - t0
     )

@@ -33,6 +33,20 @@ def synth_config(**overrides):
     return SynthConfig(ccd=ccd, **flat)
 
 
+def round_manifest(sd: str = "tiny", shards: dict | None = None, **changes):
+    """A complete, valid RoundManifest for tests that need one on disk (fields as `synthesize` writes them)."""
+    from dataclasses import replace
+
+    from d4ir.shards.records import Provenance, RoundManifest
+
+    shards = {"000000.tar": 2} if shards is None else shards
+    made = Provenance(sd, None, "f" * 64, encoder_sha256="e" * 64)
+    base = RoundManifest(config={"round": 0, "num_samples": sum(shards.values())}, config_hash="c" * 16,
+                         plan_hash="p" * 16, shards=shards, clean_dir="/clean", prompts_dir=None,
+                         clean_scan={"usable": 1}, clean_files=[], provenance=made, dtype="float32")
+    return replace(base, **changes)
+
+
 def _prompts_config():
     from d4ir.synth.moco import MoCoConfig
     from d4ir.synth.prompts import PromptsConfig

@@ -159,7 +159,7 @@ def test_incomplete_round_is_passed_over_or_refused(run_copy, monkeypatch):
     shards = r.root / "shards"
     shutil.copytree(shards / "round-000", shards / "round-001")
     manifest = read_manifest(shards / "round-001")
-    (shards / "round-001" / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    (shards / "round-001" / "manifest.json").write_text(json.dumps({**manifest.to_json(), "complete": False}))
     (shards / "round-001" / "000001.stats.json").unlink()  # its second shard never finished
     res = _run(r, _cfg(epochs=1, joint_epochs=0), "x")
     assert res.round == 0
@@ -226,16 +226,16 @@ def test_resume_continues_exactly(straight, run_copy, monkeypatch, killed_after)
 def test_regeneration_rounds(straight):
     r = straight
     base = read_manifest(r.root / "shards" / "round-000")
-    hashes = [base["encoder_sha256"]]
+    hashes = [base.provenance.encoder_sha256]
     student = r.root / "students" / "s"
     assert sorted(p.name for p in (r.root / "shards").iterdir()) == ["round-000"]  # the rounds are the student's
     for n in (1, 2):
         m = read_manifest(student / "shards" / f"round-{n:03d}")
-        assert m["complete"] and m["config"]["round"] == n and m["images"] == base["images"]
-        assert m["dtype"] == base["dtype"] and m["clean_dir"] == base["clean_dir"] and m["sd"] == base["sd"]
+        assert m.complete and m.round == n and m.images == base.images
+        assert m.dtype == base.dtype and m.clean_dir == base.clean_dir and m.provenance.sd == base.provenance.sd
         enc = load_weights(student / "prompts" / f"round-{n:03d}" / "prompt_encoder")[0]
-        assert m["encoder_sha256"] == state_dict_sha256(enc)  # the KD-updated encoder of that round
-        hashes.append(m["encoder_sha256"])
+        assert m.provenance.encoder_sha256 == state_dict_sha256(enc)  # the KD-updated encoder of that round
+        hashes.append(m.provenance.encoder_sha256)
     assert len(set(hashes)) == 3, "each round must be made by a different (further trained) encoder"
     # the joint phase ends with epoch 2, so the final encoder is the one that made round 2
     assert state_dict_sha256(load_weights(r.root / "students" / "s" / "prompt_encoder")[0]) == hashes[2]

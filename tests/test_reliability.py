@@ -175,7 +175,7 @@ def test_the_manifest_is_the_plan(tiny_run, tmp_path):
         synthesize(r.clean, tmp_path / "locked", synth_config(), prompts_dir=prompts, progress=False)
     lock.write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 12345}))  # no such process
     again = synthesize(r.clean, tmp_path / "locked", synth_config(), prompts_dir=prompts, progress=False)
-    assert again.skipped == again.shards and not lock.exists()
+    assert again.already_done == again.shards and not lock.exists()
 
 
 # ----------------------------------------------------------- 6. a regeneration round is made like round 0
@@ -188,11 +188,11 @@ def test_regeneration_uses_round_0s_photos_from_any_folder_and_a_missing_one_is_
     res = _distill(r, _cfg(epochs=2, joint_epochs=2, round_every=1), "a")
     base, round1 = read_manifest(r.root / "shards" / "round-000"), read_manifest(res.student_dir / "shards" /
                                                                                   "round-001")
-    assert round1["clean_dir"] == base["clean_dir"] and Path(base["clean_dir"]).is_absolute()
-    assert round1["dtype"] == base["dtype"] and round1["plan_hash"] != "" and round1["sd_fingerprint"] == \
-        base["sd_fingerprint"]
+    assert round1.clean_dir == base.clean_dir and Path(base.clean_dir).is_absolute()
+    assert round1.dtype == base.dtype and round1.plan_hash != "" and round1.provenance.sd_fingerprint == \
+        base.provenance.sd_fingerprint
     moved = shutil.copytree(r.root, tmp_path / "run2")
-    manifest = read_manifest(moved / "shards" / "round-000")
+    manifest = read_manifest(moved / "shards" / "round-000").to_json()
     manifest["clean_dir"] = str(tmp_path / "deleted-photos")
     (moved / "shards" / "round-000" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FileNotFoundError, match="deleted-photos, which is gone"):

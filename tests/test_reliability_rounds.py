@@ -11,20 +11,32 @@ import socket
 import tarfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from conftest import synth_config
 from d4ir.distill.trainer import DistillConfig, distill
 from d4ir.pipelines.cli import main
+from d4ir.shards.io import atomic_write_json, read_json_object
+from d4ir.shards.layout import MANIFEST_FILE
 from d4ir.shards.reader import iter_raw_metas
 from d4ir.shards.verify import verify_shards
-from d4ir.shards.writer import read_manifest, read_stats, write_manifest, write_shard, write_sizes
+from d4ir.shards.writer import read_manifest, read_stats, write_shard, write_sizes
 from d4ir.synth.worker import synthesize
 
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
 ROUNDS = dict(epochs=2, joint_epochs=2, round_every=1)
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid_max: no such process
+
+
+def _raw(round_dir: Path) -> dict:
+    """The manifest as JSON on disk: these tests edit it by hand, as a user or a damaged disk would."""
+    return read_json_object(round_dir / MANIFEST_FILE)
+
+
+def _write_raw(round_dir: Path, manifest: dict) -> None:
+    atomic_write_json(round_dir / MANIFEST_FILE, manifest)
 
 
 def _cfg(**kw) -> DistillConfig:
@@ -58,8 +70,8 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
     # shard 1 rewritten with 2 of its 4 samples, its stats, sizes.json and the manifest's total made consistent
     write_shard(round0, 1, _samples(round0 / "000001.tar")[:2])
     write_sizes(round0)
-    manifest = read_manifest(round0)
-    write_manifest(round0, {**manifest, "images": 6})
+    manifest = _raw(round0)
+    _write_raw(round0, {**manifest, "images": 6})
     short = "000001.tar: holds 2 samples and 0 failed ones, but its plan has 4: rerun `d4ir synth` to redo it"
     assert verify_shards(round0) == [short]
     result = _cli("shards", "verify", shards)
@@ -68,19 +80,19 @@ def test_a_short_shard_is_refused_by_verify_and_distill_and_redone_by_synth(tiny
         _distill(r, _cfg(epochs=1, joint_epochs=0), "x")
     assert not (r.root / "students" / "x" / "train.jsonl").exists()
     # a round written before the manifest listed its shards' sizes: the plan is its config's
-    write_manifest(round0, {k: v for k, v in manifest.items() if k != "shards"} | {"images": 6})
+    _write_raw(round0, {k: v for k, v in manifest.items() if k != "shards"} | {"images": 6})
     assert verify_shards(round0) == [short]
 
-    write_manifest(round0, manifest)
+    _write_raw(round0, manifest)
     res = synthesize(r.clean, shards, synth_config(), prompts_dir=r.root / "prompts", progress=False)
     assert (res.already_done, res.images) == (1, 4)  # shard 1 redone, shard 0 kept
-    assert (round0 / "000001.tar").read_bytes() == original and read_stats(round0, 1)["count"] == 4
+    assert (round0 / "000001.tar").read_bytes() == original and read_stats(round0, 1).count == 4
     after = read_manifest(round0)
-    assert (after["complete"], after["images"], after["shards"]) == (True, 8, {"000000.tar": 4, "000001.tar": 4})
+    assert (after.complete, after.images, after.shards) == (True, 8, {"000000.tar": 4, "000001.tar": 4})
     assert verify_shards(round0) == []
 
     # the manifest's total must agree with the shards
-    write_manifest(round0, {**after, "images": 7})
+    _write_raw(round0, {**after.to_json(), "images": 7})
     assert verify_shards(round0) == ["manifest.json: images 7, but the shards hold 8"]
 
 
@@ -92,13 +104,13 @@ def test_regeneration_uses_exactly_round_0s_clean_photos_or_refuses(tiny_run, tm
     synthesize(clean, r.root / "shards", synth_config(), prompts_dir=r.root / "prompts", progress=False)
     round0 = r.root / "shards" / "round-000"
     photos = sorted(p.name for p in clean.iterdir())
-    assert [name for name, _, _ in read_manifest(round0)["clean_files"]] == photos
+    assert [name for name, _, _ in read_manifest(round0).clean_files] == photos
 
     shutil.copy(clean / "c0.png", clean / "new.png")  # a photo added later is not part of round 0's plan
     res = _distill(r, _cfg(**ROUNDS), "a", clean=clean)
     round1 = res.student_dir / "shards" / "round-001"
-    assert read_manifest(round1)["clean_files"] == read_manifest(round0)["clean_files"]
-    assert read_manifest(round1)["clean_scan"] == {"usable": 8}
+    assert read_manifest(round1).clean_files == read_manifest(round0).clean_files
+    assert read_manifest(round1).clean_scan == {"usable": 8}
 
     def plan(folder):
         return [(m["clean"].rsplit("/", 1)[1], m["prompt_row"], m["seed"]) for i in (0, 1)
@@ -115,7 +127,7 @@ def test_regeneration_uses_exactly_round_0s_clean_photos_or_refuses(tiny_run, tm
     with pytest.raises(FileNotFoundError, match=re.escape(  # synth checks them again where it draws the plan
             f"the clean photos this round's plan names in {clean} changed (3 of 8): c1.png missing")):
         synthesize(clean, tmp_path / "again", synth_config(), prompts_dir=r.root / "prompts", progress=False,
-                   clean_files=read_manifest(round0)["clean_files"])
+                   clean_files=read_manifest(round0).clean_files)
     for name in ("c1.png", "c3.png", "c5.png"):
         shutil.copy(r.clean / name, clean / name)
     shutil.copy(r.clean / "c0.png", clean / "c2.png")  # same name, other pixels
@@ -193,8 +205,8 @@ def test_two_takers_of_a_stale_lock_never_both_hold_it(tmp_path, monkeypatch):
 def test_a_round_of_another_format_version_is_refused_in_one_line(tiny_run, tmp_path):
     r = tiny_run.copy_to(tmp_path / "run")
     round0 = r.root / "shards" / "round-000"
-    manifest = read_manifest(round0)
-    write_manifest(round0, {**manifest, "format_version": 1})
+    manifest = _raw(round0)
+    _write_raw(round0, {**manifest, "format_version": 1})
     line = "manifest.json: round-000 is a round of format version 1; this d4ir reads version 2: synthesize it again"
     assert verify_shards(round0) == [line]
     assert verify_shards(r.root / "shards") == [f"round-000/{line}"]
@@ -206,7 +218,7 @@ def test_a_round_of_another_format_version_is_refused_in_one_line(tiny_run, tmp_
     assert result.exit_code == 2 and result.output == f"d4ir: error: {refused}\n"
     with pytest.raises(ValueError, match=re.escape(refused)):  # nor is it resumed, mixing two formats
         synthesize(r.clean, r.root / "shards", synth_config(), prompts_dir=r.root / "prompts", progress=False)
-    write_manifest(round0, {k: v for k, v in manifest.items() if k != "format_version"})
+    _write_raw(round0, {k: v for k, v in manifest.items() if k != "format_version"})
     assert verify_shards(round0) == [
         "manifest.json: round-000 has no format_version (not written by `d4ir synth`); this d4ir reads version 2: "
         "synthesize it again"]

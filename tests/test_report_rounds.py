@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from conftest import round_manifest
 from d4ir.pipelines.report import TINY_SD_NOTE, WEATHER_SD_NOTE, d4ir_sentence, rounds_grid, sd_note
 from d4ir.shards.images import save_png
 from d4ir.shards.layout import RunLayout
@@ -25,7 +26,7 @@ def _round(folder: Path, cleans: list[Path], values: list[int], sd: str = "weath
     samples = [{"__key__": f"s{i:03d}", "degraded.png": _png(v), "json": {"clean": str(c)}}
                for i, (c, v) in enumerate(zip(cleans, values))]
     write_shard(folder, 0, samples)
-    write_manifest(folder, {"sd": sd, "complete": True})
+    write_manifest(folder, round_manifest(sd=sd, complete=True))
 
 
 def test_rounds_grid_matches_rows_by_clean_source(tmp_path: Path):
@@ -50,7 +51,7 @@ def test_rounds_grid_matches_rows_by_clean_source(tmp_path: Path):
 def test_caveat_follows_the_sd_of_round_zero(tmp_path: Path):
     layout = RunLayout(tmp_path)
     assert "Every number above" in sd_note(tmp_path)  # no round: the generic note
-    write_manifest(layout.round_shards(0), {"sd": "tiny"})
+    write_manifest(layout.round_shards(0), round_manifest(sd="tiny"))
     assert sd_note(tmp_path) == TINY_SD_NOTE
 
 

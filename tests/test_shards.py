@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import round_manifest
 from d4ir.pipelines.grid import sample_grid
 from d4ir.shards import writer
-from d4ir.shards.io import OutputFolderError
+from d4ir.shards.io import OutputFolderError, atomic_write_json
 from d4ir.shards.layout import round_dir, rounds_in
 from d4ir.shards.reader import (
     CountingHandler,
@@ -24,10 +25,11 @@ from d4ir.shards.reader import (
     shard_dataset,
     shard_urls,
 )
-from d4ir.shards.verify import check_shard_files
+from d4ir.shards.verify import check_shard_files, verify_shards
 from d4ir.shards.writer import (
     check_manifest,
     read_manifest,
+    read_stats,
     shard_done,
     shard_name,
     write_manifest,
@@ -101,9 +103,9 @@ def test_rewrite_is_byte_identical_when_clock_changes(tmp_path, monkeypatch):
     stats_b = write_shard(tmp_path / "b", 0, reordered)
     a, b = (tmp_path / "a" / "000000.tar").read_bytes(), (tmp_path / "b" / "000000.tar").read_bytes()
     assert a == b
-    assert stats_a["sha256"] == stats_b["sha256"] and stats_a["bytes"] == len(a)
+    assert stats_a.sha256 == stats_b.sha256 and stats_a.bytes == len(a)
     other = write_shard(tmp_path / "c", 0, _samples(0, seed=1))
-    assert other["sha256"] != stats_a["sha256"]
+    assert other.sha256 != stats_a.sha256
 
 
 def test_key_with_dot_rejected_and_nothing_left(tmp_path):
@@ -135,8 +137,10 @@ def test_stats_written_last_and_rerun_fixes_a_killed_shard(tmp_path, monkeypatch
 
     monkeypatch.setattr(writer, "atomic_write_json", checking_write_json)
     stats = write_shard(tmp_path, 0, _samples(0), extra_stats={"seconds": 0.5})
-    assert seen == {"tar_size": stats["bytes"], "tmp_exists": False}
-    assert stats["seconds"] == 0.5 and json.loads((tmp_path / "000000.stats.json").read_text()) == stats
+    assert seen == {"tar_size": stats.bytes, "tmp_exists": False}
+    assert stats.extra == {"seconds": 0.5}
+    assert json.loads((tmp_path / "000000.stats.json").read_text()) == stats.to_json()
+    assert read_stats(tmp_path, 0) == stats
 
     def killed(path, obj):
         raise KeyboardInterrupt
@@ -165,8 +169,8 @@ def test_bad_samples_are_counted_and_a_failing_source_fails_the_shard(tmp_path):
     samples = _samples(0, 4)
     samples[2] = {"__key__": samples[2]["__key__"], "__error__": "ImageSkipped: clean/broken.png: truncated"}
     stats = write_shard(tmp_path, 0, samples)
-    assert stats["count"] == 3
-    assert stats["failures"] == [{"key": samples[2]["__key__"], "error": "ImageSkipped: clean/broken.png: truncated"}]
+    assert stats.count == 3 and stats.accounted == 4
+    assert stats.failures == ({"key": samples[2]["__key__"], "error": "ImageSkipped: clean/broken.png: truncated"},)
     assert [s["key"] for s in iter_samples(tmp_path)] == [samples[i]["__key__"] for i in (0, 1, 3)]
     assert check_shard_files(tmp_path) == []
 
@@ -183,11 +187,12 @@ def test_bad_samples_are_counted_and_a_failing_source_fails_the_shard(tmp_path):
 def test_verify_names_truncated_altered_missing_and_leftovers(tmp_path):
     _write(tmp_path, 4)
     write_sizes(tmp_path)
-    write_manifest(tmp_path, {"sd": {"model_id": "tiny"}, "num_shards": 5})
+    # hand-edited manifests (raw JSON): verify reads what is on disk, whatever wrote it
+    atomic_write_json(tmp_path / "manifest.json", {"sd": {"model_id": "tiny"}, "num_shards": 5})
     assert check_shard_files(tmp_path) == ["manifest.json: lists 000004.tar, which does not exist"]
-    write_manifest(tmp_path, {"sd": {"model_id": "tiny"}, "shards": ["000000.tar", "000007.tar"]})
+    atomic_write_json(tmp_path / "manifest.json", {"sd": {"model_id": "tiny"}, "shards": ["000000.tar", "000007.tar"]})
     assert check_shard_files(tmp_path) == ["manifest.json: lists 000007.tar, which does not exist"]
-    write_manifest(tmp_path, {"sd": {"model_id": "tiny"}, "num_shards": 4})
+    atomic_write_json(tmp_path / "manifest.json", {"sd": {"model_id": "tiny"}, "num_shards": 4})
     assert check_shard_files(tmp_path) == []
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     (tmp_path / "sizes.json").write_text(json.dumps({**sizes, "000001.tar": 9}))
@@ -211,6 +216,11 @@ def test_verify_names_truncated_altered_missing_and_leftovers(tmp_path):
     assert "000009.tar.tmp: leftover" in text
     assert "000003.stats.json: lacks ['bytes', 'sha256']" in text
     assert len(problems) == 5, problems
+    # each finding names its shard as data, not only in its text (a reader skipping damaged shards uses it)
+    assert sorted(p.shard for p in problems) == ["000000.tar", "000001.tar", "000002.tar", "000003.tar", "000009.tar"]
+    atomic_write_json(tmp_path / "manifest.json", {"num_shards": 4, "format_version": 2})
+    assert [(p, p.shard) for p in verify_shards(tmp_path) if "manifest.json" in p][0] == (
+        "manifest.json: the round is not complete (its synthesis was interrupted or failed)", None)
     # A shard gone entirely (tar and stats) is caught through sizes.json and the manifest.
     (tmp_path / "000002.stats.json").unlink()
     text = "\n".join(check_shard_files(tmp_path))
@@ -232,14 +242,14 @@ def test_reader_skips_a_truncated_tar_and_counts_it(tmp_path):
 
 
 def test_manifest_check_names_mismatching_keys(tmp_path):
-    manifest = {"sd": {"model_id": "sd-1.5", "fingerprint": "abc"}, "encoder_sha256": "e1", "lambda": 0.5}
+    manifest = round_manifest(sd="sd-1.5", config={"round": 0, "ccd": {"strength": 0.5, "steps": 70}})
     write_manifest(tmp_path, manifest)
     assert read_manifest(tmp_path) == manifest
-    assert check_manifest(tmp_path, {"sd": {"model_id": "sd-1.5"}, "lambda": 0.5}) == manifest
+    assert check_manifest(tmp_path, {"sd": "sd-1.5", "config": {"ccd": {"strength": 0.5}}}) == manifest
     with pytest.raises(ValueError) as info:
-        check_manifest(tmp_path, {"sd": {"model_id": "sd-2.1"}, "encoder_sha256": "e1", "steps": 70})
+        check_manifest(tmp_path, {"config": {"ccd": {"strength": 0.3}}, "encoder_sha256": "e" * 64, "steps": 70})
     msg = str(info.value)
-    assert "sd.model_id: shards were made with 'sd-1.5', the run asks for 'sd-2.1'" in msg
+    assert "config.ccd.strength: shards were made with 0.5, the run asks for 0.3" in msg
     assert "steps: missing" in msg and "encoder_sha256" not in msg
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         read_manifest(tmp_path / "empty")
@@ -344,7 +354,7 @@ def test_sizes_rounds_and_shard_names(tmp_path):
     for n in (0, 2, 3):
         round_dir(root, n).mkdir(parents=True)
     for n in (0, 2):
-        write_manifest(round_dir(root, n), {"round": n})
+        write_manifest(round_dir(root, n), round_manifest(config={"round": n}))
     assert rounds_in(root) == [0, 2]  # round 3 has no manifest: its synthesis never started
     assert round_dir(root, 7).name == "round-007"
     with pytest.raises(ValueError):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 from click.testing import CliRunner
+from conftest import round_manifest
 from d4ir.pipelines.cli import main
-from d4ir.shards.layout import EMBEDDINGS_FILE, MANIFEST_FILE, RunLayout
+from d4ir.shards.layout import EMBEDDINGS_FILE, RunLayout
 from d4ir.shards.status import run_status, stage_done
+from d4ir.shards.writer import write_manifest
 
 
 def _done(root) -> dict[str, bool]:
@@ -21,9 +21,9 @@ def test_each_stage_is_done_when_its_hand_over_file_is_written(tmp_path):
     (layout.prompts / EMBEDDINGS_FILE).write_bytes(b"x")
     round0 = layout.round_shards(0)
     round0.mkdir(parents=True)
-    (round0 / MANIFEST_FILE).write_text(json.dumps({"complete": False, "images": 8}))
+    write_manifest(round0, round_manifest(complete=False))
     assert _done(layout.root) == {"teacher": False, "prompts": True, "synth": False}  # an interrupted round
-    (round0 / MANIFEST_FILE).write_text(json.dumps({"complete": True, "images": 8}))
+    write_manifest(round0, round_manifest(complete=True, images=8))
     layout.teacher_dir.mkdir()
     layout.teacher_weights.write_bytes(b"x")
     layout.student("half").mkdir(parents=True)

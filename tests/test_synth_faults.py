@@ -168,7 +168,7 @@ def test_an_unreadable_clean_photo_is_counted_in_the_stats(synth_inputs, synth_r
 
     def plan_then_break(*args, **kwargs):
         jobs = real_plan(*args, **kwargs)
-        broken["path"] = jobs[0].items[0][1]  # the photo of the first sample, after planning
+        broken["path"] = jobs[0].items[0].clean  # the photo of the first sample, after planning
         Path(broken["path"]).write_bytes(b"this is no longer a png")
         return jobs
 

@@ -229,16 +229,17 @@ def test_encoding_in_threads_while_the_next_batch_samples_writes_the_same_bytes(
 
     clean = sorted(synth_inputs["clean"].iterdir())
     manifest = json.loads((synth_reference / "manifest.json").read_text())
-    hashes = {k: manifest[k] for k in ("sd", "sd_config", "sd_fingerprint", "encoder_sha256")}  # as synthesize()
+    provenance = {k: manifest[k] for k in ("sd", "sd_config", "sd_fingerprint", "encoder_sha256")}  # as synthesize()
     jobs = plan_jobs(clean, 5, CFG, round_dir=tmp_path, sd_source=SDSource("tiny"), prompts_dir=synth_inputs["prompts"],
-                     hashes=hashes)
+                     provenance=provenance)
     for job in jobs:
         stats = synthesize_shard(replace(job, encode_threads=2))
         want = json.loads((synth_reference / f"{job.index:06d}.stats.json").read_text())
-        assert stats["sha256"] == want["sha256"] == sha256_file(tmp_path / f"{job.index:06d}.tar")
+        assert stats.sha256 == want["sha256"] == sha256_file(tmp_path / f"{job.index:06d}.tar")
     # a sample whose photo vanished, in the first of a shard's two batches: same place, same bytes
-    job = replace(jobs[0], items=((jobs[0].items[0][0], str(tmp_path / "gone.png"), 0, 1), *jobs[0].items[1:]),
+    job = replace(jobs[0], items=(jobs[0].items[0]._replace(clean=str(tmp_path / "gone.png"), prompt_row=0, seed=1),
+                                  *jobs[0].items[1:]),
                   config=replace(CFG, batch_size=1), round_dir=str(tmp_path / "a"))
     plain = synthesize_shard(job)
     threaded = synthesize_shard(replace(job, encode_threads=2, round_dir=str(tmp_path / "b")))
-    assert len(plain["failures"]) == 1 and plain["sha256"] == threaded["sha256"]
+    assert len(plain.failures) == 1 and plain.sha256 == threaded.sha256
