@@ -67,11 +67,6 @@ def check_contract(net: nn.Module, name: str) -> ProbeResult:
     ValueError of one line naming `name`. Returns whether the network is differentiable w.r.t. its input."""
     param = next(iter(net.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):  # a network that draws random numbers leaves the global RNG as it was
-        return _probe(net, name, device)
-
-
-def _probe(net: nn.Module, name: str, device: torch.device) -> ProbeResult:
     gen = torch.Generator().manual_seed(PROBE_SEED)
     why_not = ""
     for i, shape in enumerate(PROBE_SHAPES):

@@ -215,7 +215,8 @@ def _load_factory(match: re.Match, spec: str) -> nn.Module:
     try:
         obj = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - the user's module may fail in any way
-        raise ValueError(f"cannot import {module_name} for teacher {spec} (is it on PYTHONPATH?): {_line(err)}") from err
+        raise ValueError(f"cannot import {module_name} for teacher {spec} (is it on PYTHONPATH?): "
+                         f"{_line(err)}") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"teacher {spec}: {module_name} has no {attr!r}")
@@ -245,8 +246,15 @@ def load_teacher(spec: str | Path, *, arch: str | None = None, probe: bool = Tru
         probe: run the contract probe (distill/probe.py); a broken contract is a one-line ValueError.
     Returns:
         (network, TeacherInfo); a foreign network is wrapped in `ForeignTeacher`.
+
+    The global RNG is left as it was (building a registry network draws its initial weights): a student built
+    after this gets the same initial weights whatever form its teacher came in.
     """
-    text = str(spec)
+    with torch.random.fork_rng(devices=[]):
+        return _load(str(spec), arch, probe)
+
+
+def _load(text: str, arch: str | None, probe: bool) -> tuple[nn.Module, TeacherInfo]:
     if match := _factory(text):
         net, kind, name = ForeignTeacher(_load_factory(match, text), "factory"), "factory", text.split("@", 1)[0]
     else:
