@@ -100,6 +100,23 @@ def _factory(spec: str) -> re.Match | None:
     return match if match and not Path(spec).exists() else None
 
 
+def split_factory(spec: str) -> tuple[str, str | None] | None:
+    """("package.module:callable", weights or None) when `spec` has the factory form, else None (by form only:
+    a config resolves the weights' path against its own folder)."""
+    match = FACTORY.match(spec)
+    return (f"{match['module']}:{match['attr']}", match["weights"] or None) if match else None
+
+
+def is_foreign(spec: str | Path) -> str | None:
+    """The kind of a teacher from outside the registry ("torchscript", "export", "factory"), None for registry
+    checkpoints and paths that name no file (checked where the file is read)."""
+    if _factory(str(spec)):
+        return "factory"
+    path = Path(spec)
+    kind = file_kind(path) if path.is_file() else "registry"
+    return None if kind == "registry" else kind
+
+
 def _archive_kind(path: Path) -> str | None:
     """"torchscript" or "export" from a zip archive's members; None for anything else (a torch.save file too)."""
     if not zipfile.is_zipfile(path):

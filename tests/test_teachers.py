@@ -6,7 +6,6 @@ refused in one line."""
 from __future__ import annotations
 
 import json
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from d4ir.distill.teachers import check_gradients, load_teacher
 from d4ir.distill.trainer import distill
 from d4ir.shards.io import load_weights, read_jsonl, sha256_file
 from safetensors.torch import load_file, save_file
+from teacher_fixtures import write_factory
 
 TINY = dict(batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0, epochs=1, joint_epochs=1,
             round_every=0)
@@ -30,59 +30,11 @@ STUDENT_ARGS = ("--student", "airnet", "--student-kwargs",
 CLI_TINY = ("--epochs", 1, "--joint-epochs", 1, "--round-every", 0, "--iters-per-epoch", 2, "--batch-size", 2,
             "--crop", 16, "--feedback-batch", 1, "--device", "cpu")
 
-FACTORY_MODULE = '''
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    """x + conv(relu(conv(x))): a residual restorer of another architecture than the registry's."""
-
-    def __init__(self, width=8, mode="ok"):
-        super().__init__()
-        self.a, self.b, self.mode = nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, 3, 3, padding=1), mode
-
-    def forward(self, x):
-        y = x + 0.1 * self.b(torch.relu(self.a(x)))
-        if self.mode == "half":
-            return y[..., ::2, ::2]
-        if self.mode == "nan":
-            return y * float("nan")
-        if self.mode == "detached":
-            return y.detach()
-        return y
-
-
-def make():
-    return Net()
-
-
-def make_half():
-    return Net(mode="half")
-
-
-def make_nan():
-    return Net(mode="nan")
-
-
-def make_detached():
-    return Net(mode="detached")
-'''
-
-
 @pytest.fixture
 def factory(tmp_path, monkeypatch) -> Path:
     """tinynet.py on sys.path and its weights (tmp_path/tinynet.safetensors)."""
-    (tmp_path / "tinynet.py").write_text(textwrap.dedent(FACTORY_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        conv_a, conv_b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3, 3, padding=1)
-    state = {f"{n}.{k}": v.detach().contiguous() for n, m in (("a", conv_a), ("b", conv_b))
-             for k, v in m.state_dict().items()}
-    weights = tmp_path / "tinynet.safetensors"
-    save_file(state, str(weights))
-    return weights
+    return write_factory(tmp_path)
 
 
 def _programs(teacher_path: Path, out: Path) -> dict[str, Path]:
