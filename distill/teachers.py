@@ -82,14 +82,25 @@ class ForeignTeacher(nn.Module):
     forward: x [B,3,H,W] in [0, 1] -> restored [B,3,H,W].
     """
 
-    def __init__(self, net: nn.Module, kind: str) -> None:
+    def __init__(self, net: nn.Module, kind: str, program: torch.export.ExportedProgram | None = None) -> None:
         super().__init__()
-        self.net, self.kind = net, kind
+        self.net, self.kind, self._program = net, kind, program
         self.requires_grad_(False)
 
     def train(self, mode: bool = True) -> ForeignTeacher:
         self.training = mode
         return self
+
+    def to(self, *args, **kwargs) -> ForeignTeacher:
+        """Moving an exported program rebuilds it with `move_to_device_pass`: its graph names devices (a
+        `zeros(..., device=cpu)` it made while tracing) that moving the weights would leave behind."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self._program is not None and device is not None:
+            from torch.export.passes import move_to_device_pass
+
+            self.net = move_to_device_pass(self._program, device).module()
+            self.requires_grad_(False)
+        return super().to(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -192,12 +203,15 @@ def _export_safe(path: Path) -> None:
                     raise ValueError(f"{path}: refused: its sample inputs need unpickling ({_line(err)})") from err
 
 
-def _load_archive(path: Path, kind: str) -> nn.Module:
+def _load_archive(path: Path, kind: str) -> ForeignTeacher:
     try:
         if kind == "torchscript":
-            return torch.jit.load(str(path), map_location="cpu").eval()
+            return ForeignTeacher(torch.jit.load(str(path), map_location="cpu").eval(), kind)
         _export_safe(path)
-        return torch.export.load(str(path)).module()
+        import torchvision  # noqa: F401 - registers the torchvision:: ops (deform_conv2d) a program may call
+
+        program = torch.export.load(str(path))
+        return ForeignTeacher(program.module(), kind, program)
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
@@ -280,7 +294,7 @@ def _load(text: str, arch: str | None, probe: bool) -> tuple[nn.Module, TeacherI
         if kind == "registry":
             model, registry = load_model(path, arch=arch)
             return _probed(model, TeacherInfo("registry", text, registry["name"], registry=registry), probe)
-        net, name = ForeignTeacher(_load_archive(path, kind), kind), path.name
+        net, name = _load_archive(path, kind), path.name
     if arch is not None:
         raise ValueError(f"--arch names the architecture of an official .pth; teacher {text} is a {FOREIGN[kind]} "
                          "program")

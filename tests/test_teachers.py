@@ -78,6 +78,10 @@ def test_torchscript_and_export_teach_like_the_network(run_copy, tmp_path):
         assert students[kind].keys() == students["registry"].keys()
         for key, value in students["registry"].items():
             torch.testing.assert_close(students[kind][key], value, msg=f"{kind}: {key}")
+    # moving the program moves the devices its graph names too (AirNet's deform bias: zeros(..., device=cpu))
+    moved = load_teacher(specs["export"])[0].to("meta")
+    devices = [n.kwargs["device"] for n in moved.net.graph.nodes if "device" in n.kwargs]
+    assert devices and all(torch.device(d).type == "meta" for d in devices)
 
 
 def test_factory_teacher_through_cli(run_copy, factory):
