@@ -290,6 +290,8 @@ def _load(text: str, arch: str | None, probe: bool) -> tuple[nn.Module, TeacherI
         net, kind, name = ForeignTeacher(_load_factory(match, text), "factory"), "factory", text.split("@", 1)[0]
     else:
         path = Path(text)
+        if not path.exists() and path.suffix.lower() in _FOREIGN_SUFFIXES:
+            raise FileNotFoundError(f"teacher not found: {path}")
         kind = file_kind(path) if path.is_file() else "registry"
         if kind == "registry":
             model, registry = load_model(path, arch=arch)

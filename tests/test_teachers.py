@@ -170,6 +170,7 @@ def test_wrong_files_refused_in_one_line(tmp_path, tiny_run, factory):
     torch.save({"a.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     cases = [
         (garbage, ("garbage.pt2 is not a torch.export file",)),
+        (tmp_path / "missing.pt2", ("teacher not found", "missing.pt2")),
         (other, ("teacher.onnx is not a teacher d4ir reads",)),
         (static, ("static.pt2 fails on a 1x3x32x48",)),
         (pickled, ("pickled.pt2: refused", "unpickled")),
