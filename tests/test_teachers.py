@@ -182,3 +182,18 @@ def test_wrong_files_refused_in_one_line(tmp_path, tiny_run, factory):
     for spec, needles in cases:
         one_line_error(cli("eval", "--model", spec, "--pairs", tiny_run.val, "--out", tmp_path / "e.json"), *needles)
     assert load_teacher(tmp_path / "ok.pt2")[1].kind == "export"
+
+
+def test_factory_weights_as_a_state_dict(tmp_path, factory):
+    """Factory weights may be a torch.save'd state dict (read with weights_only=True, training-code wrappers and
+    DataParallel's `module.` prefix removed): the same network as from safetensors; a pickled object is refused."""
+    state = load_file(str(factory))
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, wrapped)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ours, theirs = (load_teacher(f"tinynet:make@{w}")[0] for w in (factory, wrapped))
+    assert torch.equal(ours(x), theirs(x))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"a.weight": torch.zeros(1), "extra": Path("x")}, pickled)  # a Python object: needs unpickling
+    with pytest.raises(ValueError, match="pickled.pth: refused"):
+        load_teacher(f"tinynet:make@{pickled}")
