@@ -30,7 +30,7 @@ def _dims(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-def _line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """An exception as one line (TorchScript and export errors span many)."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
@@ -52,7 +52,7 @@ def _gradient(x: torch.Tensor, out: torch.Tensor, gen: torch.Generator) -> str:
     try:
         (grad,) = torch.autograd.grad((out * weights).sum(), x, allow_unused=True)
     except RuntimeError as err:
-        return f"its backward fails: {_line(err)}"
+        return f"its backward fails: {one_line(err)}"
     if grad is None:
         return "no gradient reaches its input (the input is detached inside its forward)"
     if not torch.isfinite(grad).all():
@@ -76,7 +76,7 @@ def check_contract(net: nn.Module, name: str) -> ProbeResult:
             with torch.enable_grad():
                 out = net(x)
         except Exception as err:  # noqa: BLE001 - any failure of foreign code is the contract's
-            raise ValueError(f"teacher {name} fails on {what}: {_line(err)}") from err
+            raise ValueError(f"teacher {name} fails on {what}: {one_line(err)}") from err
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"teacher {name} returns a {type(out).__name__} for {what}, not an image tensor "
                              "[B,3,H,W]")

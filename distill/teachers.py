@@ -26,29 +26,29 @@ recorded wherever a student records its teacher; registry teachers keep being re
 
 from __future__ import annotations
 
-import importlib
-import io
-import json
-import pickle
-import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from d4ir.shards.io import sha256_file
-from d4ir.shards.state import is_unsafe, unsafe_reason
 from torch import nn
 
 from .config import DistillConfig
-from .probe import _line, check_contract
-from .registry import _strip_module, _unwrap, half_of, load_model
+from .foreign import (
+    FOREIGN,
+    FOREIGN_SUFFIXES,
+    ForeignTeacher,
+    factory_match,
+    file_kind,
+    load_archive,
+    load_factory,
+    split_factory,
+)
+from .probe import check_contract
+from .registry import half_of, load_model
 
-FACTORY = re.compile(r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)"
-                     r"(?:@(?P<weights>.*))?$")
-FOREIGN = {"torchscript": "TorchScript", "export": "torch.export", "factory": "factory"}
-_REGISTRY_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin", ".safetensors", ".json"}  # what load_model reads
-_FOREIGN_SUFFIXES = {".pt2": "export", ".ts": "torchscript", ".jit": "torchscript", ".torchscript": "torchscript"}
+__all__ = ["FOREIGN", "ForeignTeacher", "TeacherInfo", "check_gradients", "identify", "is_foreign", "load_teacher",
+           "needs_gradients", "spec_file", "split_factory", "student_of", "teacher_record"]
 
 
 @dataclass(frozen=True)
@@ -75,90 +75,21 @@ class TeacherInfo:
         return self.identity if self.identity is not None else str(Path(self.spec).resolve())
 
 
-class ForeignTeacher(nn.Module):
-    """A network from outside the registry, frozen and always in eval mode (exported programs cannot switch
-    modes, and a teacher never trains): `train()` only sets this wrapper's flag.
-
-    forward: x [B,3,H,W] in [0, 1] -> restored [B,3,H,W].
-    """
-
-    def __init__(self, net: nn.Module, kind: str, program: torch.export.ExportedProgram | None = None) -> None:
-        super().__init__()
-        self.net, self.kind, self._program = net, kind, program
-        self.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> ForeignTeacher:
-        self.training = mode
-        return self
-
-    def to(self, *args, **kwargs) -> ForeignTeacher:
-        """Moving an exported program rebuilds it with `move_to_device_pass`: its graph names devices (a
-        `zeros(..., device=cpu)` it made while tracing) that moving the weights would leave behind."""
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if self._program is not None and device is not None:
-            from torch.export.passes import move_to_device_pass
-
-            self.net = move_to_device_pass(self._program, device).module()
-            self.requires_grad_(False)
-        return super().to(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _factory(spec: str) -> re.Match | None:
-    match = FACTORY.match(spec)
-    return match if match and not Path(spec).exists() else None
-
-
-def split_factory(spec: str) -> tuple[str, str | None] | None:
-    """("package.module:callable", weights or None) when `spec` has the factory form, else None (by form only:
-    a config resolves the weights' path against its own folder)."""
-    match = FACTORY.match(spec)
-    return (f"{match['module']}:{match['attr']}", match["weights"] or None) if match else None
-
-
 def is_foreign(spec: str | Path) -> str | None:
     """The kind of a teacher from outside the registry ("torchscript", "export", "factory"), None for registry
     checkpoints and paths that name no file (checked where the file is read)."""
-    if _factory(str(spec)):
+    if factory_match(str(spec)):
         return "factory"
     path = Path(spec)
     kind = file_kind(path) if path.is_file() else "registry"
     return None if kind == "registry" else kind
 
 
-def _archive_kind(path: Path) -> str | None:
-    """"torchscript" or "export" from a zip archive's members; None for anything else (a torch.save file too)."""
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-        fmt = [n for n in names if n.split("/", 1)[-1] == "archive_format"]
-        if fmt and z.read(fmt[0]).strip() == b"pt2":
-            return "export"
-    if any("/code/" in n for n in names) and any(n.endswith("/constants.pkl") for n in names):
-        return "torchscript"
-    return None
-
-
-def file_kind(path: Path) -> str:
-    """"torchscript", "export" or "registry" for an existing file; a foreign suffix on another file is an error."""
-    kind = _archive_kind(path)
-    wanted = _FOREIGN_SUFFIXES.get(path.suffix.lower())
-    if kind is None and wanted is not None:
-        raise ValueError(f"{path} is not a {FOREIGN[wanted]} file (not a zip archive with its members)")
-    if kind is None and path.suffix.lower() not in _REGISTRY_SUFFIXES:
-        raise ValueError(f"{path} is not a teacher d4ir reads: give our checkpoint, an official .pth, a TorchScript "
-                         "or torch.export (.pt2) file, or package.module:factory@weights")
-    return kind or "registry"
-
-
 def identify(spec: str | Path) -> dict | None:
     """The identity of a foreign teacher ({"kind", "path", "sha256"}, or {"kind": "factory", "factory",
     "weights", "sha256"} with the weights' hash); None for registry networks and specs that name nothing."""
     text = str(spec)
-    if match := _factory(text):
+    if match := factory_match(text):
         weights = Path(match["weights"] or "")
         if not match["weights"] or not weights.is_file():
             return None
@@ -172,100 +103,13 @@ def identify(spec: str | Path) -> dict | None:
 
 def spec_file(spec: str | Path) -> Path:
     """The file a spec names: the weights of a factory, else the path itself."""
-    match = _factory(str(spec))
+    match = factory_match(str(spec))
     return Path(match["weights"] or ".") if match else Path(spec)
 
 
 def teacher_record(spec: str | Path) -> str | dict:
     """What a student records as its teacher, without loading it: `TeacherInfo.record()` of `spec`."""
     return identify(spec) or str(spec)
-
-
-def _export_safe(path: Path) -> None:
-    """Refuse a .pt2 archive that torch.export.load would unpickle (pickled weights or constants, legacy files,
-    sample inputs beyond weights_only)."""
-    with zipfile.ZipFile(path) as z:
-        for name in z.namelist():
-            part = name.split("/", 1)[-1]
-            if part.endswith("_config.json") and part.startswith(("data/weights/", "data/constants/")):
-                entries = json.loads(z.read(name)).get("config", {})
-                bad = [k for k, v in entries.items() if v.get("use_pickle")
-                       or not str(v.get("path_name", "")).startswith(("weight_", "tensor_"))]
-                if bad:
-                    raise ValueError(f"{path}: refused: entries {bad[:3]} of {part} would be unpickled")
-            elif part.startswith(("data/weights/", "data/constants/")) and part.endswith(".pt"):
-                raise ValueError(f"{path}: refused: {part} is a legacy pickled file (save the program again with "
-                                 "torch.export.save)")
-            elif part.startswith("data/sample_inputs/"):
-                try:
-                    torch.load(io.BytesIO(z.read(name)), map_location="cpu", weights_only=True)
-                except Exception as err:  # noqa: BLE001 - torch would retry with weights_only=False
-                    raise ValueError(f"{path}: refused: its sample inputs need unpickling ({_line(err)})") from err
-
-
-def _load_archive(path: Path, kind: str) -> ForeignTeacher:
-    try:
-        if kind == "torchscript":
-            return ForeignTeacher(torch.jit.load(str(path), map_location="cpu").eval(), kind)
-        _export_safe(path)
-        import torchvision  # noqa: F401 - registers the torchvision:: ops (deform_conv2d) a program may call
-
-        program = torch.export.load(str(path))
-        return ForeignTeacher(program.module(), kind, program)
-    except ValueError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a damaged archive fails in many ways
-        raise ValueError(f"cannot load {path} as a {FOREIGN[kind]} program: {_line(err)}") from err
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or torch.load(weights_only=True), training-code wrappers unwrapped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"factory weights not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = unsafe_reason(err) if is_unsafe(err) else _line(err)
-        raise ValueError(f"{path}: refused as factory weights: {reason}") from err
-    except Exception as err:  # noqa: BLE001 - header/zip errors vary by version
-        raise ValueError(f"cannot read {path} as factory weights (safetensors or a state dict): {_line(err)}") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    obj, _ = _unwrap(obj, path)
-    return _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
-
-
-def _load_factory(match: re.Match, spec: str) -> nn.Module:
-    if not match["weights"]:
-        raise ValueError(f"factory teacher {spec} needs its weights: {spec}@WEIGHTS (.safetensors or a state dict)")
-    module_name, attr = match["module"], match["attr"]
-    try:
-        obj = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - the user's module may fail in any way
-        raise ValueError(f"cannot import {module_name} for teacher {spec} (is it on PYTHONPATH?): "
-                         f"{_line(err)}") from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"teacher {spec}: {module_name} has no {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"teacher {spec}: {module_name}:{attr} is not callable")
-    try:
-        net = obj()
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"teacher {spec}: {module_name}:{attr}() fails: {_line(err)}") from err
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"teacher {spec}: {module_name}:{attr}() returns a {type(net).__name__}, not an nn.Module")
-    state = _read_state(Path(match["weights"]))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{match['weights']} does not match {module_name}:{attr}(): {_line(err)}") from err
-    return net.eval()
 
 
 def load_teacher(spec: str | Path, *, arch: str | None = None, probe: bool = True) -> tuple[nn.Module, TeacherInfo]:
@@ -286,17 +130,17 @@ def load_teacher(spec: str | Path, *, arch: str | None = None, probe: bool = Tru
 
 
 def _load(text: str, arch: str | None, probe: bool) -> tuple[nn.Module, TeacherInfo]:
-    if match := _factory(text):
-        net, kind, name = ForeignTeacher(_load_factory(match, text), "factory"), "factory", text.split("@", 1)[0]
+    if match := factory_match(text):
+        net, kind, name = load_factory(match, text), "factory", text.split("@", 1)[0]
     else:
         path = Path(text)
-        if not path.exists() and path.suffix.lower() in _FOREIGN_SUFFIXES:
+        if not path.exists() and path.suffix.lower() in FOREIGN_SUFFIXES:
             raise FileNotFoundError(f"teacher not found: {path}")
         kind = file_kind(path) if path.is_file() else "registry"
         if kind == "registry":
             model, registry = load_model(path, arch=arch)
             return _probed(model, TeacherInfo("registry", text, registry["name"], registry=registry), probe)
-        net, name = _load_archive(path, kind), path.name
+        net, name = load_archive(path, kind), path.name
     if arch is not None:
         raise ValueError(f"--arch names the architecture of an official .pth; teacher {text} is a {FOREIGN[kind]} "
                          "program")
