@@ -26,11 +26,13 @@ recorded wherever a student records its teacher; registry teachers keep being re
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from d4ir.shards.io import sha256_file
+from d4ir.shards.layout import CONFIG_FILE
 from torch import nn
 
 from .config import DistillConfig
@@ -48,7 +50,7 @@ from .probe import check_contract
 from .registry import half_of, load_model
 
 __all__ = ["FOREIGN", "ForeignTeacher", "TeacherInfo", "check_gradients", "identify", "is_foreign", "load_teacher",
-           "needs_gradients", "spec_file", "split_factory", "student_of", "teacher_record"]
+           "needs_gradients", "recorded_teacher", "spec_file", "split_factory", "student_of", "teacher_record"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,18 @@ def spec_file(spec: str | Path) -> Path:
     """The file a spec names: the weights of a factory, else the path itself."""
     match = factory_match(str(spec))
     return Path(match["weights"] or ".") if match else Path(spec)
+
+
+def recorded_teacher(student_dir: str | Path) -> str | None:
+    """The spec of the teacher a finished student recorded in its config.json (`TeacherInfo.record()`), when
+    its file is still there; None otherwise."""
+    config = Path(student_dir) / CONFIG_FILE
+    record = json.loads(config.read_text()).get("teacher") if config.is_file() else None
+    if isinstance(record, dict):
+        spec = f"{record['factory']}@{record['weights']}" if record.get("kind") == "factory" else record.get("path")
+    else:
+        spec = record
+    return spec if isinstance(spec, str) and spec_file(spec).exists() else None
 
 
 def teacher_record(spec: str | Path) -> str | dict:

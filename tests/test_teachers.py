@@ -104,6 +104,10 @@ def test_factory_teacher_through_cli(run_copy, factory):
     log = read_jsonl(out / "train.jsonl")
     assert log[0]["joint"] and log[0]["loss_fb"] > 0  # the feedback loss ran through the factory's network
     assert load_weights(out / "student")[1]["kwargs"]["n_feats"] == 4
+    # `d4ir eval --run-dir --student` scores against the teacher the student recorded, not RUN/teacher
+    scored = cli("eval", "--run-dir", r.root, "--student", "fac", "--pairs", r.val, "--out", out / "again.json")
+    assert scored.exit_code == 0 and "against the reference" in scored.output, scored.output
+    assert json.loads((out / "again.json").read_text())["reference"] == identity
     # the same weights at the same path resume; other weights there are another teacher
     assert cli(*args, *STUDENT_ARGS, "--epochs", 2, "--resume").exit_code == 0
     state = load_file(str(factory))
