@@ -21,7 +21,8 @@ from torch import nn
 from .data import PairSet, load_pairs
 from .inference import restore
 from .metrics import psnr, ssim
-from .registry import count_parameters, load_model
+from .registry import count_parameters
+from .teachers import load_teacher, teacher_record
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 
@@ -109,7 +110,8 @@ def evaluate(
     """Score a checkpoint (or "identity": the degraded inputs) on a paired set and write eval.json.
 
     Args:
-        model: our checkpoint, an official .pth, or "identity".
+        model: any network `distill.teachers.load_teacher` reads (our checkpoint, an official .pth, TorchScript,
+            .pt2, package.module:callable@weights), or "identity".
         pairs_dir: the paired test set (any layout `shards.pairs` reads).
         out: the eval.json to write.
         reference: a second model (the teacher) also scored against: the ref_* metrics.
@@ -122,12 +124,13 @@ def evaluate(
     if str(model) == IDENTITY:
         net, name = None, IDENTITY
     else:
-        net, loaded = load_model(model, arch=arch)
-        net, name = net.to(device).eval(), loaded["name"]
-    ref = load_model(reference)[0].to(device).eval() if reference else None
+        net, loaded = load_teacher(model, arch=arch)
+        net, name = net.to(device).eval(), loaded.name
+    ref = load_teacher(reference)[0].to(device).eval() if reference else None
     result = evaluate_model(net, load_pairs(pairs_dir), device=device, reference=ref, tile=tile, border=border,
                             limit=limit, progress=progress)
-    result |= {"name": name, "model": str(model), "pairs": str(pairs_dir), "reference": str(reference or "")}
+    result |= {"name": name, "model": str(model) if str(model) == IDENTITY else teacher_record(model),
+               "pairs": str(pairs_dir), "reference": teacher_record(reference) if reference else ""}
     write_eval(out, result, **info)
     return result
 

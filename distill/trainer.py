@@ -35,8 +35,9 @@ from .ddp import DistContext, average_gradients
 from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model, write_eval
 from .losses import kd_loss
-from .registry import build, count_parameters, half_of, load_model, save_model
+from .registry import build, count_parameters, save_model
 from .sources import ShardBatches, open_source, round_batches
+from .teachers import check_gradients, load_teacher, student_of
 
 
 @dataclass
@@ -88,7 +89,7 @@ def check_own_rounds(layout: RunLayout, name: str, config: DistillConfig) -> Non
 
 def distill(
     run: Path,
-    teacher_path: Path,
+    teacher_path: Path | str,
     config: DistillConfig,
     *,
     sd_source: SDSource | str | None = None,
@@ -106,7 +107,8 @@ def distill(
 
     Args:
         run: the run folder (RUN/prompts from stage 1, RUN/shards/round-000 from stage 2).
-        teacher_path: our checkpoint or an official .pth.
+        teacher_path: any teacher `distill.teachers.load_teacher` reads: our checkpoint, an official .pth, a
+            TorchScript or torch.export (.pt2) file, or package.module:callable@weights.
         config: see `DistillConfig`.
         sd_source: the SD the shards were made with (default: the one their manifest names); when given, it is
             loaded and a round synthesized by another SD (by fingerprint) is refused.
@@ -124,14 +126,14 @@ def distill(
         run_.move_to_round(config.round_for_epoch(epoch), distributor, progress)
         record = run_.train_epoch(epoch, progress)
         run_.end_epoch(epoch, record, val, progress)
-    return run_.finish(val, val_dir, teacher_path)
+    return run_.finish(val, val_dir)
 
 
 class _Training:
     """The state of one distillation: networks, batch source, optimizers, the epoch loop."""
 
     @classmethod
-    def start(cls, layout: RunLayout, teacher_path: Path, config: DistillConfig, name: str | None, *,
+    def start(cls, layout: RunLayout, teacher_path: Path | str, config: DistillConfig, name: str | None, *,
               resume: bool, device: str, **data) -> _Training:
         self = cls()
         self.name = name or student_name(config.student)
@@ -143,9 +145,10 @@ class _Training:
         self.amp = self.device.startswith("cuda") if config.amp is None else config.amp
 
         # the frozen teacher and the student
-        teacher, t_info = load_model(teacher_path)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        arch, kwargs = half_of(t_info) if config.student == "half" else (config.student, {})
+        teacher, t_info = load_teacher(teacher_path)
+        arch, kwargs = student_of(t_info, config.student)
+        check_gradients(t_info, config)
+        self.teacher, self.t_info = teacher.to(self.device).eval().requires_grad_(False), t_info
         self.student = build(arch, **{**kwargs, **(config.student_kwargs or {})}).to(self.device).train()
         self.out = layout.student(self.name)
 
@@ -158,7 +161,7 @@ class _Training:
         self.enc_opt = None if self.loop is None else torch.optim.Adam(self.loop.encoder.parameters(),
                                                                        lr=config.encoder_lr, betas=(0.9, 0.999))
         self.model = ctx.wrap(self.student)
-        self.settings = asdict(config) | {"teacher": str(Path(teacher_path).resolve()), "name": self.name}
+        self.settings = asdict(config) | {"teacher": t_info.record(), "name": self.name}
         self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
         self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
                                 resume=resume, writer=ctx.rank == 0)
@@ -267,13 +270,13 @@ class _Training:
                 shown += f", {record['decode_errors']} undecodable samples skipped"
             tqdm.write(f"distill {self.name} epoch {epoch + 1}: kd {record['loss_kd']:.5f}{shown}")
 
-    def finish(self, val, val_dir: Path | None, teacher_path: Path) -> DistillResult:
+    def finish(self, val, val_dir: Path | None) -> DistillResult:
         """The final evaluation (eval.json) and what made this student (config.json)."""
         params = count_parameters(self.student)
         if self.ctx.rank == 0 and val:
             final = evaluate_model(self.student, val, device=self.device, reference=self.teacher, progress=False)
             write_eval(self.out / EVAL_FILE, final, model=str(self.layout.student_weights(self.name)),
-                       pairs=str(val_dir), reference=str(teacher_path), data=self.config.data, round=self.round)
+                       pairs=str(val_dir), reference=self.t_info.record(), data=self.config.data, round=self.round)
         if self.ctx.rank == 0:
             atomic_write_json(self.out / CONFIG_FILE, {**asdict(self.config), **self.settings, "params": params,
                                                        "round": self.round})

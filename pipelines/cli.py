@@ -195,8 +195,10 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
 
 @main.command("distill")
 @run_option
-@click.option("--teacher", "teacher_path", type=_existing,
-              help="Teacher checkpoint (ours or an official .pth); default: RUN/teacher's.")
+@click.option("--teacher", "teacher_path",
+              help="Teacher: our checkpoint, an official .pth, a TorchScript or torch.export (.pt2) file, or "
+                   "package.module:callable@WEIGHTS (a factory on PYTHONPATH with its safetensors/state-dict "
+                   "weights); default: RUN/teacher's. A teacher from outside the registry needs --student NAME.")
 @sd_options(None)
 @click.option("--name", help="Student folder name under RUN/students (default: the student name).")
 @click.option("--degraded", type=_existing, help="Web degraded images (L_cl and the feedback; --data web).")

@@ -94,11 +94,13 @@ def models() -> None:
 
 @click.command("eval")
 @click.option("--model", "model_path",
-              help="A checkpoint (ours .safetensors, official .pth) or `identity` to score the degraded inputs.")
-@click.option("--run-dir", "run", type=_path, help="With --student: score the run's student against its teacher.")
+              help="A network (ours .safetensors, official .pth, TorchScript, torch.export .pt2, or "
+                   "package.module:callable@WEIGHTS) or `identity` to score the degraded inputs.")
+@click.option("--run-dir", "run", type=_path,
+              help="With --student: score the run's student against the teacher it recorded (else RUN/teacher).")
 @click.option("--student", help="With --run-dir: the student (as given to `d4ir distill --student`, or its --name).")
 @click.option("--pairs", type=_existing, required=True, help="Paired test set.")
-@click.option("--reference", type=_existing, help="Also score against this model's outputs (e.g. the teacher).")
+@click.option("--reference", help="Also score against this network's outputs (e.g. the teacher; any --model form).")
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
 @click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
@@ -112,6 +114,7 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
     Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
     """
     from d4ir.distill.evaluate import IDENTITY, evaluate, format_table
+    from d4ir.distill.teachers import recorded_teacher, spec_file
     from d4ir.distill.trainer import student_name
     from d4ir.shards.layout import EVAL_FILE, RunLayout
 
@@ -120,10 +123,13 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
         raise click.UsageError("give --model, or --run-dir with --student")
     if model_path is None:
         layout = RunLayout(run)
-        model_path = layout.student_weights(student if layout.student(student).is_dir() else student_name(student))
-        reference = reference or (layout.teacher_weights if layout.teacher_weights.exists() else None)
+        name = student if layout.student(student).is_dir() else student_name(student)
+        model_path = layout.student_weights(name)
+        # the teacher the student was distilled from (its config.json), else the run's own
+        reference = reference or recorded_teacher(layout.student(name)) or (
+            layout.teacher_weights if layout.teacher_weights.exists() else None)
     if out is None:
-        out = Path(EVAL_FILE) if model_path == IDENTITY else Path(model_path).with_name(EVAL_FILE)
+        out = Path(EVAL_FILE) if model_path == IDENTITY else spec_file(model_path).with_name(EVAL_FILE)
     result = evaluate(model_path, pairs, out, reference=reference, arch=arch, device=device, tile=tile,
                       border=border, limit=limit)
     label = method or result["name"]

@@ -17,6 +17,7 @@ from d4ir.distill.evaluate import evaluate_model
 from d4ir.distill.feedback import FeedbackLoop, synth_config_of
 from d4ir.distill.losses import parse_weights
 from d4ir.distill.registry import build, half_of, load_model
+from d4ir.distill.teachers import load_teacher
 from d4ir.distill.trainer import DistillConfig, DistillResult, distill
 from d4ir.shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
 from d4ir.shards.pairs import find_pairs
@@ -91,11 +92,11 @@ def test_joint_step_with_gamma_zero_moves_encoder_only(run_copy, monkeypatch):
     teachers = []
 
     def spy_load(path, *a, **kw):
-        model, info = load_model(path, *a, **kw)
+        model, info = load_teacher(path, *a, **kw)
         teachers.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
         return model, info
 
-    monkeypatch.setattr(trainer_mod, "load_model", spy_load)
+    monkeypatch.setattr(trainer_mod, "load_teacher", spy_load)
     _run(r, _cfg(epochs=1, joint_epochs=1, round_every=0, gamma=0.0, iters_per_epoch=1), "g0")
 
     start = load_prompt_encoder(r.root / "prompts")

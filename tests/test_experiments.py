@@ -159,6 +159,38 @@ def test_missing_parts_skip_rows_and_tables_with_the_reason(tmp_path):
     assert "| Teacher | Teacher | not run yet |" in text and "DFSR (GAN generator) | not run yet" in text
 
 
+def test_a_factory_teacher_runs_its_rows_with_the_named_student(tmp_path, monkeypatch):
+    """A teacher from outside the registry in the config (package.module:callable@WEIGHTS, the weights relative to
+    the config): its rows distil the named registry student, record the factory and its weights' sha256 as the
+    teacher; without a student the config is refused in one line before anything runs."""
+    from d4ir.shards.io import sha256_file
+    from teacher_fixtures import write_factory
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weights = write_factory(tmp_path)
+    data = _config(tmp_path)
+    derain = data["tasks"]["derain"]
+    derain["original"] = derain["teacher"]["train"]
+    derain["teacher"] = {"checkpoint": f"tinynet:make@{weights.name}"}
+    del derain["restormer_teacher"]
+    data["tasks"] = {"derain": derain}
+    data["tables"] = {"1": {"rows": ["Teacher", "Student", "Data"], "tests": ["Rain100L"]}}
+    with pytest.raises(ValueError, match="tasks.derain.teacher: a factory teacher cannot be halved"):
+        run_experiments(load_config(_write(tmp_path, data)), progress=False, log=lambda _: None)
+    derain["teacher"] |= {"student": "airnet", "student_kwargs": dict(TEACHER_KWARGS, n_feats=4, encoder_first=4)}
+    run_experiments(load_config(_write(tmp_path, data)), progress=False, log=lambda _: None)
+    out = tmp_path / "exp" / "derain"
+    identity = {"kind": "factory", "factory": "tinynet:make", "weights": str(weights), "sha256": sha256_file(weights)}
+    for row in ("Teacher", "Student", "Data"):
+        assert json.loads((out / "rows/main" / row / "done.json").read_text())["settings"]["teacher"] == identity
+    for student in ("main-student", "main-data"):
+        kwargs = json.loads((out / "students" / student / "student.json").read_text())["kwargs"]
+        assert (kwargs["n_feats"], kwargs["encoder_first"]) == (4, 4)
+    teacher_eval = json.loads((out / "rows/main/Teacher/Rain100L/eval.json").read_text())
+    assert teacher_eval["model"] == identity and teacher_eval["params"] == 8 * 3 * 9 + 8 + 3 * 8 * 9 + 3
+    assert "every student is airnet" in (tmp_path / "exp" / "report.md").read_text()
+
+
 # ------------------------------------------------------------------------------------- the matrix
 def _evals(out: Path) -> dict[tuple[str, str, str, str], dict]:
     found = {}

@@ -83,21 +83,31 @@ class TeacherSpec:
         arch: registry name of a teacher trained here (`d4ir models`).
         kwargs: its constructor overrides (default: the scale's teacher width when arch is the preset's).
         overrides: SupervisedConfig fields for this teacher (and its Student row) only, e.g. {"epochs": 2}.
+        student: registry name of every student of this teacher (default: the teacher's architecture at half
+            width; required for a TorchScript, torch.export or factory checkpoint, which cannot be halved).
+        student_kwargs: that student's constructor overrides.
     """
 
-    checkpoint: Path | None = None
+    checkpoint: Path | str | None = None  # a str: package.module:callable@WEIGHTS (distill/teachers.py)
     train: Folder | None = None
     arch: str = "airnet"
     kwargs: dict | None = None
     overrides: dict = field(default_factory=dict)
+    student: str | None = None
+    student_kwargs: dict | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and self.train is not None:
             raise ValueError("give a checkpoint or train (a paired set to train on), not both")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch: unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
-        if self.kwargs is not None and not isinstance(self.kwargs, dict):
-            raise ValueError(f"kwargs: expected an object, got {type(self.kwargs).__name__}")
+        for name in ("kwargs", "student_kwargs"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}: expected an object, got {type(getattr(self, name)).__name__}")
+        if self.student is not None and self.student not in ARCHITECTURES:
+            raise ValueError(f"student: unknown architecture {self.student!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.student_kwargs is not None and self.student is None:
+            raise ValueError("student_kwargs: name the student too (student: a registry name)")
         _owned(object_fields(self.overrides, "overrides", _fields_of("teacher")), "teacher", "overrides")
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from d4ir.distill.teachers import split_factory
 from d4ir.pipelines.options import object_fields
 from d4ir.shards.layout import ExperimentLayout
 
@@ -27,7 +28,7 @@ from .tables import TABLES
 TOP = ("description", "out", "sd", "sd_config", "scale", "seed", "device", "threads", "vs_teacher", "prepare", "tasks",
        "tables")
 TASK = ("weather", "teacher", "restormer_teacher", "web_degraded", "web_clean", "original", "test", "val", "mix")
-TEACHER = ("checkpoint", "train", "arch", "kwargs", "overrides")
+TEACHER = ("checkpoint", "train", "arch", "kwargs", "overrides", "student", "student_kwargs")
 TABLE = ("task", "teacher", "tests", "rows")
 
 
@@ -70,14 +71,27 @@ class _Paths:
         return self.path(value, where)
 
 
+def _checkpoint(value: Any, where: str, paths: _Paths) -> Path | str | None:
+    """A teacher file resolved like every path, or `package.module:callable@WEIGHTS` with only WEIGHTS resolved."""
+    if value is None:
+        return None
+    factory = split_factory(_str(value, where))
+    if factory is None or value.startswith(PREPARED) or (paths.base / value).exists():
+        return paths.path(value, where)
+    if factory[1] is None:
+        raise ValueError(f"{where}: factory teacher {value!r} needs its weights: {value}@WEIGHTS")
+    return f"{factory[0]}@{paths.path(factory[1], where)}"
+
+
 def _teacher(value: Any, where: str, paths: _Paths) -> TeacherSpec | None:
     if value is None:
         return None
     d = object_fields(value, where, TEACHER)
     try:
-        return TeacherSpec(checkpoint=paths.path(d["checkpoint"], f"{where}.checkpoint") if "checkpoint" in d else None,
+        return TeacherSpec(checkpoint=_checkpoint(d.get("checkpoint"), f"{where}.checkpoint", paths),
                            train=paths.folder(d.get("train"), f"{where}.train"), arch=d.get("arch", "airnet"),
-                           kwargs=d.get("kwargs"), overrides=d.get("overrides", {}))
+                           kwargs=d.get("kwargs"), overrides=d.get("overrides", {}), student=d.get("student"),
+                           student_kwargs=d.get("student_kwargs"))
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from err
 

@@ -110,24 +110,24 @@ def table_grid(ctx: Context, table: PlannedTable, out: Path) -> Path | None:
     of the table; kept while no model is newer than it."""
     import torch
     from d4ir.distill.inference import restore
-    from d4ir.distill.registry import load_model
+    from d4ir.distill.teachers import load_teacher, spec_file
     from d4ir.shards.images import read_rgb, to_tensor, to_uint8
     from d4ir.shards.pairs import find_pairs
 
     models = []
     for key in ["Teacher"] + [k for k in table.rows if k not in ("Teacher", "Input")]:
         record = _record(ctx, table, key)
-        if record and Path(record["model"]).exists():
-            models.append((key, Path(record["model"])))
+        if record and spec_file(record["model"]).exists():  # a teacher may be package.module:callable@WEIGHTS
+            models.append((key, record["model"]))
     if not models:
         return None
     labels = ["degraded"] + [k for k, _ in models] + ["ground truth"]
     stamp = out.with_suffix(".json")  # what the grid shows; a grid of other models is redrawn
     shown = {"labels": labels, "models": [str(p) for _, p in models]}
-    newest = max(p.stat().st_mtime_ns for _, p in models)
+    newest = max(spec_file(p).stat().st_mtime_ns for _, p in models)
     if out.exists() and stamp.exists() and json.loads(stamp.read_text()) == shown and out.stat().st_mtime_ns > newest:
         return out
-    nets = [load_model(p)[0].eval() for _, p in models]
+    nets = [load_teacher(p, probe=False)[0].eval() for _, p in models]
     rows = []
     for pair in find_pairs(ctx.test_dir(table.task, table.tests[0]))[:GRID_IMAGES]:
         degraded = _center(read_rgb(pair.degraded, min_side=1), GRID_SIDE)
@@ -146,8 +146,10 @@ def _teacher_line(ctx: Context, table: PlannedTable) -> str:
         made = f"the checkpoint `{spec.checkpoint}`"
     else:
         made = f"{spec.arch} trained here ({spec.kwargs or 'the scale width'})"
+    student = f"{spec.student} ({spec.student_kwargs or 'its default width'})" if spec.student else \
+        "the teacher's architecture at half width"
     return (f"Task `{table.task}` (weather {ctx.config.tasks[table.task].weather}), teacher: {made}; every student "
-            f"is the teacher's architecture at half width ({TEACHER_NAMES[table.teacher]} teacher).")
+            f"is {student} ({TEACHER_NAMES[table.teacher]} teacher).")
 
 
 def _table_section(ctx: Context, table: PlannedTable) -> list[str]:

@@ -4,9 +4,10 @@ OUT/TASK/rows/NAME/ROW/done.json is the row's marker (its settings, its model, t
 set); OUT/TASK/rows/NAME/ROW/TEST/eval.json holds the scores (PSNR/SSIM on RGB and Y, per image and mean, also
 against the teacher). A test set added to a finished row is scored without training anything again.
 
-What each row trains (docs/design.md): Student is the teacher's architecture at half width trained on the
-teacher's pairs with ground truth (`train_supervised`); Data, DFSR, DFMC, M0 and D4IR distil the half-width
-student with `distill` on their data source; M1-M5 distil on their own ablation round without the joint phase.
+What each row trains (docs/design.md): Student is the teacher's architecture at half width (or the teacher spec's
+`student`, required for a teacher from outside the registry) trained on the teacher's pairs with ground truth
+(`train_supervised`); Data, DFSR, DFMC, M0 and D4IR distil that student with `distill` on their data source;
+M1-M5 distil on their own ablation round without the joint phase.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from d4ir.distill.evaluate import IDENTITY
-from d4ir.distill.registry import half_of, load_model
+from d4ir.distill.teachers import load_teacher, student_of, teacher_record
 from d4ir.shards.io import atomic_write_json
 from d4ir.shards.layout import DONE_FILE, EVAL_FILE, STUDENT_STEM, RunLayout
 
 from . import stages, steps
+from .config import TeacherSpec
 from .inputs import slug
 from .procedural import procedural_folder
 from .steps import Context, marked, resume_flag
@@ -36,18 +38,24 @@ def student_name(field: str, key: str) -> str:
     return f"{TEACHER_NAMES[field]}-{key.lower()}"
 
 
-def distill_config(ctx: Context, data: str):
-    """The scale's DistillConfig for a half-width student on `data`; DFSR/DFMC (no dataset to count an epoch
-    by) take as many steps per epoch as one pass over a shard round."""
+def distill_config(ctx: Context, data: str, spec: TeacherSpec | None = None):
+    """The scale's DistillConfig on `data` for the teacher's student (a half-width one, or the spec's student);
+    DFSR/DFMC (no dataset to count an epoch by) take as many steps per epoch as one pass over a shard round."""
     cfg = replace(ctx.stage("distill"), student="half", data=data)
+    if spec is not None and spec.student is not None:
+        kwargs = spec.student_kwargs if spec.student_kwargs is not None else cfg.student_kwargs
+        cfg = replace(cfg, student=spec.student, student_kwargs=kwargs)
     if data in ("dfsr", "dfmc") and cfg.iters_per_epoch is None:
         cfg = replace(cfg, iters_per_epoch=max(1, ctx.stage("synth").num_samples // cfg.batch_size))
     return cfg
 
 
-def _student(ctx: Context, task: str, field: str, teacher: Path):
+def _student(ctx: Context, task: str, field: str, teacher: Path | str):
     spec = getattr(ctx.config.tasks[task], field)
-    arch, kwargs = half_of(load_model(teacher)[1])
+    if spec.student is not None:
+        arch, kwargs = spec.student, dict(spec.student_kwargs or {})
+    else:
+        arch, kwargs = student_of(load_teacher(teacher, probe=False)[1], "half")
     base = ctx.stage("teacher") if spec.checkpoint is not None else steps.teacher_config(ctx, spec)
     cfg = replace(base, arch=arch, arch_kwargs=kwargs)
     out = RunLayout(ctx.root(task)).student(student_name(field, "Student"))
@@ -61,8 +69,8 @@ def _student(ctx: Context, task: str, field: str, teacher: Path):
     return {"config": asdict(cfg), "original": str(original)}, train
 
 
-def _distilled(ctx: Context, task: str, field: str, row: RowDef, teacher: Path):
-    cfg = distill_config(ctx, row.data)
+def _distilled(ctx: Context, task: str, field: str, row: RowDef, teacher: Path | str):
+    cfg = distill_config(ctx, row.data, getattr(ctx.config.tasks[task], field))
     run = ctx.root(task)
     if row.key == "D4IR":
         steps.round0(ctx, task)  # runs stage 1 first
@@ -87,7 +95,7 @@ def _distilled(ctx: Context, task: str, field: str, row: RowDef, teacher: Path):
     return settings | ({"sd": str(ctx.sd)} if shards else {}), train
 
 
-def _evaluate(ctx: Context, task: str, field: str, row: RowDef, model: str, teacher: Path, test: str) -> dict:
+def _evaluate(ctx: Context, task: str, field: str, row: RowDef, model: str, teacher: Path | str, test: str) -> dict:
     pairs = ctx.test_dir(task, test)
     out = row_dir(ctx, task, field, row.key) / slug(test) / EVAL_FILE
     t0 = time.perf_counter()
@@ -112,7 +120,7 @@ def run_row(ctx: Context, task: str, field: str, key: str, tests: list[str]) -> 
         settings, train = _student(ctx, task, field, teacher)
     else:
         settings, train = _distilled(ctx, task, field, row, teacher)
-    settings = {"row": key, "teacher": str(teacher), **settings}
+    settings = {"row": key, "teacher": teacher_record(teacher), **settings}
 
     def run() -> dict:
         result = train()

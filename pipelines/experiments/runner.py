@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from d4ir.distill.teachers import FOREIGN, is_foreign, spec_file
 from d4ir.synth.plan import WEATHER_TEXT
 from d4ir.synth.sd import default_device
 
 from . import stages
-from .config import FOLDER_FIELDS, ExperimentConfig
+from .config import FOLDER_FIELDS, ExperimentConfig, TeacherSpec
 from .datasets import prepare
 from .inputs import check_exists
 from .rows import run_row
@@ -129,8 +130,17 @@ def _check_paths(config: ExperimentConfig, tables: list[PlannedTable]) -> None:
         for f in ("teacher", "restormer_teacher"):
             spec = getattr(task, f)
             if spec is not None:
-                check_exists(spec.checkpoint, f"tasks.{name}.{f}.checkpoint")
-                check_exists(spec.train, f"tasks.{name}.{f}.train")
+                _check_teacher(spec, f"tasks.{name}.{f}")
+
+
+def _check_teacher(spec: TeacherSpec, where: str) -> None:
+    """The teacher's files exist; one from outside the registry names its students' architecture."""
+    check_exists(spec_file(spec.checkpoint) if spec.checkpoint else None, f"{where}.checkpoint")
+    check_exists(spec.train, f"{where}.train")
+    kind = is_foreign(spec.checkpoint) if spec.checkpoint else None
+    if kind and spec.student is None:
+        raise ValueError(f"{where}: a {FOREIGN[kind]} teacher cannot be halved: name its students' registry "
+                         "architecture in student (and their width in student_kwargs)")
 
 
 def run_experiments(config: ExperimentConfig, *, only: list[str] | None = None, report_only: bool = False,

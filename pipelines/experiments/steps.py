@@ -117,7 +117,7 @@ def teacher_config(ctx: Context, spec: TeacherSpec):
     return replace(apply_overrides(base, spec.overrides, "overrides"), arch=spec.arch, arch_kwargs=kwargs)
 
 
-def teacher(ctx: Context, task: str, field: str) -> Path:
+def teacher(ctx: Context, task: str, field: str) -> Path | str:
     """The teacher `field` (teacher, restormer_teacher) of a task: its checkpoint, or trained here once."""
     spec: TeacherSpec = getattr(ctx.config.tasks[task], field)
     if spec.checkpoint is not None:
