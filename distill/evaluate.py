@@ -99,6 +99,7 @@ def evaluate(
     *,
     reference: str | Path | None = None,
     arch: str | None = None,
+    weights_key: str | None = None,
     device: str = "cpu",
     tile: int | None = None,
     border: int = 0,
@@ -114,6 +115,7 @@ def evaluate(
         out: the eval.json to write.
         reference: a second model (the teacher) also scored against: the ref_* metrics.
         arch: the architecture of an official .pth when it cannot be inferred.
+        weights_key: the entry of an official .pth holding the weights (default: params_ema before params).
         tile, border, limit: tiled inference, pixels cropped before scoring, only the first N pairs.
         info: extra fields stored in eval.json (the report's row type, method and order).
     Returns:
@@ -122,7 +124,7 @@ def evaluate(
     if str(model) == IDENTITY:
         net, name = None, IDENTITY
     else:
-        net, loaded = load_model(model, arch=arch)
+        net, loaded = load_model(model, arch=arch, weights_key=weights_key)
         net, name = net.to(device).eval(), loaded["name"]
     ref = load_model(reference)[0].to(device).eval() if reference else None
     result = evaluate_model(net, load_pairs(pairs_dir), device=device, reference=ref, tile=tile, border=border,

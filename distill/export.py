@@ -198,6 +198,7 @@ def onnx_parameter_count(path: str | Path) -> int:
 def export_model(
     checkpoint_path: str | Path, out_path: str | Path, images: list[np.ndarray] | None = None, *,
     opset: int | None = None, deform_op: str = DEFAULT_DEFORM_OP, check: bool = True, tolerance: float = 1e-4,
+    weights_key: str | None = None,
 ) -> ExportResult:
     """Load a checkpoint (ours or an official .pth), export it to ONNX and check it against PyTorch.
 
@@ -208,8 +209,9 @@ def export_model(
         opset, deform_op: see `export_onnx`.
         check: run onnxruntime on the images and compare with PyTorch.
         tolerance: largest accepted difference; a larger one raises ValueError (the file is kept).
+        weights_key: the entry of an official .pth holding the weights (see `load_model`).
     """
-    model, info = load_model(checkpoint_path)
+    model, info = load_model(checkpoint_path, weights_key=weights_key)
     path = export_onnx(model, out_path, opset=opset, deform_op=deform_op)
     max_diff = None
     if check:

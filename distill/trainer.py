@@ -101,6 +101,7 @@ def distill(
     device: str = "cpu",
     distributor: Distributor | None = None,
     progress: bool = True,
+    teacher_key: str | None = None,
 ) -> DistillResult:
     """Distil a student from the teacher into RUN/students/NAME.
 
@@ -114,12 +115,13 @@ def distill(
         original_dir: the teacher's paired set (data "original" uses its degraded side only).
         val_dir: paired validation set (PSNR/SSIM against the ground truth and the teacher).
         name: the student's folder under RUN/students (default: the student name, or half-teacher).
+        teacher_key: the entry of an official teacher .pth holding its weights (default: params_ema first).
     """
     check_inputs(config, degraded_dir, clean_dir, original_dir)
     val = load_pairs(val_dir) if val_dir else None  # read now: a bad pair is counted before any epoch runs
     run_ = _Training.start(RunLayout(run), teacher_path, config, name, resume=resume, device=device,
                            sd_source=sd_source, degraded_dir=degraded_dir, clean_dir=clean_dir,
-                           original_dir=original_dir)
+                           original_dir=original_dir, teacher_key=teacher_key)
     for epoch in range(run_.epochs.start, config.epochs):
         run_.move_to_round(config.round_for_epoch(epoch), distributor, progress)
         record = run_.train_epoch(epoch, progress)
@@ -132,7 +134,7 @@ class _Training:
 
     @classmethod
     def start(cls, layout: RunLayout, teacher_path: Path, config: DistillConfig, name: str | None, *,
-              resume: bool, device: str, **data) -> _Training:
+              resume: bool, device: str, teacher_key: str | None = None, **data) -> _Training:
         self = cls()
         self.name = name or student_name(config.student)
         check_own_rounds(layout, self.name, config)  # before anything is loaded or trained
@@ -143,7 +145,7 @@ class _Training:
         self.amp = self.device.startswith("cuda") if config.amp is None else config.amp
 
         # the frozen teacher and the student
-        teacher, t_info = load_model(teacher_path)
+        teacher, t_info = load_model(teacher_path, weights_key=teacher_key)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         arch, kwargs = half_of(t_info) if config.student == "half" else (config.student, {})
         self.student = build(arch, **{**kwargs, **(config.student_kwargs or {})}).to(self.device).train()
@@ -159,6 +161,8 @@ class _Training:
                                                                        lr=config.encoder_lr, betas=(0.9, 0.999))
         self.model = ctx.wrap(self.student)
         self.settings = asdict(config) | {"teacher": str(Path(teacher_path).resolve()), "name": self.name}
+        if teacher_key is not None:
+            self.settings["teacher_key"] = teacher_key
         self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
         self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
                                 resume=resume, writer=ctx.rank == 0)

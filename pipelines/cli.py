@@ -16,7 +16,7 @@ from d4ir.synth.plan import WEATHER_TEXT, SynthConfig
 from d4ir.synth.prompts import PromptsConfig
 
 from .errors import OneLineErrors, no_empty_folders
-from .options import config_from, config_options, given_options
+from .options import config_from, config_options, given_options, weights_key_option
 from .presets import preset as preset_config
 
 _path = click.Path(path_type=Path)
@@ -192,6 +192,7 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
 @run_option
 @click.option("--teacher", "teacher_path", type=_existing,
               help="Teacher checkpoint (ours or an official .pth); default: RUN/teacher's.")
+@weights_key_option
 @sd_options(None)
 @click.option("--name", help="Student folder name under RUN/students (default: the student name).")
 @click.option("--degraded", type=_existing, help="Web degraded images (L_cl and the feedback; --data web).")
@@ -200,8 +201,8 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
 @click.option("--val", type=_existing, help="Paired validation set (PSNR/SSIM vs ground truth and vs teacher).")
 @config_options(DistillConfig, exclude=DATAFREE_DERIVED)
 @_with([preset_option, device_option, resume_option, *dask_options])
-def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, original, val, preset, device,
-                resume, scheduler, workers, **kwargs) -> None:
+def distill_cmd(run, teacher_path, weights_key, sd_spec, sd_config, name, degraded, clean, original, val, preset,
+                device, resume, scheduler, workers, **kwargs) -> None:
     """Stage 3: distil a student from the teacher on the synthesized shards (Eq. 8), with the joint phase
     (Eq. 9) and regeneration rounds that close the prompt-encoder feedback loop.
 
@@ -218,7 +219,8 @@ def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, or
     with no_empty_folders(RunLayout(run).student(name or student_name(config.student))):
         r = distill(run, teacher_path or RunLayout(run).teacher, config, sd_source=_sd_source(sd_spec, sd_config),
                     degraded_dir=degraded, clean_dir=clean, original_dir=original, val_dir=val, name=name,
-                    resume=resume, device=_device(device), distributor=make_distributor(scheduler, workers))
+                    resume=resume, device=_device(device), distributor=make_distributor(scheduler, workers),
+                    teacher_key=weights_key)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
         click.echo(f"skipped: {line}")

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 from d4ir.shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 
+from .options import weights_key_option
+
 _path = click.Path(path_type=Path)
 _existing = click.Path(exists=True, path_type=Path)
 _device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
@@ -99,13 +101,15 @@ def models() -> None:
 @click.option("--pairs", type=_existing, required=True, help="Paired test set.")
 @click.option("--reference", type=_existing, help="Also score against this model's outputs (e.g. the teacher).")
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
+@weights_key_option
 @click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
 @click.option("--tile", type=int, help="Run large images in overlapping tiles of this side.")
 @click.option("--border", default=0, show_default=True, help="Pixels cropped from each border before scoring.")
 @click.option("--limit", type=int, help="Score only the first N pairs.")
 @_device_option
-def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile, border, limit, device) -> None:
+def eval_cmd(model_path, run, student, pairs, reference, arch, weights_key, out, method, tile, border, limit,
+             device) -> None:
     """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json.
 
     Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
@@ -123,7 +127,8 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
         reference = reference or (layout.teacher if layout.teacher.exists() else None)
     if out is None:
         out = Path(EVAL_FILE) if model_path == IDENTITY else Path(model_path).with_name(EVAL_FILE)
-    result = evaluate(model_path, pairs, out, reference=reference, arch=arch, device=device, tile=tile,
+    result = evaluate(model_path, pairs, out, reference=reference, arch=arch, weights_key=weights_key, device=device,
+                      tile=tile,
                       border=border, limit=limit)
     label = method or result["name"]
     click.echo(format_table([("RGB", label, result)]))
@@ -248,7 +253,8 @@ def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> Non
               show_default=True, help="AirNet's deformable conv as ONNX DeformConv (fast in onnxruntime) or as "
               "GridSample + MatMul (portable to runtimes without DeformConv).")
 @click.option("--int8", "int8_out", type=_path, help="Also write a dynamically INT8-quantized copy here.")
-def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
+@weights_key_option
+def export_cmd(model_path, out, images, deform_op, int8_out, weights_key) -> None:
     """Export a restoration network to ONNX (dynamic batch, height and width) for the device it is made for.
 
     After export, onnxruntime runs the file on a few real images at their own sizes and the largest difference
@@ -259,7 +265,7 @@ def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
     from d4ir.shards.images import read_rgb
 
     checks = [read_rgb(p) for p in scan_images(images).paths[:4]] if images else None
-    r = export_model(model_path, out, checks, deform_op=deform_op)
+    r = export_model(model_path, out, checks, deform_op=deform_op, weights_key=weights_key)
     click.echo(f"{r.name}: {r.params:,} parameters, {r.bytes / 2**20:.1f} MiB ONNX (opset {r.opset}, "
                f"{r.deform_op}); largest difference from PyTorch {r.max_diff:.2e}; wrote {r.path}")
     if int8_out:
