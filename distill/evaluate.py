@@ -54,7 +54,7 @@ def evaluate_model(
     Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
     "seconds_per_image", "device", "count", "skipped": [[name, reason], ...]}.
     """
-    from tqdm import tqdm
+    from d4ir.shards.progress import progress_bar
 
     if not isinstance(pairs, PairSet):
         kept = list(pairs)[:limit] if limit else list(pairs)
@@ -64,7 +64,7 @@ def evaluate_model(
         pairs = load_pairs(PairList(kept, getattr(pairs, "skipped", []), getattr(pairs, "root", None)))
     items = pairs.items[:limit] if limit else pairs.items
     rows, seconds = [], 0.0
-    for name, deg, cln in tqdm(items, desc="eval", disable=not progress, leave=False):
+    for name, deg, cln in progress_bar(items, desc="eval", enabled=progress, leave=False):
         degraded, clean = to_tensor(deg)[None].to(device), to_tensor(cln)[None].to(device)
         t0 = time.perf_counter()
         out = degraded if model is None else restore(model, degraded, tile=tile)

@@ -193,7 +193,7 @@ class _Training:
     def train_epoch(self, epoch: int, progress: bool) -> dict:
         """`iters` KD steps (plus, in the joint phase, the encoder's feedback and L_cl; for DFSR/DFMC, the
         generator's turns); returns the epoch's log record."""
-        from tqdm import tqdm
+        from d4ir.shards.progress import progress_bar
 
         config, loop, adversarial, device = self.config, self.loop, self.adversarial, self.device
         joint = loop is not None and epoch < config.joint_epochs
@@ -205,8 +205,8 @@ class _Training:
         self.source.set_epoch(epoch)
         errors_before = getattr(self.source, "decode_errors", 0)
         t0, sums = time.perf_counter(), {"kd": 0.0, "fb": 0.0, "cl": 0.0, "gen": 0.0}
-        bar = tqdm(range(self.iters), desc=f"distill {self.name} {epoch + 1}/{config.epochs}",
-                   disable=not progress or self.ctx.rank, leave=False)
+        bar = progress_bar(range(self.iters), desc=f"distill {self.name} {epoch + 1}/{config.epochs}",
+                           enabled=progress and not self.ctx.rank, leave=False)
         for i in bar:
             x = self.source.next(self.rng, device)  # [B, 3, crop, crop]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -263,13 +263,13 @@ class _Training:
         self.epochs.end_epoch(epoch, record, save, extra={"round": self.round, "metrics": self.metrics},
                               **self._objects())
         if progress:
-            from tqdm import tqdm
+            from d4ir.shards.progress import report
 
             m = self.metrics
             shown = f", val PSNR {m['psnr']:.2f} (vs teacher {m['ref_psnr']:.2f})" if val else ""
             if record.get("decode_errors"):
                 shown += f", {record['decode_errors']} undecodable samples skipped"
-            tqdm.write(f"distill {self.name} epoch {epoch + 1}: kd {record['loss_kd']:.5f}{shown}")
+            report(f"distill {self.name} epoch {epoch + 1}: kd {record['loss_kd']:.5f}{shown}")
 
     def finish(self, val, val_dir: Path | None, teacher_path: Path) -> DistillResult:
         """The final evaluation (eval.json) and what made this student (config.json)."""

@@ -7,11 +7,14 @@ the library.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import click
 from d4ir.distill.config import DATAFREE_DERIVED, DistillConfig
 from d4ir.distill.teacher import SupervisedConfig
+from d4ir.shards.progress import process_rank, set_quiet
 from d4ir.synth.plan import WEATHER_TEXT, SynthConfig
 from d4ir.synth.prompts import PromptsConfig
 
@@ -31,6 +34,27 @@ def _device(device: str | None) -> str:
 
 def _config(stage: str, scale: str, given: dict):
     return config_from(preset_config(scale, stage), given)
+
+
+def _say(*parts: str) -> None:
+    """A command's report: its non-empty parts joined by '; ' (no stray '; ;'), from rank 0 of torchrun only."""
+    if process_rank() == 0:
+        click.echo("; ".join(p for p in parts if p))
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        set_quiet(True)
+    return value
+
+
+_QUIET_HELP = ("No progress bars or lines and no per-epoch lines (TQDM_DISABLE=1 and D4IR_QUIET=1 do the same); "
+               "warnings, errors and the final summary stay.")
+
+
+def quiet_option() -> click.Option:
+    """--quiet / -q after a command (`d4ir synth -q`, `make synth ARGS=-q`); `d4ir -q synth` is the group's."""
+    return click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_quiet, help=_QUIET_HELP)
 
 
 def _with(options):
@@ -81,7 +105,8 @@ dask_options = [
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, envvar="D4IR_DEBUG", help="Show the traceback of an expected failure too.")
-def main(debug: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help=_QUIET_HELP)
+def main(debug: bool, quiet: bool) -> None:
     """D4IR: distil a weather-restoration network into a smaller one without its training data.
 
     \b
@@ -91,7 +116,13 @@ def main(debug: bool) -> None:
       distill   train a small student to mimic the teacher on the synthesized images
     Helpers: data (check folders, build the demo data), teacher, eval, models, probe, shards, report, demo.
     An expected failure (a missing file, a full disk, a bad value) ends with one line and exit status 2.
+    Progress: a bar on a terminal, a plain line every 30 s otherwise (D4IR_PROGRESS_INTERVAL); none with
+    --quiet or TQDM_DISABLE=1. Under torchrun only rank 0 reports (warnings, progress, the summary).
     """
+    set_quiet(quiet)  # this invocation's own (a command's --quiet, parsed after this, may still set it)
+    if process_rank() != 0:  # the other ranks would repeat rank 0's warnings and print a summary of nothing
+        logging.disable(logging.WARNING)
+        warnings.simplefilter("ignore")
 
 
 @main.command()
@@ -122,8 +153,8 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
         r = train_supervised(pairs, out, config, val_dir=val, name=name, resume=resume, device=_device(device))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
-        click.echo(f"skipped: {line}")
-    click.echo(f"{name}: {r.params:,} parameters, {r.epochs} epochs; {shown}; wrote {r.weights}")
+        _say(f"skipped: {line}")
+    _say(f"{name}: {r.params:,} parameters, {r.epochs} epochs", shown, f"wrote {r.weights}")
 
 
 @main.command()
@@ -149,8 +180,8 @@ def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs)
     sd = load_sd_cached(_sd_source(sd_spec, sd_config), device, "float32")
     with no_empty_folders(RunLayout(run).prompts):
         r = train_prompts(degraded, sd, RunLayout(run).prompts, config, resume=resume, device=device)
-    click.echo(f"prompts: {r.num_images} images embedded ({r.counts}), final loss {r.final_loss}, "
-               f"prompt encoder {r.encoder_sha256[:12]}; wrote {r.out_dir}")
+    _say(f"prompts: {r.num_images} images embedded ({r.counts}), final loss {r.final_loss}, "
+         f"prompt encoder {r.encoder_sha256[:12]}; wrote {r.out_dir}")
 
 
 @main.command()
@@ -184,8 +215,8 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
         r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config),
                        prompts_dir=layout.prompts, device=_device(device), dtype=dtype,
                        distributor=make_distributor(scheduler, workers))
-    click.echo(f"synth: {r.shards} shards ({r.skipped} already done), {r.images} images written, "
-               f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
+    _say(f"synth: {r.shards} shards ({r.skipped} already done), {r.images} images written, "
+         f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
 
 
 @main.command("distill")
@@ -223,8 +254,8 @@ def distill_cmd(run, teacher_path, weights_key, sd_spec, sd_config, name, degrad
                     teacher_key=weights_key)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
-        click.echo(f"skipped: {line}")
-    click.echo(f"distill: {r.params:,} parameters, last round {r.round}; {shown}; wrote {r.student_dir}")
+        _say(f"skipped: {line}")
+    _say(f"distill: {r.params:,} parameters, last round {r.round}", shown, f"wrote {r.student_dir}")
 
 
 def _register_tools() -> None:
@@ -232,6 +263,11 @@ def _register_tools() -> None:
 
     for command in cli_tools.COMMANDS:
         main.add_command(command)
+    todo = list(main.commands.values())
+    while todo:  # every command and sub-command takes --quiet too (e.g. `make synth ARGS=--quiet`)
+        command = todo.pop()
+        command.params.append(quiet_option())
+        todo.extend(getattr(command, "commands", {}).values())
 
 
 _register_tools()

@@ -29,8 +29,8 @@ from d4ir.shards.folders import scan_images
 from d4ir.shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from d4ir.shards.io import append_jsonl, state_dict_sha256
 from d4ir.shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
+from d4ir.shards.progress import progress_bar
 from d4ir.shards.state import StateError, load_state, restoring, save_state, trim_log
-from tqdm import tqdm
 
 from .embed import export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, info_nce, momentum_update
@@ -273,7 +273,7 @@ def train_prompts(
                                 "optimizer": optimizer.state_dict()})
 
     loss_value = None
-    bar = tqdm(total=config.steps, initial=start, desc="prompts", disable=not progress)
+    bar = progress_bar(total=config.steps, initial=start, desc="prompts", enabled=progress)
     for step in range(start, config.steps):
         xq, xk = (t.to(device) for t in _batch(paths, step, config))
         q = query_enc.features(xq)  # [B, F]

@@ -261,7 +261,7 @@ def synthesize(
             manifest's `clean_files` records them: a regeneration round passes round 0's), each checked to be there
             unchanged, instead of from what clean_dir holds now.
     """
-    from tqdm import tqdm
+    from d4ir.shards.progress import progress_bar
 
     t0 = time.perf_counter()
     dtype = dtype or default_dtype(device)
@@ -312,7 +312,7 @@ def synthesize(
         write_manifest(out_dir, manifest | {"complete": False})
         # a shard is done only with every planned sample accounted for: one cut short is redone
         todo = [j for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
-        bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
+        bar = progress_bar(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", enabled=progress)
         bar.update(config.num_samples - sum(len(j.items) for j in todo))
         totals = {"images": 0, "failures": 0}
 
