@@ -223,13 +223,15 @@ def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource, prompts_dir
     n, _, width = emb.prompt_embeds.shape
     if n == 0:
         raise ValueError(f"{prompts_dir}: the prompt table is empty (0 rows); rerun `d4ir prompts`")
+    made_for = emb.metadata.get("sd_fingerprint", "")  # the models first: a width names neither
+    if made_for and made_for != sd.fingerprint:
+        widths = f", {width} wide vs {sd.cross_attention_dim}" if width != sd.cross_attention_dim else ""
+        raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
+                         f"(fingerprint {made_for[:12]}), but this run loads SD {source} (fingerprint "
+                         f"{sd.fingerprint[:12]}{widths}): make the prompts with this SD or load theirs")
     if width != sd.cross_attention_dim:
         raise ValueError(f"{prompts_dir}: prompts are {width} wide, but SD {source} takes {sd.cross_attention_dim} "
                          "(cross_attention_dim): make the prompts with this SD")
-    made_for = emb.metadata.get("sd_fingerprint", "")
-    if made_for and made_for != sd.fingerprint:
-        raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
-                         f"(fingerprint {made_for[:12]}), not for {source} (fingerprint {sd.fingerprint[:12]})")
     hashes["encoder_sha256"] = emb.metadata.get("encoder_sha256", "")
     return n, hashes
 
