@@ -148,7 +148,10 @@ class _Training:
         teacher, t_info = load_model(teacher_path, weights_key=teacher_key)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         arch, kwargs = half_of(t_info) if config.student == "half" else (config.student, {})
-        self.student = build(arch, **{**kwargs, **(config.student_kwargs or {})}).to(self.device).train()
+        with torch.random.fork_rng(devices=[]):  # the student's init from the seed alone, whatever ran before
+            torch.manual_seed(config.seed + ctx.rank)
+            student = build(arch, **{**kwargs, **(config.student_kwargs or {})})
+        self.student = student.to(self.device).train()
         self.out = layout.student(self.name)
 
         # the batches (and for D4IR the feedback loop), the optimizers, and a resumed state
