@@ -274,22 +274,43 @@ def export_cmd(model_path, out, images, deform_op, int8_out, weights_key) -> Non
 
 
 @click.command()
-@click.argument("config", type=_existing)
+@click.argument("config", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the configs shipped with d4ir (usable by name) and exit.")
 @click.option("--out", type=_path, help="The experiments folder (default: the config's `out`).")
+@click.option("--data", multiple=True, metavar="DIR|NAME=DIR",
+              help="Source folder of the config's `prepare` datasets (repeatable: NAME=DIR sets one), e.g. "
+              "../shared/data from a clone. Relative paths of a shipped config otherwise resolve against the "
+              "current folder.")
 @click.option("--table", "tables", multiple=True, help="Run only this table (repeatable): 1-5, desnow, all.")
 @click.option("--report-only", is_flag=True, help="Rebuild OUT/report.md from the finished rows; train nothing.")
-def experiments(config: Path, out: Path | None, tables: tuple[str, ...], report_only: bool) -> None:
+def experiments(config: str | None, list_: bool, out: Path | None, data: tuple[str, ...], tables: tuple[str, ...],
+                report_only: bool) -> None:
     """The paper's tables from one JSON config, resumable: every row once, its eval.json per test set.
 
     \b
-    The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the datasets
-    to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1 deraining,
-    2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips finished rows
-    and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. See README.md.
+    CONFIG is a config file, or the name of one shipped with d4ir (`--list`; e.g. `cpu-matrix`: the whole matrix
+    on the CPU). The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the
+    datasets to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1
+    deraining, 2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips
+    finished rows and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. A file's
+    relative paths are relative to the file; a shipped config's to the current folder, and `--data` names its
+    datasets' source folder (`d4ir experiments cpu-matrix --data ../shared/data` from a clone). See README.md.
     """
     from d4ir.pipelines.experiments import load_config, run_experiments
+    from d4ir.pipelines.experiments.shipped import describe, find_config, shipped_configs
 
-    cfg = load_config(config, out)
+    if list_:
+        for name, path in shipped_configs().items():
+            click.echo(f"{name:<16} {describe(path)}")
+        return
+    if config is None:
+        raise click.UsageError("give a CONFIG file or the name of a shipped config (d4ir experiments --list)")
+    path, shipped = find_config(config)
+    cfg = load_config(path, out, base=Path.cwd() if shipped else None, data=data)
+    missing = [f"{name}: {src}" for name, src in cfg.prepare.items() if not src.exists()]
+    if missing and not report_only:
+        raise FileNotFoundError(f"the config's datasets have no source folder ({'; '.join(missing)}): give --data DIR "
+                                "(or NAME=DIR), e.g. --data ../shared/data from a clone")
     run_experiments(cfg, only=list(tables) or None, report_only=report_only, log=click.echo)
 
 
