@@ -7,6 +7,8 @@ distributor has the same signature, see `Distributor`.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +22,17 @@ from d4ir.shards.errors import StageFailedError
 from d4ir.shards.folders import check_files, file_records, scan_images
 from d4ir.shards.images import encode_png, read_rgb
 from d4ir.shards.io import OutputFolderError, folder_lock, sha256_file
-from d4ir.shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
+from d4ir.shards.layout import (
+    EMBEDDINGS_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    PROMPT_ENCODER_STEM,
+    parse_shard,
+    parse_stats,
+    round_dir,
+    shard_name,
+    weights_file,
+)
 from d4ir.shards.reader import iter_raw_metas
 from d4ir.shards.writer import (
     DEGRADED_FIELD,
@@ -84,8 +96,32 @@ def _prompt_source(job: ShardJob, parts: SDParts) -> Callable[[list[int], torch.
     return lambda rows, clean: enc.prompt(clean.float()).to(dtype)
 
 
+def check_job_files(job: ShardJob) -> None:
+    """Every file the job reads, and its round folder (made by `synthesize`), exist where it runs (a dask worker may
+    be another host, without the run's filesystem): a FileNotFoundError naming the host, before anything is loaded
+    or written. A clean photo missing among others that are there stays a counted failure of its sample."""
+    host = socket.gethostname()
+    if not Path(job.round_dir).is_dir():
+        raise FileNotFoundError(f"on host {host}: the round folder {job.round_dir} does not exist (the workers need "
+                                "the run folder at the same path, e.g. on a shared filesystem)")
+    prompts, reads = Path(job.prompts_dir) if job.prompts_dir else None, []
+    if prompts is not None and job.config.prompt_mode == "encoder":
+        reads.append(prompts if prompts.is_file() else prompts / EMBEDDINGS_FILE)
+    if prompts is not None and job.config.prompt_mode == "content":
+        reads.append(weights_file(prompts, PROMPT_ENCODER_STEM))
+    missing = [str(p) for p in reads if not p.is_file()]
+    photos = sorted({path for _, path, _, _ in job.items if not os.path.isfile(path)})
+    if photos and len(photos) == len({path for _, path, _, _ in job.items}):
+        missing += photos  # none there: not this host's filesystem (one photo gone is a counted sample failure)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"on host {host}: shard {job.index} reads {len(missing)} missing file(s): {shown} "
+                                "(the workers need the prompts and clean photos at the same paths)")
+
+
 def synthesize_shard(job: ShardJob) -> dict:
     """Synthesize one shard and write it (tar, then stats last); returns the stats."""
+    check_job_files(job)
     previous = torch.get_num_threads()
     if job.threads and job.threads != previous:
         torch.set_num_threads(job.threads)
