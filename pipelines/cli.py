@@ -57,6 +57,26 @@ def quiet_option() -> click.Option:
     return click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_quiet, help=_QUIET_HELP)
 
 
+_TENSORBOARD_HELP = ("Also write TensorBoard event files under DIR (every stage's losses, learning rates, validation "
+                     "PSNR and sample images of each round; `tensorboard --logdir DIR`); train.jsonl stays. Needs "
+                     "the track extra: pip install 'd4ir[track]'.")
+
+
+def _tensorboard(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        from d4ir.shards.tracking import set_tracking
+
+        set_tracking(value)
+    return value
+
+
+def tensorboard_option() -> click.Option:
+    """--tensorboard DIR after a command (`d4ir distill ... --tensorboard tb`); `d4ir --tensorboard tb distill`
+    is the group's."""
+    return click.Option(["--tensorboard", "tensorboard_dir"], type=_path, metavar="DIR", expose_value=False,
+                        callback=_tensorboard, help=_TENSORBOARD_HELP)
+
+
 def _with(options):
     def decorate(fn):
         for option in reversed(options):
@@ -106,7 +126,9 @@ dask_options = [
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, envvar="D4IR_DEBUG", help="Show the traceback of an expected failure too.")
 @click.option("--quiet", "-q", is_flag=True, help=_QUIET_HELP)
-def main(debug: bool, quiet: bool) -> None:
+@click.option("--tensorboard", "tensorboard_dir", type=_path, metavar="DIR", envvar="D4IR_TENSORBOARD",
+              help=_TENSORBOARD_HELP)
+def main(debug: bool, quiet: bool, tensorboard_dir: Path | None) -> None:
     """D4IR: distil a weather-restoration network into a smaller one without its training data.
 
     \b
@@ -118,8 +140,12 @@ def main(debug: bool, quiet: bool) -> None:
     An expected failure (a missing file, a full disk, a bad value) ends with one line and exit status 2.
     Progress: a bar on a terminal, a plain line every 30 s otherwise (D4IR_PROGRESS_INTERVAL); none with
     --quiet or TQDM_DISABLE=1. Under torchrun only rank 0 reports (warnings, progress, the summary).
+    Tracking: --tensorboard DIR writes TensorBoard event files of every stage beside train.jsonl.
     """
     set_quiet(quiet)  # this invocation's own (a command's --quiet, parsed after this, may still set it)
+    from d4ir.shards.tracking import set_tracking
+
+    set_tracking(tensorboard_dir)  # likewise: a command's --tensorboard may still set it
     if process_rank() != 0:  # the other ranks would repeat rank 0's warnings and print a summary of nothing
         logging.disable(logging.WARNING)
         warnings.simplefilter("ignore")
@@ -267,6 +293,8 @@ def _register_tools() -> None:
     while todo:  # every command and sub-command takes --quiet too (e.g. `make synth ARGS=--quiet`)
         command = todo.pop()
         command.params.append(quiet_option())
+        if not getattr(command, "commands", None):
+            command.params.append(tensorboard_option())
         todo.extend(getattr(command, "commands", {}).values())
 
 

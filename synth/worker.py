@@ -33,7 +33,8 @@ from d4ir.shards.layout import (
     shard_name,
     weights_file,
 )
-from d4ir.shards.reader import iter_raw_metas
+from d4ir.shards.reader import iter_raw_metas, iter_samples
+from d4ir.shards.tracking import track_images, tracking_dir
 from d4ir.shards.writer import (
     DEGRADED_FIELD,
     SHARD_FORMAT,
@@ -185,6 +186,14 @@ def _synthesize_shard(job: ShardJob) -> dict:
 
     return write_shard(Path(job.round_dir), job.index, samples(),
                        extra_stats=lambda: {"seconds": time.perf_counter() - t0})
+
+
+def _track_samples(out_dir: Path, number: int, count: int = 4) -> None:
+    """The round's first samples as a TensorBoard image grid (with --tensorboard: shards/tracking.py)."""
+    if tracking_dir() is None:
+        return
+    images = [s["degraded"] for s, _ in zip(iter_samples(out_dir), range(count))]
+    track_images(out_dir.parent, f"samples/{out_dir.name}", images, number)
 
 
 def _emit(failed: list[dict], batch: list[tuple], pngs: list, record) -> Iterator[dict]:
@@ -366,6 +375,7 @@ def synthesize(
             raise StageFailedError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
         sizes = write_sizes(out_dir)
         write_manifest(out_dir, manifest | {"complete": True, "images": sum(sizes.values())})
+    _track_samples(out_dir, config.round)
     return SynthResult(
         out_dir, len(jobs), len(jobs) - len(todo), totals["images"], totals["failures"], time.perf_counter() - t0
     )
