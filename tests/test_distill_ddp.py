@@ -68,8 +68,8 @@ def test_readme_line_runs_under_torchrun(run_copy, tmp_path):
     )
     dumps_dir = tmp_path / "dumps"
     dumps_dir.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "tests"), str(ROOT),
-                                                os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), str(ROOT / "tests"), str(ROOT),
+                                                             os.environ.get("PYTHONPATH")])),
                D4IR_DDP_DUMP=str(dumps_dir), PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
