@@ -110,14 +110,15 @@ def check_job_files(job: ShardJob) -> None:
         reads.append(prompts if prompts.is_file() else prompts / EMBEDDINGS_FILE)
     if prompts is not None and job.config.prompt_mode == "content":
         reads.append(weights_file(prompts, PROMPT_ENCODER_STEM))
-    missing = [str(p) for p in reads if not p.is_file()]
+    sd_paths = [Path(v) for v in (job.sd_source.spec, job.sd_source.config) if v and Path(v).is_absolute()]
+    missing = [str(p) for p in reads if not p.is_file()] + [str(p) for p in sd_paths if not p.exists()]
     photos = sorted({path for _, path, _, _ in job.items if not os.path.isfile(path)})
     if photos and len(photos) == len({path for _, path, _, _ in job.items}):
         missing += photos  # none there: not this host's filesystem (one photo gone is a counted sample failure)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"on host {host}: shard {job.index} reads {len(missing)} missing file(s): {shown} "
-                                "(the workers need the prompts and clean photos at the same paths)")
+                                "(the workers need the SD, the prompts and the clean photos at the same paths)")
 
 
 def synthesize_shard(job: ShardJob) -> dict:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,10 @@ def test_a_job_names_the_host_when_its_files_are_not_there(tmp_path):
     shutil.rmtree(prompts)
     with pytest.raises(FileNotFoundError, match=f"on host {host}: shard 0 reads .* missing file.*embeddings"):
         synthesize_shard(jobs[0])
+    away = replace(jobs[0], sd_source=SDSource(str(tmp_path / "sd-folder")), prompts_dir=None,
+                   config=replace(CFG, prompt_mode="none"))
+    with pytest.raises(FileNotFoundError, match=f"on host {host}: shard 0 reads 1 missing file.*sd-folder"):
+        synthesize_shard(away)
     assert list((tmp_path / "gone" / "round-000").iterdir()) == []
 
 
