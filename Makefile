@@ -34,7 +34,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,export]'
+	$(BIN)/pip install -q -e '.[dev,export,track]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install d4ir with its dependencies

@@ -28,6 +28,7 @@ from d4ir.shards.state import (
     save_state,
     trim_log,
 )
+from d4ir.shards.tracking import track_record
 
 # what `end_epoch` writes; a state without it (or with other types) is refused naming the file and the key
 STATE_SCHEMA = {"epoch": int, "settings": dict, "objects": dict, "rng": dict, "torch_rng": torch.Tensor,
@@ -98,6 +99,7 @@ class EpochLoop:
                   **objects: Any) -> None:
         """Log `record` for epoch `epoch` (0-based), write the weights, then the state."""
         append_jsonl(self.log_path, {"epoch": epoch + 1, **record})
+        track_record(self.out_dir, record, epoch + 1)  # TensorBoard, with --tensorboard (shards/tracking.py)
         save_weights()
         save_state(self.state_path, {
             "epoch": epoch + 1,

@@ -55,7 +55,7 @@ def evaluate_model(
     Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
     "seconds_per_image", "device", "count", "skipped": [[name, reason], ...]}.
     """
-    from tqdm import tqdm
+    from d4ir.shards.progress import progress_bar
 
     if not isinstance(pairs, PairSet):
         kept = list(pairs)[:limit] if limit else list(pairs)
@@ -65,7 +65,7 @@ def evaluate_model(
         pairs = load_pairs(PairList(kept, getattr(pairs, "skipped", []), getattr(pairs, "root", None)))
     items = pairs.items[:limit] if limit else pairs.items
     rows, seconds = [], 0.0
-    for name, deg, cln in tqdm(items, desc="eval", disable=not progress, leave=False):
+    for name, deg, cln in progress_bar(items, desc="eval", enabled=progress, leave=False):
         degraded, clean = to_tensor(deg)[None].to(device), to_tensor(cln)[None].to(device)
         t0 = time.perf_counter()
         out = degraded if model is None else restore(model, degraded, tile=tile)
@@ -100,6 +100,7 @@ def evaluate(
     *,
     reference: str | Path | None = None,
     arch: str | None = None,
+    weights_key: str | None = None,
     device: str = "cpu",
     tile: int | None = None,
     border: int = 0,
@@ -116,6 +117,7 @@ def evaluate(
         out: the eval.json to write.
         reference: a second model (the teacher) also scored against: the ref_* metrics.
         arch: the architecture of an official .pth when it cannot be inferred.
+        weights_key: the entry of an official .pth holding the weights (default: params_ema before params).
         tile, border, limit: tiled inference, pixels cropped before scoring, only the first N pairs.
         info: extra fields stored in eval.json (the report's row type, method and order).
     Returns:
@@ -124,7 +126,7 @@ def evaluate(
     if str(model) == IDENTITY:
         net, name = None, IDENTITY
     else:
-        net, loaded = load_teacher(model, arch=arch)
+        net, loaded = load_teacher(model, arch=arch, weights_key=weights_key)
         net, name = net.to(device).eval(), loaded.name
     ref = load_teacher(reference)[0].to(device).eval() if reference else None
     result = evaluate_model(net, load_pairs(pairs_dir), device=device, reference=ref, tile=tile, border=border,

@@ -31,6 +31,7 @@ import torch
 from d4ir.distill import deform
 from d4ir.distill.inference import crop_to_multiple, official_policy, pad_to_multiple
 from d4ir.distill.registry import count_parameters, load_model
+from d4ir.shards.errors import missing_extra
 from torch import nn
 
 _MIN_OPSET = {"gridsample": 16, "deformconv": 19}
@@ -64,11 +65,12 @@ class ExportResult:
 
 
 def _onnx_modules():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as err:
-        raise ImportError(f"ONNX export needs the 'export' extra (pip install onnx onnxruntime): {err}") from None
+    missing = missing_extra("export", ("onnx", "onnxruntime"), "ONNX export")
+    if missing is not None:
+        raise missing  # one line (exit 2) from the CLI, naming `pip install 'd4ir[export]'`
+    import onnx
+    import onnxruntime
+
     return onnx, onnxruntime
 
 
@@ -198,6 +200,7 @@ def onnx_parameter_count(path: str | Path) -> int:
 def export_model(
     checkpoint_path: str | Path, out_path: str | Path, images: list[np.ndarray] | None = None, *,
     opset: int | None = None, deform_op: str = DEFAULT_DEFORM_OP, check: bool = True, tolerance: float = 1e-4,
+    weights_key: str | None = None,
 ) -> ExportResult:
     """Load a checkpoint (ours or an official .pth), export it to ONNX and check it against PyTorch.
 
@@ -208,8 +211,10 @@ def export_model(
         opset, deform_op: see `export_onnx`.
         check: run onnxruntime on the images and compare with PyTorch.
         tolerance: largest accepted difference; a larger one raises ValueError (the file is kept).
+        weights_key: the entry of an official .pth holding the weights (see `load_model`).
     """
-    model, info = load_model(checkpoint_path)
+    _onnx_modules()  # before any work: a missing extra is one line, not a traceback after loading the model
+    model, info = load_model(checkpoint_path, weights_key=weights_key)
     path = export_onnx(model, out_path, opset=opset, deform_op=deform_op)
     max_diff = None
     if check:

@@ -77,18 +77,21 @@ class FeedbackLoop(nn.Module):
         degraded_dir, clean_dir: the web degraded / clean folders.
         ccd: the sampler settings of the shards (the surrogate noises to the same start step).
         device: where the encoders live.
+        seed: the MoCo queue's random start, from its own generator: the global RNG is whatever loading the SD
+            left it at, which differs between a folder, a single file and a hub id of one model.
     """
 
     def __init__(
         self, prompts_dir: Path, sd: SDParts, degraded_dir: Path, clean_dir: Path, ccd: CCDConfig, *,
-        device: str = "cpu",
+        device: str = "cpu", seed: int = 0,
     ) -> None:
         super().__init__()
         training = prompt_encoder_info(prompts_dir).get("training", {})
         moco = MoCoConfig(**training.get("moco", {}))
         self.encoder = load_prompt_encoder(prompts_dir, device=device).train()
         self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.queue = MoCoQueue(self.encoder.config.get("feat_dim", 256), moco.queue_size).to(device)
+        self.queue = MoCoQueue(self.encoder.config.get("feat_dim", 256), moco.queue_size,
+                               generator=torch.Generator().manual_seed(seed)).to(device)
         self.sd, self.ccd, self.moco = sd, ccd, moco
         self.crop = int(training.get("crop", 64))
         self.embed_side = int(training.get("embed_side", 256))

@@ -36,9 +36,10 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
 _BASE: dict[type[nn.Module], str] = {AirNet: "airnet", Restormer: "restormer"}
 _BY_BASE: dict[str, type[nn.Module]] = {v: k for k, v in _BASE.items()}
 _OFFICIAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
-# Entries that hold the weights in checkpoints of BasicSR ('params', 'params_ema') and common training loops,
-# in the order they are preferred when several are present.
-WRAPPER_KEYS = ("params", "params_ema", "state_dict", "model", "net")
+# Entries that hold the weights in checkpoints of BasicSR ('params_ema', 'params') and common training loops,
+# in the order they are preferred when several are present: the EMA weights first, as BasicSR's own test
+# options load them (`param_key_g: params_ema`). `load_model(weights_key=...)` (--weights-key) chooses another.
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "net")
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,27 @@ def _strip_module(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch
     return state
 
 
-def _unwrap(obj: dict, path: Path) -> tuple[dict, str | None]:
+def _unwrap(obj: dict, path: Path, key: str | None = None) -> tuple[dict, str | None]:
     """The state_dict inside training-code wrappers ({'params': sd}, {'model': {'state_dict': sd}}, ...) and
-    the entry it came from ('model/state_dict'; None for a bare state_dict)."""
+    the entry it came from ('model/state_dict'; None for a bare state_dict). `key` ("params" or a nested
+    "model/state_dict") names the entry to take first instead of the WRAPPER_KEYS preference."""
     used: list[str] = []
+    for part in filter(None, (key or "").split("/")):
+        if not isinstance(obj.get(part), dict):
+            present = [k for k, v in obj.items() if isinstance(v, dict)]
+            raise ValueError(f"{path}: no {'/'.join([*used, part])!r} entry to take the weights from "
+                             f"(--weights-key); entries holding weights: {', '.join(map(str, present)) or 'none'}")
+        others = [k for k in WRAPPER_KEYS if k != part and isinstance(obj.get(k), dict)]
+        used.append(part)
+        obj = obj[part]
+        also = f" (also present: {', '.join(others)})" if others else ""
+        log.warning("%s: weights from the checkpoint's %r entry, as chosen%s", path, "/".join(used), also)
     while True:
         found = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)]
         if not found:
             break
         used.append(found[0])
-        others = f" (also present: {', '.join(found[1:])})" if len(found) > 1 else ""
+        others = f" (also present: {', '.join(found[1:])}; --weights-key chooses)" if len(found) > 1 else ""
         log.warning("%s: weights from the checkpoint's %r entry%s", path, "/".join(used), others)
         obj = obj[found[0]]
     return obj, "/".join(used) or None
@@ -158,7 +170,7 @@ def restormer_kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
+def _load_official(path: Path, arch: str | None, weights_key: str | None = None) -> tuple[nn.Module, dict]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -169,7 +181,7 @@ def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {' '.join(str(err).split())}") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state_dict or {{'params': state_dict}}, got {type(obj).__name__}")
-    obj, container = _unwrap(obj, path)
+    obj, container = _unwrap(obj, path, weights_key)
     state = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
     guessed = _guess_arch(state)
     arch = arch or guessed
@@ -208,12 +220,14 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         raise ValueError(f"{path} does not match {type(model).__name__}({model.config}): {err}") from err
 
 
-def load_model(path: str | Path, arch: str | None = None) -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, arch: str | None = None, weights_key: str | None = None) -> tuple[nn.Module, dict]:
     """Load a network from our checkpoint (stem, .safetensors or .json) or an official .pth.
 
     Args:
         path: our checkpoint (any of stem, stem.safetensors, stem.json) or an official .pth/.pt file.
         arch: optional base key or registry name; inferred from the file when omitted, checked when given.
+        weights_key: the entry of an official .pth to take the weights from ("params", "params_ema",
+            "model/state_dict"); default: the first of WRAPPER_KEYS present (the EMA weights of BasicSR).
     Returns:
         (model on the CPU in eval mode, info dict with arch, name, kwargs, source and path).
     """
@@ -221,11 +235,13 @@ def load_model(path: str | Path, arch: str | None = None) -> tuple[nn.Module, di
     if path.suffix in _OFFICIAL_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        model, info = _load_official(path, arch)
+        model, info = _load_official(path, arch, weights_key)
     else:
         stem = path.with_suffix("") if path.suffix in {".safetensors", ".json"} else path
         if not stem.with_suffix(".safetensors").exists() and not stem.with_suffix(".json").exists():
             raise FileNotFoundError(f"checkpoint not found: {path} (expected {stem}.safetensors + .json)")
+        if weights_key is not None:
+            raise ValueError(f"{path}: --weights-key applies to official .pth checkpoints only")
         state, config = load_weights(stem)
         if "arch" not in config or "kwargs" not in config:
             raise ValueError(f"{stem}.json is not a network checkpoint (needs 'arch' and 'kwargs')")

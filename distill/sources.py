@@ -91,8 +91,9 @@ class ShardBatches:
         self.dataset = shard_dataset(urls, seed=config.seed, rank=rank, world_size=world, report_errors=True,
                                      shuffle_buffer=min(shuffle_buffer, max(self.total, 1)))
         # collate_fn keeps samples as they are (the default would turn the uint8 arrays into tensors)
+        # the loader's own generator: its workers' seeds never come from the global RNG (see FeedbackLoop)
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                 persistent_workers=False)
+                                 persistent_workers=False, generator=torch.Generator().manual_seed(config.seed + rank))
         self._iter = None
 
     def iters_per_epoch(self) -> int:
@@ -216,5 +217,5 @@ def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistCo
             if config.regenerates:
                 round0_photos(base)  # before any training: a regeneration would fail epochs later
             loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
-                                device=device)
+                                device=device, seed=config.seed)
     return Opened(round_batches(layout, current, name, config, ctx), loop, current)

@@ -87,7 +87,7 @@ def train_supervised(
     Writes OUT/NAME.safetensors + NAME.json (the model), OUT/train.jsonl (one line per epoch) and
     OUT/state.pt (`resume=True` continues after the last finished epoch).
     """
-    from tqdm import tqdm
+    from d4ir.shards.progress import progress_bar, report
 
     out_dir = Path(out_dir)
     data = load_pairs(pairs_dir)  # every pair read now: bad ones are skipped and counted before any training
@@ -109,7 +109,8 @@ def train_supervised(
             group["lr"] = lr
         model.train()
         t0, total = time.perf_counter(), 0.0
-        bar = tqdm(range(iters), desc=f"{name} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        bar = progress_bar(range(iters), desc=f"{name} epoch {epoch + 1}/{config.epochs}", enabled=progress,
+                           leave=False)
         for _ in bar:
             picks = rng.integers(0, len(data), config.batch_size)
             crops = [random_crop(rng, config.crop, data[i][1], data[i][2]) for i in picks]
@@ -133,9 +134,8 @@ def train_supervised(
             record.update({f"val_{k}": v for k, v in metrics.items()})
         loop.end_epoch(epoch, record, lambda: save_model(out_dir / name, model, config.arch),
                        extra={"metrics": metrics}, model=model, optimizer=opt)
-        if progress:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
-            tqdm.write(f"{name} epoch {epoch + 1}: {shown}")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items())
+        report(f"{name} epoch {epoch + 1}: {shown}", progress)
     skipped = [s.summary() for s in (data, val) if s is not None and s.skipped]
     return SupervisedResult(out_dir / f"{name}.safetensors", count_parameters(model), config.epochs, metrics,
                             skipped)

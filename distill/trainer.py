@@ -102,6 +102,7 @@ def distill(
     device: str = "cpu",
     distributor: Distributor | None = None,
     progress: bool = True,
+    teacher_key: str | None = None,
 ) -> DistillResult:
     """Distil a student from the teacher into RUN/students/NAME.
 
@@ -116,12 +117,13 @@ def distill(
         original_dir: the teacher's paired set (data "original" uses its degraded side only).
         val_dir: paired validation set (PSNR/SSIM against the ground truth and the teacher).
         name: the student's folder under RUN/students (default: the student name, or half-teacher).
+        teacher_key: the entry of an official teacher .pth holding its weights (default: params_ema first).
     """
     check_inputs(config, degraded_dir, clean_dir, original_dir)
     val = load_pairs(val_dir) if val_dir else None  # read now: a bad pair is counted before any epoch runs
     run_ = _Training.start(RunLayout(run), teacher_path, config, name, resume=resume, device=device,
                            sd_source=sd_source, degraded_dir=degraded_dir, clean_dir=clean_dir,
-                           original_dir=original_dir)
+                           original_dir=original_dir, teacher_key=teacher_key)
     for epoch in range(run_.epochs.start, config.epochs):
         run_.move_to_round(config.round_for_epoch(epoch), distributor, progress)
         record = run_.train_epoch(epoch, progress)
@@ -134,7 +136,7 @@ class _Training:
 
     @classmethod
     def start(cls, layout: RunLayout, teacher_path: Path | str, config: DistillConfig, name: str | None, *,
-              resume: bool, device: str, **data) -> _Training:
+              resume: bool, device: str, teacher_key: str | None = None, **data) -> _Training:
         self = cls()
         self.name = name or student_name(config.student)
         check_own_rounds(layout, self.name, config)  # before anything is loaded or trained
@@ -145,11 +147,14 @@ class _Training:
         self.amp = self.device.startswith("cuda") if config.amp is None else config.amp
 
         # the frozen teacher and the student
-        teacher, t_info = load_teacher(teacher_path)
+        teacher, t_info = load_teacher(teacher_path, weights_key=teacher_key)
         arch, kwargs = student_of(t_info, config.student)
         check_gradients(t_info, config)
         self.teacher, self.t_info = teacher.to(self.device).eval().requires_grad_(False), t_info
-        self.student = build(arch, **{**kwargs, **(config.student_kwargs or {})}).to(self.device).train()
+        with torch.random.fork_rng(devices=[]):  # the student's init from the seed alone, whatever ran before
+            torch.manual_seed(config.seed + ctx.rank)
+            student = build(arch, **{**kwargs, **(config.student_kwargs or {})})
+        self.student = student.to(self.device).train()
         self.out = layout.student(self.name)
 
         # the batches (and for D4IR the feedback loop), the optimizers, and a resumed state
@@ -162,6 +167,8 @@ class _Training:
                                                                        lr=config.encoder_lr, betas=(0.9, 0.999))
         self.model = ctx.wrap(self.student)
         self.settings = asdict(config) | {"teacher": t_info.record(), "name": self.name}
+        if teacher_key is not None:
+            self.settings["teacher_key"] = teacher_key
         self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
         self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
                                 resume=resume, writer=ctx.rank == 0)
@@ -192,7 +199,7 @@ class _Training:
     def train_epoch(self, epoch: int, progress: bool) -> dict:
         """`iters` KD steps (plus, in the joint phase, the encoder's feedback and L_cl; for DFSR/DFMC, the
         generator's turns); returns the epoch's log record."""
-        from tqdm import tqdm
+        from d4ir.shards.progress import progress_bar
 
         config, loop, adversarial, device = self.config, self.loop, self.adversarial, self.device
         joint = loop is not None and epoch < config.joint_epochs
@@ -204,8 +211,8 @@ class _Training:
         self.source.set_epoch(epoch)
         errors_before = getattr(self.source, "decode_errors", 0)
         t0, sums = time.perf_counter(), {"kd": 0.0, "fb": 0.0, "cl": 0.0, "gen": 0.0}
-        bar = tqdm(range(self.iters), desc=f"distill {self.name} {epoch + 1}/{config.epochs}",
-                   disable=not progress or self.ctx.rank, leave=False)
+        bar = progress_bar(range(self.iters), desc=f"distill {self.name} {epoch + 1}/{config.epochs}",
+                           enabled=progress and not self.ctx.rank, leave=False)
         for i in bar:
             x = self.source.next(self.rng, device)  # [B, 3, crop, crop]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
@@ -262,13 +269,13 @@ class _Training:
         self.epochs.end_epoch(epoch, record, save, extra={"round": self.round, "metrics": self.metrics},
                               **self._objects())
         if progress:
-            from tqdm import tqdm
+            from d4ir.shards.progress import report
 
             m = self.metrics
             shown = f", val PSNR {m['psnr']:.2f} (vs teacher {m['ref_psnr']:.2f})" if val else ""
             if record.get("decode_errors"):
                 shown += f", {record['decode_errors']} undecodable samples skipped"
-            tqdm.write(f"distill {self.name} epoch {epoch + 1}: kd {record['loss_kd']:.5f}{shown}")
+            report(f"distill {self.name} epoch {epoch + 1}: kd {record['loss_kd']:.5f}{shown}")
 
     def finish(self, val, val_dir: Path | None) -> DistillResult:
         """The final evaluation (eval.json) and what made this student (config.json)."""

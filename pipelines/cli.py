@@ -7,16 +7,19 @@ the library.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import click
 from d4ir.distill.config import DATAFREE_DERIVED, DistillConfig
 from d4ir.distill.teacher import SupervisedConfig
+from d4ir.shards.progress import process_rank, set_quiet
 from d4ir.synth.plan import WEATHER_TEXT, SynthConfig
 from d4ir.synth.prompts import PromptsConfig
 
 from .errors import OneLineErrors, no_empty_folders
-from .options import config_from, config_options, given_options
+from .options import config_from, config_options, given_options, weights_key_option
 from .presets import preset as preset_config
 
 _path = click.Path(path_type=Path)
@@ -31,6 +34,47 @@ def _device(device: str | None) -> str:
 
 def _config(stage: str, scale: str, given: dict):
     return config_from(preset_config(scale, stage), given)
+
+
+def _say(*parts: str) -> None:
+    """A command's report: its non-empty parts joined by '; ' (no stray '; ;'), from rank 0 of torchrun only."""
+    if process_rank() == 0:
+        click.echo("; ".join(p for p in parts if p))
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        set_quiet(True)
+    return value
+
+
+_QUIET_HELP = ("No progress bars or lines and no per-epoch lines (TQDM_DISABLE=1 and D4IR_QUIET=1 do the same); "
+               "warnings, errors and the final summary stay.")
+
+
+def quiet_option() -> click.Option:
+    """--quiet / -q after a command (`d4ir synth -q`, `make synth ARGS=-q`); `d4ir -q synth` is the group's."""
+    return click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_quiet, help=_QUIET_HELP)
+
+
+_TENSORBOARD_HELP = ("Also write TensorBoard event files under DIR (every stage's losses, learning rates, validation "
+                     "PSNR and sample images of each round; `tensorboard --logdir DIR`); train.jsonl stays. Needs "
+                     "the track extra: pip install 'd4ir[track]'.")
+
+
+def _tensorboard(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        from d4ir.shards.tracking import set_tracking
+
+        set_tracking(value)
+    return value
+
+
+def tensorboard_option() -> click.Option:
+    """--tensorboard DIR after a command (`d4ir distill ... --tensorboard tb`); `d4ir --tensorboard tb distill`
+    is the group's."""
+    return click.Option(["--tensorboard", "tensorboard_dir"], type=_path, metavar="DIR", expose_value=False,
+                        callback=_tensorboard, help=_TENSORBOARD_HELP)
 
 
 def _with(options):
@@ -81,7 +125,10 @@ dask_options = [
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--debug", is_flag=True, envvar="D4IR_DEBUG", help="Show the traceback of an expected failure too.")
-def main(debug: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help=_QUIET_HELP)
+@click.option("--tensorboard", "tensorboard_dir", type=_path, metavar="DIR", envvar="D4IR_TENSORBOARD",
+              help=_TENSORBOARD_HELP)
+def main(debug: bool, quiet: bool, tensorboard_dir: Path | None) -> None:
     """D4IR: distil a weather-restoration network into a smaller one without its training data.
 
     \b
@@ -96,7 +143,17 @@ def main(debug: bool) -> None:
       status       what a run folder holds;  report  RUN/report.md;  shards  check and look at shards
       data         check image folders, build the demo data;  models  the registered networks;  probe  see features
     An expected failure (a missing file, a full disk, a bad value) ends with one line and exit status 2.
+    Progress: a bar on a terminal, a plain line every 30 s otherwise (D4IR_PROGRESS_INTERVAL); none with
+    --quiet or TQDM_DISABLE=1. Under torchrun only rank 0 reports (warnings, progress, the summary).
+    Tracking: --tensorboard DIR writes TensorBoard event files of every stage beside train.jsonl.
     """
+    set_quiet(quiet)  # this invocation's own (a command's --quiet, parsed after this, may still set it)
+    from d4ir.shards.tracking import set_tracking
+
+    set_tracking(tensorboard_dir)  # likewise: a command's --tensorboard may still set it
+    if process_rank() != 0:  # the other ranks would repeat rank 0's warnings and print a summary of nothing
+        logging.disable(logging.WARNING)
+        warnings.simplefilter("ignore")
 
 
 @main.command()
@@ -127,8 +184,8 @@ def teacher(pairs, val, run, out, name, preset, device, resume, **kwargs) -> Non
         r = train_supervised(pairs, out, config, val_dir=val, name=name, resume=resume, device=_device(device))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
-        click.echo(f"skipped: {line}")
-    click.echo(f"{name}: {r.params:,} parameters, {r.epochs} epochs; {shown}; wrote {r.weights}")
+        _say(f"skipped: {line}")
+    _say(f"{name}: {r.params:,} parameters, {r.epochs} epochs", shown, f"wrote {r.weights}")
 
 
 @main.command()
@@ -154,8 +211,8 @@ def prompts(run, degraded, sd_spec, sd_config, preset, device, resume, **kwargs)
     sd = load_sd_cached(_sd_source(sd_spec, sd_config), device, "float32")
     with no_empty_folders(RunLayout(run).prompts):
         r = train_prompts(degraded, sd, RunLayout(run).prompts, config, resume=resume, device=device)
-    click.echo(f"prompts: {r.num_images} images embedded ({r.counts}), final loss {r.final_loss}, "
-               f"prompt encoder {r.encoder_sha256[:12]}; wrote {r.out_dir}")
+    _say(f"prompts: {r.num_images} images embedded ({r.counts}), final loss {r.final_loss}, "
+         f"prompt encoder {r.encoder_sha256[:12]}; wrote {r.out_dir}")
 
 
 @main.command()
@@ -189,8 +246,8 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
         r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config),
                        prompts_dir=layout.prompts, device=_device(device), dtype=dtype,
                        distributor=make_distributor(scheduler, workers))
-    click.echo(f"synth: {r.shards} shards ({r.already_done} already done), {r.images} images written, "
-               f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
+    _say(f"synth: {r.shards} shards ({r.already_done} already done), {r.images} images written, "
+         f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
 
 
 @main.command("distill")
@@ -199,6 +256,7 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
               help="Teacher: our checkpoint, an official .pth, a TorchScript or torch.export (.pt2) file, or "
                    "package.module:callable@WEIGHTS (a factory on PYTHONPATH with its safetensors/state-dict "
                    "weights); default: RUN/teacher's. A teacher from outside the registry needs --student NAME.")
+@weights_key_option
 @sd_options(None)
 @click.option("--name", help="Student folder name under RUN/students (default: the student name).")
 @click.option("--degraded", type=_existing, help="Web degraded images (L_cl and the feedback; --data web).")
@@ -207,8 +265,8 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
 @click.option("--val", type=_existing, help="Paired validation set (PSNR/SSIM vs ground truth and vs teacher).")
 @config_options(DistillConfig, exclude=DATAFREE_DERIVED)
 @_with([preset_option, device_option, resume_option, *dask_options])
-def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, original, val, preset, device,
-                resume, scheduler, workers, **kwargs) -> None:
+def distill_cmd(run, teacher_path, weights_key, sd_spec, sd_config, name, degraded, clean, original, val, preset,
+                device, resume, scheduler, workers, **kwargs) -> None:
     """Stage 3: distil a student from the teacher on the synthesized shards (Eq. 8), with the joint phase
     (Eq. 9) and regeneration rounds that close the prompt-encoder feedback loop.
 
@@ -226,11 +284,11 @@ def distill_cmd(run, teacher_path, sd_spec, sd_config, name, degraded, clean, or
         r = distill(run, teacher_path or RunLayout(run).teacher_weights, config,
                     sd_source=_sd_source(sd_spec, sd_config), degraded_dir=degraded, clean_dir=clean,
                     original_dir=original, val_dir=val, name=name, resume=resume, device=_device(device),
-                    distributor=make_distributor(scheduler, workers))
+                    distributor=make_distributor(scheduler, workers), teacher_key=weights_key)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
-        click.echo(f"skipped: {line}")
-    click.echo(f"distill: {r.params:,} parameters, last round {r.round}; {shown}; wrote {r.student_dir}")
+        _say(f"skipped: {line}")
+    _say(f"distill: {r.params:,} parameters, last round {r.round}", shown, f"wrote {r.student_dir}")
 
 
 def _register_tools() -> None:
@@ -238,6 +296,13 @@ def _register_tools() -> None:
 
     for command in cli_tools.COMMANDS:
         main.add_command(command)
+    todo = list(main.commands.values())
+    while todo:  # every command and sub-command takes --quiet too (e.g. `make synth ARGS=--quiet`)
+        command = todo.pop()
+        command.params.append(quiet_option())
+        if not getattr(command, "commands", None):
+            command.params.append(tensorboard_option())
+        todo.extend(getattr(command, "commands", {}).values())
 
 
 _register_tools()

@@ -10,6 +10,8 @@ import click
 from d4ir.shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from d4ir.synth.plan import WEATHERS
 
+from .options import weights_key_option
+
 _path = click.Path(path_type=Path)
 _existing = click.Path(exists=True, path_type=Path)
 _device_option = click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available).")
@@ -102,13 +104,15 @@ def models() -> None:
 @click.option("--pairs", type=_existing, required=True, help="Paired test set.")
 @click.option("--reference", help="Also score against this network's outputs (e.g. the teacher; any --model form).")
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
+@weights_key_option
 @click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
 @click.option("--tile", type=int, help="Run large images in overlapping tiles of this side.")
 @click.option("--border", default=0, show_default=True, help="Pixels cropped from each border before scoring.")
 @click.option("--limit", type=int, help="Score only the first N pairs.")
 @_device_option
-def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile, border, limit, device) -> None:
+def eval_cmd(model_path, run, student, pairs, reference, arch, weights_key, out, method, tile, border, limit,
+             device) -> None:
     """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json.
 
     Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
@@ -130,7 +134,8 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
             layout.teacher_weights if layout.teacher_weights.exists() else None)
     if out is None:
         out = Path(EVAL_FILE) if model_path == IDENTITY else spec_file(model_path).with_name(EVAL_FILE)
-    result = evaluate(model_path, pairs, out, reference=reference, arch=arch, device=device, tile=tile,
+    result = evaluate(model_path, pairs, out, reference=reference, arch=arch, weights_key=weights_key, device=device,
+                      tile=tile,
                       border=border, limit=limit)
     label = method or result["name"]
     click.echo(format_table([("RGB", label, result)]))
@@ -254,7 +259,8 @@ def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> Non
               show_default=True, help="AirNet's deformable conv as ONNX DeformConv (fast in onnxruntime) or as "
               "GridSample + MatMul (portable to runtimes without DeformConv).")
 @click.option("--int8", "int8_out", type=_path, help="Also write a dynamically INT8-quantized copy here.")
-def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
+@weights_key_option
+def export_cmd(model_path, out, images, deform_op, int8_out, weights_key) -> None:
     """Export a restoration network to ONNX (dynamic batch, height and width) for the device it is made for.
 
     After export, onnxruntime runs the file on a few real images at their own sizes and the largest difference
@@ -265,7 +271,7 @@ def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
     from d4ir.shards.images import read_rgb
 
     checks = [read_rgb(p) for p in scan_images(images).paths[:4]] if images else None
-    r = export_model(model_path, out, checks, deform_op=deform_op)
+    r = export_model(model_path, out, checks, deform_op=deform_op, weights_key=weights_key)
     click.echo(f"{r.name}: {r.params:,} parameters, {r.bytes / 2**20:.1f} MiB ONNX (opset {r.opset}, "
                f"{r.deform_op}); largest difference from PyTorch {r.max_diff:.2e}; wrote {r.path}")
     if int8_out:
@@ -274,22 +280,43 @@ def export_cmd(model_path, out, images, deform_op, int8_out) -> None:
 
 
 @click.command()
-@click.argument("config", type=_existing)
+@click.argument("config", required=False)
+@click.option("--list", "list_", is_flag=True, help="List the configs shipped with d4ir (usable by name) and exit.")
 @click.option("--out", type=_path, help="The experiments folder (default: the config's `out`).")
+@click.option("--data", multiple=True, metavar="DIR|NAME=DIR",
+              help="Source folder of the config's `prepare` datasets (repeatable: NAME=DIR sets one), e.g. "
+              "../shared/data from a clone. Relative paths of a shipped config otherwise resolve against the "
+              "current folder.")
 @click.option("--table", "tables", multiple=True, help="Run only this table (repeatable): 1-5, desnow, all.")
 @click.option("--report-only", is_flag=True, help="Rebuild OUT/report.md from the finished rows; train nothing.")
-def experiments(config: Path, out: Path | None, tables: tuple[str, ...], report_only: bool) -> None:
+def experiments(config: str | None, list_: bool, out: Path | None, data: tuple[str, ...], tables: tuple[str, ...],
+                report_only: bool) -> None:
     """The paper's tables from one JSON config, resumable: every row once, its eval.json per test set.
 
     \b
-    The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the datasets
-    to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1 deraining,
-    2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips finished rows
-    and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. See README.md.
+    CONFIG is a config file, or the name of one shipped with d4ir (`--list`; e.g. `cpu-matrix`: the whole matrix
+    on the CPU). The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the
+    datasets to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1
+    deraining, 2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips
+    finished rows and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. A file's
+    relative paths are relative to the file; a shipped config's to the current folder, and `--data` names its
+    datasets' source folder (`d4ir experiments cpu-matrix --data ../shared/data` from a clone). See README.md.
     """
     from d4ir.pipelines.experiments import load_config, run_experiments
+    from d4ir.pipelines.experiments.shipped import describe, find_config, shipped_configs
 
-    cfg = load_config(config, out)
+    if list_:
+        for name, path in shipped_configs().items():
+            click.echo(f"{name:<16} {describe(path)}")
+        return
+    if config is None:
+        raise click.UsageError("give a CONFIG file or the name of a shipped config (d4ir experiments --list)")
+    path, shipped = find_config(config)
+    cfg = load_config(path, out, base=Path.cwd() if shipped else None, data=data)
+    missing = [f"{name}: {src}" for name, src in cfg.prepare.items() if not src.exists()]
+    if missing and not report_only:
+        raise FileNotFoundError(f"the config's datasets have no source folder ({'; '.join(missing)}): give --data DIR "
+                                "(or NAME=DIR), e.g. --data ../shared/data from a clone")
     run_experiments(cfg, only=list(tables) or None, report_only=report_only, log=click.echo)
 
 

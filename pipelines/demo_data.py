@@ -28,8 +28,8 @@ import numpy as np
 import skimage.data
 from d4ir.pipelines.weather import HAZE_AIRLIGHT, HAZE_BETA, HAZE_DEPTH, RAIN_LEVELS, SNOW_LEVELS, TASKS, degrade
 from d4ir.shards.images import save_png
+from d4ir.shards.progress import progress_bar
 from PIL import Image
-from tqdm import tqdm
 
 BUILD_VERSION = 1  # bump when the recipe changes, so existing folders are rebuilt
 TASK_IDS = {"derain": 0, "dehaze": 1, "desnow": 2}  # fixed, so a subset of tasks gives the same images
@@ -211,7 +211,7 @@ def build_demo_data(
         for split, n in counts.items()
     }
     options: dict[str, dict[str, list[dict]]] = {}
-    bar = tqdm(total=len(tasks) * sum(counts.values()), desc="demo data", disable=not progress)
+    bar = progress_bar(total=len(tasks) * sum(counts.values()), desc="demo data", enabled=progress)
     for task in tasks:
         options[task] = {}
         for split, items in crops.items():

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
-from d4ir.shards.errors import ExpectedError
+from d4ir.shards.errors import ExpectedError, brief
 from d4ir.shards.images import ImageSkipped
 
 EXIT_ERROR = 2
+ONE_LINE_LIMIT = 1000  # characters of an error line; --debug shows the whole message
 
 
 def _expected() -> tuple[type[BaseException], ...]:
@@ -29,7 +30,8 @@ def _expected() -> tuple[type[BaseException], ...]:
 
 
 def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    """The error as one readable line: whitespace folded, a long library message summarized (shards.errors.brief)."""
+    return brief(str(err), limit=ONE_LINE_LIMIT) or type(err).__name__
 
 
 def debugging(ctx: click.Context | None = None) -> bool:

@@ -206,3 +206,9 @@ def config_from(base: Any, given: dict[tuple[str, ...], Any]) -> Any:
         return apply_overrides(base, nested)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
+
+
+weights_key_option = click.option(
+    "--weights-key", help="The entry of an official .pth that holds the weights (e.g. params, params_ema, "
+    "model/state_dict); default: the first present of params_ema, params, state_dict, model, net (BasicSR's "
+    "EMA weights first). The log names the entry taken.")

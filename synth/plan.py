@@ -8,6 +8,7 @@ so a rerun writes byte-equal shards and a killed run resumes shard by shard.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,9 @@ class SynthConfig:
 class ShardJob:
     """One shard's work; picklable so that dask can ship it to a worker.
 
+    Every path a job carries is absolute (`plan_jobs`): a dask worker runs in a folder of its own, where a
+    relative `--run-dir` would name another folder (and the worker would write a stray round there).
+
     Args:
         index: shard number in the round.
         round_dir: the round folder the shard is written to.
@@ -123,16 +127,16 @@ def plan_jobs(
     for start in range(0, config.num_samples, config.shard_size):
         stop = min(start + config.shard_size, config.num_samples)
         items = tuple(
-            PlannedSample(f"r{config.round:03d}-{i:07d}", str(clean_paths[clean_idx[i]]), int(prompt_idx[i]),
-                          int(noise_seeds[i]))
+            PlannedSample(f"r{config.round:03d}-{i:07d}", os.path.abspath(clean_paths[clean_idx[i]]),
+                          int(prompt_idx[i]), int(noise_seeds[i]))
             for i in range(start, stop)
         )
         jobs.append(
             ShardJob(
                 index=start // config.shard_size,
-                round_dir=str(round_dir),
+                round_dir=str(Path(round_dir).resolve()),
                 sd_source=sd_source,
-                prompts_dir=str(prompts_dir) if prompts_dir else None,
+                prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
                 config=config,
                 items=items,
                 device=device,

@@ -29,8 +29,9 @@ from d4ir.shards.folders import scan_images
 from d4ir.shards.images import ImageSkipped, random_windows, read_rgb, to_tensor
 from d4ir.shards.io import append_jsonl, state_dict_sha256
 from d4ir.shards.layout import LOG_FILE, PROMPT_ENCODER_STEM, STATE_FILE
+from d4ir.shards.progress import progress_bar
 from d4ir.shards.state import StateError, changed_settings, load_state, restoring, save_state, trim_log
-from tqdm import tqdm
+from d4ir.shards.tracking import track_record
 
 from .embed import export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, moco_step
@@ -269,7 +270,7 @@ def train_prompts(
                                 "optimizer": optimizer.state_dict()})
 
     loss_value = None
-    bar = tqdm(total=config.steps, initial=start, desc="prompts", disable=not progress)
+    bar = progress_bar(total=config.steps, initial=start, desc="prompts", enabled=progress)
     for step in range(start, config.steps):
         xq, xk = (t.to(device) for t in _batch(paths, step, config))
         loss, q, k, negatives = moco_step(query_enc, key_enc, queue, xq, xk, moco)  # q, k [B, F]; negatives [K, F]
@@ -281,6 +282,7 @@ def train_prompts(
             pos = float((q * k).sum(1).mean())
             neg = float((q @ negatives.T).mean()) if len(negatives) else 0.0
         append_jsonl(log_path, {"step": step + 1, "loss": loss_value, "pos_sim": pos, "neg_sim": neg})
+        track_record(out_dir, {"loss": loss_value, "pos_sim": pos, "neg_sim": neg, "lr": config.lr}, step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from d4ir.shards.errors import brief
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from .sd_configs import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
@@ -165,7 +166,9 @@ def _single_file_text(
     state: dict[str, torch.Tensor], path: Path, folder: Path | None, dtype: torch.dtype
 ) -> tuple[Any, Any]:
     """The CLIP text encoder a CompVis file holds (SD1.x `cond_stage_model.transformer.*`, SD2.x OpenCLIP
-    `cond_stage_model.model.*`), converted by diffusers, with config and tokenizer from `folder`."""
+    `cond_stage_model.model.*`), converted by diffusers, with config and tokenizer from `folder`; for a file
+    with only the UNet and VAE, the text encoder of `folder` itself (with a warning), so that the same weights
+    give the same model and fingerprint as the folder."""
     from diffusers.loaders.single_file_utils import (
         create_diffusers_clip_model_from_ldm,
         is_clip_model,
@@ -173,7 +176,11 @@ def _single_file_text(
     )
 
     if not (is_clip_model(state) or is_open_clip_model(state)):
-        return None, None
+        if folder is None or not _has_text_files(folder):
+            return None, None
+        warnings.warn(f"SD file '{path}' holds no text encoder: the text encoder and tokenizer come from its configs "
+                      f"'{folder}' (text_encoder/, tokenizer/)", stacklevel=4)
+        return _folder_text_parts(folder, dtype, f"SD file '{path}'")
     if folder is None:
         warnings.warn(f"SD file '{path}' holds a text encoder, but its config and tokenizer are not in the file: "
                       "give config= (--sd-config) a diffusers folder or cached hub id of the same SD version to "
@@ -228,7 +235,7 @@ def load_single_file(path: Path, device: Any, dtype: torch.dtype, config: str | 
         except Exception as exc:
             raise SDLoadError(
                 f"cannot load single-file SD checkpoint '{path}' (detected type '{kind}') with configs from "
-                f"'{config or 'built-in SD1.5'}': {exc}. Pass config=<diffusers folder> matching the file."
+                f"'{config or 'built-in SD1.5'}': {brief(str(exc))}. Pass config=<diffusers folder> matching the file."
             ) from exc
     text_encoder, tokenizer = _single_file_text(state, path, folder, torch.float32)
     if text_encoder is not None:

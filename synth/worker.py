@@ -7,6 +7,8 @@ distributor has the same signature, see `Distributor`.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +22,20 @@ from d4ir.shards.errors import StageFailedError
 from d4ir.shards.folders import check_files, file_records, scan_images
 from d4ir.shards.images import encode_png, read_rgb
 from d4ir.shards.io import OutputFolderError, folder_lock, sha256_file
-from d4ir.shards.layout import LOCK_FILE, MANIFEST_FILE, parse_shard, parse_stats, round_dir, shard_name
-from d4ir.shards.reader import iter_raw_metas
+from d4ir.shards.layout import (
+    EMBEDDINGS_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    PROMPT_ENCODER_STEM,
+    parse_shard,
+    parse_stats,
+    round_dir,
+    shard_name,
+    weights_file,
+)
+from d4ir.shards.reader import iter_raw_metas, iter_samples
 from d4ir.shards.records import PlannedSample, Provenance, RoundManifest, ShardStats
+from d4ir.shards.tracking import track_images, tracking_dir
 from d4ir.shards.writer import (
     DEGRADED_FIELD,
     check_manifest,
@@ -84,8 +97,33 @@ def _prompt_source(job: ShardJob, parts: SDParts) -> Callable[[list[int], torch.
     return lambda rows, clean: enc.prompt(clean.float()).to(dtype)
 
 
+def check_job_files(job: ShardJob) -> None:
+    """Every file the job reads, and its round folder (made by `synthesize`), exist where it runs (a dask worker may
+    be another host, without the run's filesystem): a FileNotFoundError naming the host, before anything is loaded
+    or written. A clean photo missing among others that are there stays a counted failure of its sample."""
+    host = socket.gethostname()
+    if not Path(job.round_dir).is_dir():
+        raise FileNotFoundError(f"on host {host}: the round folder {job.round_dir} does not exist (the workers need "
+                                "the run folder at the same path, e.g. on a shared filesystem)")
+    prompts, reads = Path(job.prompts_dir) if job.prompts_dir else None, []
+    if prompts is not None and job.config.prompt_mode == "encoder":
+        reads.append(prompts if prompts.is_file() else prompts / EMBEDDINGS_FILE)
+    if prompts is not None and job.config.prompt_mode == "content":
+        reads.append(weights_file(prompts, PROMPT_ENCODER_STEM))
+    sd_paths = [Path(v) for v in (job.sd_source.spec, job.sd_source.config) if v and Path(v).is_absolute()]
+    missing = [str(p) for p in reads if not p.is_file()] + [str(p) for p in sd_paths if not p.exists()]
+    photos = sorted({s.clean for s in job.items if not os.path.isfile(s.clean)})
+    if photos and len(photos) == len({s.clean for s in job.items}):
+        missing += photos  # none there: not this host's filesystem (one photo gone is a counted sample failure)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"on host {host}: shard {job.index} reads {len(missing)} missing file(s): {shown} "
+                                "(the workers need the SD, the prompts and the clean photos at the same paths)")
+
+
 def synthesize_shard(job: ShardJob) -> ShardStats:
     """Synthesize one shard and write it (tar, then stats last); returns the stats."""
+    check_job_files(job)
     previous = torch.get_num_threads()
     if job.threads and job.threads != previous:
         torch.set_num_threads(job.threads)
@@ -149,6 +187,14 @@ def _synthesize_shard(job: ShardJob) -> ShardStats:
 
     return write_shard(Path(job.round_dir), job.index, samples(),
                        extra_stats=lambda: {"seconds": time.perf_counter() - t0})
+
+
+def _track_samples(out_dir: Path, number: int, count: int = 4) -> None:
+    """The round's first samples as a TensorBoard image grid (with --tensorboard: shards/tracking.py)."""
+    if tracking_dir() is None:
+        return
+    images = [s["degraded"] for s, _ in zip(iter_samples(out_dir), range(count))]
+    track_images(out_dir.parent, f"samples/{out_dir.name}", images, number)
 
 
 def _emit(failed: list[dict], batch: list[tuple], pngs: list, record) -> Iterator[dict]:
@@ -221,13 +267,15 @@ def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource,
     n, _, width = emb.prompt_embeds.shape
     if n == 0:
         raise ValueError(f"{prompts_dir}: the prompt table is empty (0 rows); rerun `d4ir prompts`")
+    made_for = emb.metadata.get("sd_fingerprint", "")  # the models first: a width names neither
+    if made_for and made_for != sd.fingerprint:
+        widths = f", {width} wide vs {sd.cross_attention_dim}" if width != sd.cross_attention_dim else ""
+        raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
+                         f"(fingerprint {made_for[:12]}), but this run loads SD {source} (fingerprint "
+                         f"{sd.fingerprint[:12]}{widths}): make the prompts with this SD or load theirs")
     if width != sd.cross_attention_dim:
         raise ValueError(f"{prompts_dir}: prompts are {width} wide, but SD {source} takes {sd.cross_attention_dim} "
                          "(cross_attention_dim): make the prompts with this SD")
-    made_for = emb.metadata.get("sd_fingerprint", "")
-    if made_for and made_for != sd.fingerprint:
-        raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
-                         f"(fingerprint {made_for[:12]}), not for {source} (fingerprint {sd.fingerprint[:12]})")
     return n, replace(made, encoder_sha256=emb.metadata.get("encoder_sha256", ""))
 
 
@@ -258,7 +306,7 @@ def synthesize(
             manifest's `clean_files` records them: a regeneration round passes round 0's), each checked to be there
             unchanged, instead of from what clean_dir holds now.
     """
-    from tqdm import tqdm
+    from d4ir.shards.progress import progress_bar
 
     t0 = time.perf_counter()
     dtype = dtype or default_dtype(device)
@@ -300,7 +348,7 @@ def synthesize(
         write_manifest(out_dir, manifest)
         # a shard is done only with every planned sample accounted for: one cut short is redone
         todo = [j for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
-        bar = tqdm(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", disable=not progress)
+        bar = progress_bar(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", enabled=progress)
         bar.update(config.num_samples - sum(len(j.items) for j in todo))
         totals = {"images": 0, "failures": 0}
 
@@ -316,6 +364,7 @@ def synthesize(
             raise StageFailedError(f"{out_dir}: shards {unfinished} did not finish; rerun to redo them")
         sizes = write_sizes(out_dir)
         write_manifest(out_dir, replace(manifest, complete=True, images=sum(sizes.values())))
+    _track_samples(out_dir, config.round)
     return SynthResult(
         out_dir, len(jobs), len(jobs) - len(todo), totals["images"], totals["failures"], time.perf_counter() - t0
     )

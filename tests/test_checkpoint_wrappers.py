@@ -54,15 +54,53 @@ def test_module_prefix_and_nested_wrappers(arch, tmp_path, caplog):
     assert info["container"] is None and _same(model, src)
 
 
-def test_basicsr_prefers_params_and_says_what_else_was_there(tmp_path, caplog):
-    src, other = _tiny("restormer"), Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
-                                               heads=[1, 2, 2, 4])
+def test_basicsr_prefers_params_ema_and_weights_key_chooses(tmp_path, caplog):
+    """BasicSR's test default: params_ema when both are present; --weights-key params takes the other, and the
+    log names the entry taken either way; a missing entry is one line naming the ones there."""
+    ema, raw = _tiny("restormer"), Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
+                                             heads=[1, 2, 2, 4])
     path = tmp_path / "net_g.pth"
-    torch.save({"params_ema": other.state_dict(), "params": src.state_dict()}, path)
+    torch.save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, path)
     with caplog.at_level(logging.INFO, logger="d4ir.distill.registry"):
         model, info = load_model(path)
-    assert info["container"] == "params" and _same(model, src)
-    assert "(also present: params_ema)" in caplog.text
+    assert info["container"] == "params_ema" and _same(model, ema) and not _same(model, raw)
+    assert "'params_ema' entry (also present: params; --weights-key chooses)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="d4ir.distill.registry"):
+        model, info = load_model(path, weights_key="params")
+    assert info["container"] == "params" and _same(model, raw)
+    assert "'params' entry, as chosen (also present: params_ema)" in caplog.text
+    with pytest.raises(ValueError, match="no 'ema' entry .* entries holding weights: params, params_ema"):
+        load_model(path, weights_key="ema")
+
+
+def test_weights_key_on_the_command_line(tmp_path):
+    """`d4ir eval --weights-key params` scores the non-EMA weights (a different PSNR than the default)."""
+    import json
+
+    from click.testing import CliRunner
+    from d4ir.pipelines.cli import main
+    from PIL import Image
+
+    ema = _tiny("restormer")
+    raw = Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4])
+    path = tmp_path / "net_g.pth"
+    torch.save({"params": raw.state_dict(), "params_ema": ema.state_dict()}, path)
+    for sub in ("degraded", "clean"):
+        (tmp_path / "pairs" / sub).mkdir(parents=True)
+    Image.new("RGB", (16, 16), (90, 120, 200)).save(tmp_path / "pairs" / "degraded" / "a.png")
+    Image.new("RGB", (16, 16), (80, 110, 190)).save(tmp_path / "pairs" / "clean" / "a.png")
+    psnr = {}
+    for key in ("params", "params_ema"):
+        out = tmp_path / f"{key}.json"
+        done = CliRunner().invoke(main, ["eval", "--model", str(path), "--weights-key", key, "--pairs",
+                                         str(tmp_path / "pairs"), "--out", str(out), "--device", "cpu"])
+        assert done.exit_code == 0, done.output
+        psnr[key] = json.loads(out.read_text())["mean"]["psnr"]
+    from d4ir.distill.evaluate import evaluate
+
+    default = evaluate(path, tmp_path / "pairs", tmp_path / "default.json", progress=False)["mean"]["psnr"]
+    assert default == psnr["params_ema"] != psnr["params"]
 
 
 def test_the_command_line_shows_which_entry_it_used(tmp_path):

@@ -52,7 +52,9 @@ def test_readme_line_runs_under_torchrun(run_copy, tmp_path):
     readme = readme_torchrun()
     assert Path(readme[0]).name == "torchrun" and readme[1:5] == ["--nproc-per-node", "8", "-m", "d4ir.pipelines.cli"]
     assert readme[5] == "distill"
-    values = {"--run-dir": r.root, "--teacher": r.teacher, "--student": "half-airnet", "--degraded": r.degraded,
+    wrapped = tmp_path / "teacher.pth"  # an official-style wrapper: its log line must come from rank 0 only
+    torch.save({"net": load_weights(r.teacher.with_suffix(""))[0]}, wrapped)
+    values = {"--run-dir": r.root, "--teacher": wrapped, "--student": "half-airnet", "--degraded": r.degraded,
               "--clean": r.clean, "--val": r.val, "--num-workers": 1}  # 2 shards feed 2 ranks x 1 worker
     assert set(_flags(readme[5:])) == set(values)  # the README's flags, each one given below
     cmd = [_torchrun(), "--nproc-per-node", str(WORLD), "-m", "d4ir.pipelines.cli", "distill"]
@@ -66,13 +68,18 @@ def test_readme_line_runs_under_torchrun(run_copy, tmp_path):
     )
     dumps_dir = tmp_path / "dumps"
     dumps_dir.mkdir()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(ROOT / "tests"), str(ROOT)]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hook), str(ROOT / "tests"), str(ROOT),
+                                                             os.environ.get("PYTHONPATH")])),
                D4IR_DDP_DUMP=str(dumps_dir), PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert re.search(r"distill: [\d,]+ parameters, last round 1", done.stdout), done.stdout[-2000:]
+    # only rank 0 reports: one summary (no empty one from rank 1, no '; ;'), each warning once
+    summaries = [line for line in done.stdout.splitlines() if line.startswith("distill: ")]
+    assert len(summaries) == 1 and "; ;" not in done.stdout, done.stdout
+    assert done.stderr.count("weights from the checkpoint's 'net' entry") == 1, done.stderr[-3000:]
     dumps = [torch.load(dumps_dir / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
     assert [d["world"] for d in dumps] == [WORLD, WORLD]
 

@@ -105,6 +105,7 @@ def test_jobs_carry_the_thread_count_and_resume_keeps_the_first(synth_inputs, sy
     clean = sorted(synth_inputs["clean"].iterdir())[:1]
     job = plan_jobs(clean, 1, replace(CFG, prompt_mode="none"), round_dir=tmp_path / "t", sd_source=SDSource("tiny"),
                     prompts_dir=None)[0]
+    (tmp_path / "t").mkdir()  # the round folder `synthesize` makes before any job
     synthesize_shard(replace(job, threads=threads + 2))
     assert seen == [(0, threads + 2, threads + 2)] and torch.get_num_threads() == threads  # set, then restored
 

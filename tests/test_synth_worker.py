@@ -240,6 +240,7 @@ def test_encoding_in_threads_while_the_next_batch_samples_writes_the_same_bytes(
     job = replace(jobs[0], items=(jobs[0].items[0]._replace(clean=str(tmp_path / "gone.png"), prompt_row=0, seed=1),
                                   *jobs[0].items[1:]),
                   config=replace(CFG, batch_size=1), round_dir=str(tmp_path / "a"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()  # the round folders `synthesize` makes before any job
     plain = synthesize_shard(job)
     threaded = synthesize_shard(replace(job, encode_threads=2, round_dir=str(tmp_path / "b")))
     assert len(plain.failures) == 1 and plain.sha256 == threaded.sha256

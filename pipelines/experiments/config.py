@@ -2,7 +2,8 @@
 
 A config names the frozen SD, the scale (a preset with per-stage overrides of its dataclass fields), the seed
 and device, the datasets to prepare, the tasks (per weather: teachers, web folders, the teacher's original
-pairs, named test sets) and the tables to run. Every path is relative to the config file; `prepared:NAME/sub`
+pairs, named test sets) and the tables to run. Every path is relative to the config file (a shipped config's, given
+by name, to the current folder: pipelines/experiments/shipped.py); `prepared:NAME/sub`
 names a folder a dataset builder wrote (pipelines/experiments/datasets.py) under OUT/data/NAME. An error names
 the field by its path in the file (e.g. `tasks.derain.test.SPA`).
 """
@@ -230,18 +231,30 @@ class ExperimentConfig:
             raise ValueError("tables: name at least one table")
 
 
-def load_config(path: str | Path, out: str | Path | None = None) -> ExperimentConfig:
-    """Read and validate a config file; `out` (e.g. the CLI's --out) replaces the file's out."""
+def load_config(path: str | Path, out: str | Path | None = None, *, base: str | Path | None = None,
+                data: tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read and validate a config file; `out` (e.g. the CLI's --out) replaces the file's out.
+
+    Args:
+        base: the folder relative paths are resolved against (default: the file's folder; the current folder for
+            a shipped config, see pipelines/experiments/shipped.py).
+        data: --data values (DIR or NAME=DIR) replacing the sources of the config's `prepare` datasets.
+    """
     from .config_parse import parse_config
+    from .shipped import data_roots
 
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data_ = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise FileNotFoundError(f"config not found: {path}") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if data and isinstance(data_, dict):
+        prepare = data_.get("prepare", {})
+        roots = data_roots(data, list(prepare) if isinstance(prepare, dict) else [])
+        data_ = {**data_, "prepare": {**prepare, **{k: str(v) for k, v in roots.items()}}}
     try:
-        return parse_config(data, path.resolve().parent, out)
+        return parse_config(data_, Path(base).resolve() if base is not None else path.resolve().parent, out)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err

@@ -30,9 +30,9 @@ import skimage.data
 import torch
 from d4ir.pipelines.demo_data import WEB_HAZE_AIRLIGHT, WEB_HAZE_BETA, cut_crop
 from d4ir.pipelines.weather import degrade
+from d4ir.shards.progress import progress_bar
 from d4ir.synth.plan import WEATHER_TEXT as TASK_TEXT
 from d4ir.synth.plan import WEATHERS as PIPELINE_WEATHERS
-from tqdm import tqdm
 
 WEATHERS = ("clean", *PIPELINE_WEATHERS)  # what the embedded model is captioned with: clean photos first
 CAPTIONS: dict[str, str] = {"clean": "a photo", **TASK_TEXT}
@@ -200,7 +200,8 @@ def build_weather_set(config: WeatherSetConfig = WeatherSetConfig(), *, progress
     split_id = SPLIT_IDS[config.split]
     images, captions, weathers, clean_index, records = [], [], [], [], []
     photos = config.photo_list
-    bar = tqdm(total=len(photos) * config.crops_per_photo, desc=f"weather set ({config.split})", disable=not progress)
+    bar = progress_bar(total=len(photos) * config.crops_per_photo, desc=f"weather set ({config.split})",
+                       enabled=progress)
     for name in photos:
         photo, pid = load_photo(name), zlib.crc32(name.encode())
         for k in range(config.crops_per_photo):

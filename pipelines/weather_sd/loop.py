@@ -31,8 +31,8 @@ import torch
 from d4ir.shards.checks import check_positive_ints
 from d4ir.shards.io import append_jsonl
 from d4ir.shards.layout import LOG_FILE, STATE_FILE
+from d4ir.shards.progress import progress_bar
 from d4ir.shards.state import load_state, restoring, save_state, trim_log
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def train_loop(
         m.train()
     t0, sums, count, last, rate = time.perf_counter(), {}, 0, {}, float("nan")
     t_log, step = t0, start
-    bar = tqdm(total=config.steps, initial=start, desc=desc, disable=not progress)
+    bar = progress_bar(total=config.steps, initial=start, desc=desc, enabled=progress)
     while step < config.steps and not load_only:
         if config.budget_minutes and time.perf_counter() - t0 > 60 * config.budget_minutes:
             break
