@@ -126,12 +126,15 @@ def teacher_record(spec: str | Path) -> str | dict:
     return identify(spec) or str(spec)
 
 
-def load_teacher(spec: str | Path, *, arch: str | None = None, probe: bool = True) -> tuple[nn.Module, TeacherInfo]:
+def load_teacher(spec: str | Path, *, arch: str | None = None, weights_key: str | None = None,
+                 probe: bool = True) -> tuple[nn.Module, TeacherInfo]:
     """Load any teacher (see the module docstring) on the CPU in eval mode and check its contract.
 
     Args:
         spec: a path (our checkpoint, an official .pth, TorchScript, .pt2) or package.module:callable@weights.
         arch: the architecture of an official .pth (registry networks only).
+        weights_key: the entry of a training-code checkpoint holding the weights (registry networks only; default:
+            `registry.WRAPPER_KEYS`' order, EMA weights first).
         probe: run the contract probe (distill/probe.py); a broken contract is a one-line ValueError.
     Returns:
         (network, TeacherInfo); a foreign network is wrapped in `ForeignTeacher`.
@@ -140,10 +143,10 @@ def load_teacher(spec: str | Path, *, arch: str | None = None, probe: bool = Tru
     after this gets the same initial weights whatever form its teacher came in.
     """
     with torch.random.fork_rng(devices=[]):
-        return _load(str(spec), arch, probe)
+        return _load(str(spec), arch, weights_key, probe)
 
 
-def _load(text: str, arch: str | None, probe: bool) -> tuple[nn.Module, TeacherInfo]:
+def _load(text: str, arch: str | None, weights_key: str | None, probe: bool) -> tuple[nn.Module, TeacherInfo]:
     if match := factory_match(text):
         net, kind, name = load_factory(match, text), "factory", text.split("@", 1)[0]
     else:
@@ -152,7 +155,7 @@ def _load(text: str, arch: str | None, probe: bool) -> tuple[nn.Module, TeacherI
             raise FileNotFoundError(f"teacher not found: {path}")
         kind = file_kind(path) if path.is_file() else "registry"
         if kind == "registry":
-            model, registry = load_model(path, arch=arch)
+            model, registry = load_model(path, arch=arch, weights_key=weights_key)
             return _probed(model, TeacherInfo("registry", text, registry["name"], registry=registry), probe)
         net, name = load_archive(path, kind), path.name
     if arch is not None:
