@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from d4ir.shards.io import atomic_write_json, save_weights
+from d4ir.shards.io import atomic_write_json, save_weights, sha256_file
 from d4ir.shards.layout import (
     CONFIG_FILE,
     EVAL_FILE,
@@ -158,7 +158,8 @@ class _Training:
         self.enc_opt = None if self.loop is None else torch.optim.Adam(self.loop.encoder.parameters(),
                                                                        lr=config.encoder_lr, betas=(0.9, 0.999))
         self.model = ctx.wrap(self.student)
-        self.settings = asdict(config) | {"teacher": str(Path(teacher_path).resolve()), "name": self.name}
+        # the teacher by content, not by path: a moved or copied run folder (its default teacher inside) resumes
+        self.settings = asdict(config) | {"teacher_sha256": sha256_file(teacher_path), "name": self.name}
         self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
         self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
                                 resume=resume, writer=ctx.rank == 0)
@@ -276,7 +277,7 @@ class _Training:
                        pairs=str(val_dir), reference=str(teacher_path), data=self.config.data, round=self.round)
         if self.ctx.rank == 0:
             atomic_write_json(self.out / CONFIG_FILE, {**asdict(self.config), **self.settings, "params": params,
-                                                       "round": self.round})
+                                                       "round": self.round, "teacher": str(teacher_path)})
         self.ctx.barrier()
         skipped = ([val.summary()] if val and val.skipped else []) + self.skipped
         return DistillResult(self.out, params, self.round, self.metrics, skipped)

@@ -3,12 +3,35 @@ folder that moves, messages that name what they are about. Each test asserts the
 
 from __future__ import annotations
 
+import shutil
+
+import d4ir.distill.trainer as trainer_mod
+import pytest
+import torch
 from click.testing import CliRunner
-from conftest import synth_config
+from conftest import TEACHER_KWARGS, synth_config
+from d4ir.distill.registry import build, save_model
+from d4ir.distill.trainer import DistillConfig, distill
 from d4ir.pipelines.cli import main
+from d4ir.shards.io import load_weights, read_jsonl
+from d4ir.shards.state import StateError
 from d4ir.shards.verify import verify_shards
 from d4ir.shards.writer import read_manifest, read_stats, shard_done
 from d4ir.synth.worker import synthesize
+
+
+TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
+ROUNDS = dict(epochs=3, joint_epochs=2, round_every=1)
+
+
+def _cfg(**kw) -> DistillConfig:
+    return DistillConfig(**{**TINY, **kw})
+
+
+def _distill(root, cfg, name, r, **kw):
+    """distill into `root` with the tiny run `r`'s web folders and its default teacher (RUN/teacher)."""
+    return distill(root, root / "teacher" / "teacher.safetensors", cfg, degraded_dir=r.degraded,
+                   clean_dir=r.clean, name=name, progress=False, **kw)
 
 
 def _cli(*args):
@@ -31,3 +54,43 @@ def test_a_shard_with_a_flipped_byte_is_not_done_and_a_synth_rerun_redoes_it(tin
     assert (res.skipped, res.images) == (1, 4)  # the advice "rerun `d4ir synth` to redo it" is true
     assert tar.read_bytes() == original and read_stats(round0, 1)["count"] == 4
     assert read_manifest(round0)["complete"] is True and verify_shards(round0) == []
+
+
+# ------------------------------------------------------------------------------ 26. a run folder that moves
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_distill_resumes_after_its_run_folder_is_moved(tiny_run, tmp_path, monkeypatch):
+    straight = tiny_run.copy_to(tmp_path / "straight")
+    _distill(straight.root, _cfg(**ROUNDS), "s", tiny_run)
+    r = tiny_run.copy_to(tmp_path / "run")
+    real = trainer_mod.DistillConfig.round_for_epoch
+
+    def kill(cfg, epoch):
+        if epoch == 2:  # after epoch 2: round 1 is in the student's folder, round 2 is made after the move
+            raise _Killed
+        return real(cfg, epoch)
+
+    monkeypatch.setattr(trainer_mod.DistillConfig, "round_for_epoch", kill)
+    with pytest.raises(_Killed):
+        _distill(r.root, _cfg(**ROUNDS), "s", tiny_run)
+    monkeypatch.setattr(trainer_mod.DistillConfig, "round_for_epoch", real)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(r.root, moved)
+    res = _distill(moved, _cfg(**ROUNDS), "s", tiny_run, resume=True)
+    assert res.round == 2
+    want, _ = load_weights(straight.root / "students" / "s" / "student")
+    got, _ = load_weights(moved / "students" / "s" / "student")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    keys = ("epoch", "round", "loss_kd", "loss_fb", "loss_cl")
+    logs = [[{k: rec[k] for k in keys} for rec in read_jsonl(root / "students" / "s" / "train.jsonl")]
+            for root in (straight.root, moved)]
+    assert logs[0] == logs[1] and [rec["epoch"] for rec in logs[1]] == [1, 2, 3]
+    # the teacher is known by its content: another teacher under the same name is refused
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        save_model(moved / "teacher" / "teacher", build("airnet", **TEACHER_KWARGS))
+    with pytest.raises(StateError, match=r"other settings \(teacher_sha256\)"):
+        _distill(moved, _cfg(**ROUNDS), "s", tiny_run, resume=True)
