@@ -2,8 +2,9 @@
 
 A shard is written as `NNNNNN.tar.tmp`, fsynced and renamed to `NNNNNN.tar`; only then is
 `NNNNNN.stats.json` written (atomically). A shard without its stats file does not exist: a rerun redoes it
-and skips finished ones (`shard_done`: stats, size, sha256 and planned count all agree). Tar members carry a fixed mtime, owner and mode and are written in
-the given order, so equal inputs give byte-equal shards on any machine and at any time.
+and skips finished ones (`shard_done`: stats, size, sha256 and planned count all agree). Tar members carry a
+fixed mtime, owner and mode and are written in the given order, so equal inputs give byte-equal shards on any
+machine and at any time.
 
 Sample layout (what `write_shard` takes, one dict per sample):
     {"__key__": "r000-0000017", "degraded.png": <png bytes>, "json": {...}, ...}

@@ -19,7 +19,6 @@ from d4ir.shards.verify import verify_shards
 from d4ir.shards.writer import read_manifest, read_stats, shard_done
 from d4ir.synth.worker import synthesize
 
-
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
 ROUNDS = dict(epochs=3, joint_epochs=2, round_every=1)
 
