@@ -227,7 +227,8 @@ def report(run: Path, test: Path | None) -> None:
 @click.option("--run-dir", "run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
 @click.option("--task", type=click.Choice(["derain", "dehaze", "desnow"]), default="derain", show_default=True,
               help="The weather the teacher removes and the students learn.")
-@click.option("--seed", default=0, show_default=True, help="Seed of every stage: CPU runs at the same thread count repeat exactly.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of every stage: CPU runs at the same thread count repeat exactly.")
 @_device_option
 def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> None:
     """The whole pipeline on the embedded demo data, offline, on the CPU, in minutes.
