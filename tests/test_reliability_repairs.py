@@ -3,6 +3,8 @@ folder that moves, messages that name what they are about. Each test asserts the
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 
 import d4ir.distill.trainer as trainer_mod
@@ -118,3 +120,24 @@ def test_two_distills_at_two_threads_end_bit_equal_whatever_the_machine_load(tin
         deform.clear_auto_cache()
     a, b = results
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------- 28. messages that name their object
+def test_a_full_disk_while_distill_saves_the_student_names_the_file(tiny_run, tmp_path, monkeypatch):
+    r = tiny_run.copy_to(tmp_path / "run")
+    fsync = os.fsync
+
+    def full_for_the_student(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("student.safetensors.tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_for_the_student)
+    result = _cli("distill", "--run-dir", r.root, "--teacher", r.teacher, "--data", "web", "--degraded", r.degraded,
+                  "--epochs", 1, "--joint-epochs", 0, "--iters-per-epoch", 1, "--batch-size", 2, "--crop", 16,
+                  "--device", "cpu", "--name", "x")
+    out = r.root / "students" / "x"
+    last = result.output.rsplit("\r", 1)[-1].strip()  # after the progress bar's carriage returns
+    assert result.exit_code == 2 and last.count("\n") == 0, result.output
+    assert last == f"d4ir: error: [Errno 28] cannot write student.safetensors to {out}: No space left on device"
+    assert not (out / "student.safetensors").exists() and not (out / "student.safetensors.tmp").exists()
