@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import shutil
 
 import d4ir.distill.trainer as trainer_mod
 import pytest
 import torch
+from cli_helpers import one_line_error
 from click.testing import CliRunner
 from conftest import TEACHER_KWARGS, synth_config
 from d4ir.distill import deform
@@ -17,7 +19,7 @@ from d4ir.distill.registry import build, save_model
 from d4ir.distill.trainer import DistillConfig, distill
 from d4ir.pipelines.cli import main
 from d4ir.shards.io import load_weights, read_jsonl
-from d4ir.shards.state import StateError
+from d4ir.shards.state import StateError, load_state
 from d4ir.shards.verify import verify_shards
 from d4ir.shards.writer import read_manifest, read_stats, shard_done
 from d4ir.synth.worker import synthesize
@@ -141,3 +143,22 @@ def test_a_full_disk_while_distill_saves_the_student_names_the_file(tiny_run, tm
     assert result.exit_code == 2 and last.count("\n") == 0, result.output
     assert last == f"d4ir: error: [Errno 28] cannot write student.safetensors to {out}: No space left on device"
     assert not (out / "student.safetensors").exists() and not (out / "student.safetensors.tmp").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_raw_pickle_as_teacher_or_state_is_refused_without_torchs_advice_to_unpickle_it(tiny_run, tmp_path, protocol):
+    """torch's refusal says that weights_only=False "will likely succeed" (it would run the file's code) and
+    warns about the pickle protocol: d4ir prints one line of its own, naming the file."""
+    r = tiny_run.copy_to(tmp_path / "run")
+    raw = tmp_path / "raw.pth"
+    raw.write_bytes(pickle.dumps({"weights": os.system}, protocol=protocol))
+    result = _cli("distill", "--run-dir", r.root, "--teacher", raw, "--data", "web", "--degraded", r.degraded,
+                  "--epochs", 1, "--joint-epochs", 0, "--device", "cpu")
+    one_line_error(result, f"{raw}", "d4ir never unpickles code")
+    state = r.root / "students" / "s" / "state.pt"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(raw.read_bytes())
+    with pytest.raises(StateError, match="d4ir never unpickles code") as err:
+        load_state(state)
+    for text in (result.output, str(err.value)):
+        assert "weights_only" not in text and "likely succeed" not in text and "Warning" not in text
