@@ -9,6 +9,7 @@ import pickle
 import shutil
 
 import d4ir.distill.trainer as trainer_mod
+import d4ir.synth.worker as worker
 import pytest
 import torch
 from cli_helpers import one_line_error
@@ -162,3 +163,25 @@ def test_a_raw_pickle_as_teacher_or_state_is_refused_without_torchs_advice_to_un
         load_state(state)
     for text in (result.output, str(err.value)):
         assert "weights_only" not in text and "likely succeed" not in text and "Warning" not in text
+
+
+def test_synth_prints_its_skipped_clean_photos_and_its_retried_shards(tiny_run, tmp_path, monkeypatch):
+    r = tiny_run.copy_to(tmp_path / "run")
+    clean = shutil.copytree(r.clean, tmp_path / "clean")
+    (clean / "empty.png").write_bytes(b"")
+    real, calls = worker.synthesize_shard, []
+
+    def flaky(job):
+        calls.append(job.index)
+        if calls == [0]:
+            raise RuntimeError("worker lost")
+        return real(job)
+
+    monkeypatch.setattr(worker, "synthesize_shard", flaky)
+    result = _cli("synth", "--run-dir", r.root, "--clean", clean, "--sd", "tiny", "--round", 3, "--num-samples", 4,
+                  "--shard-size", 2, "--batch-size", 2, "--steps", 4, "--size", 32, "--prompt-mode", "none")
+    assert result.exit_code == 0, result.output
+    line = result.output.rsplit("\r", 1)[-1].strip()
+    assert "4 images written, 0 failures (1 shard(s) retried: see their stats' retries)" in line
+    assert "clean photos: 8 usable, skipped: 1 zero bytes;" in line
+    assert read_stats(r.root / "shards" / "round-003", 0)["retries"] == ["RuntimeError: worker lost"]
