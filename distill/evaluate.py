@@ -52,7 +52,8 @@ def evaluate_model(
     skipped and listed, see `distill.data.load_pairs`).
 
     Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
-    "seconds_per_image", "device", "count", "skipped": [[name, reason], ...]}.
+    "seconds_per_image", "device", "count", "skipped": [[name, reason], ...], "cropped": [[name, sizes], ...]}
+    (cropped: pairs whose sizes differed by up to 64 px, scored on their centre crops).
     """
     from tqdm import tqdm
 
@@ -80,7 +81,7 @@ def evaluate_model(
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"images": rows, "mean": mean, "params": count_parameters(model) if model is not None else 0,
             "seconds_per_image": seconds / len(rows), "device": device, "count": len(rows),
-            "skipped": [list(s) for s in pairs.skipped]}
+            "skipped": [list(s) for s in pairs.skipped], "cropped": [list(c) for c in pairs.cropped]}
 
 
 def write_eval(path: Path, result: dict, **info) -> Path:

@@ -135,6 +135,10 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
         from d4ir.shards.pairs import describe_skipped
 
         click.echo(f"skipped: {describe_skipped(pairs, len(result['images']), result['skipped'])}")
+    if result["cropped"]:
+        shown = "; ".join(f"{name}: {how}" for name, how in result["cropped"])
+        click.echo(f"cropped: {pairs}: {len(result['cropped'])} pair(s) of unequal sizes scored on their centre "
+                   f"crops ({shown})")
     click.echo(f"{result['count']} images, {result['seconds_per_image']:.3f} s/image on {device}; wrote {out}")
 
 

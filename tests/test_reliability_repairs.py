@@ -4,6 +4,7 @@ folder that moves, messages that name what they are about. Each test asserts the
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -24,6 +25,7 @@ from d4ir.shards.state import StateError, load_state
 from d4ir.shards.verify import verify_shards
 from d4ir.shards.writer import read_manifest, read_stats, shard_done
 from d4ir.synth.worker import synthesize
+from PIL import Image
 
 TINY = dict(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0)
 ROUNDS = dict(epochs=3, joint_epochs=2, round_every=1)
@@ -185,3 +187,18 @@ def test_synth_prints_its_skipped_clean_photos_and_its_retried_shards(tiny_run, 
     assert "4 images written, 0 failures (1 shard(s) retried: see their stats' retries)" in line
     assert "clean photos: 8 usable, skipped: 1 zero bytes;" in line
     assert read_stats(r.root / "shards" / "round-003", 0)["retries"] == ["RuntimeError: worker lost"]
+
+
+def test_eval_counts_and_names_the_pairs_it_centre_crops(tiny_run, tmp_path):
+    val = shutil.copytree(tiny_run.val, tmp_path / "val")
+    clean = Image.open(val / "clean" / "v1.png")
+    bigger = Image.new("RGB", (40, 36))
+    bigger.paste(clean, (4, 2))  # the clean image 8 px wider and 4 px taller, the degraded one centred in it
+    bigger.save(val / "clean" / "v1.png")
+    out = tmp_path / "eval.json"
+    result = _cli("eval", "--model", "identity", "--pairs", val, "--out", out)
+    assert result.exit_code == 0, result.output
+    how = "degraded 32x32, clean 40x36 -> 32x32"
+    assert f"cropped: {val}: 1 pair(s) of unequal sizes scored on their centre crops (v1: {how})" in result.output
+    written = json.loads(out.read_text())
+    assert written["cropped"] == [["v1", how]] and written["count"] == 6
