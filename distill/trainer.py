@@ -26,6 +26,7 @@ from d4ir.shards.layout import (
     parse_round,
 )
 from d4ir.shards.state import StateError, check_schema
+from d4ir.shards.writer import read_manifest
 from d4ir.synth.sd import SDSource
 from d4ir.synth.worker import Distributor
 
@@ -80,10 +81,25 @@ def check_own_rounds(layout: RunLayout, name: str, config: DistillConfig) -> Non
     root = layout.shards_root(name)
     left = sorted(p.name for p in root.iterdir() if parse_round(p.name) is not None and any(p.iterdir())) \
         if root.is_dir() else []
-    if left:
-        raise StateError(f"{root} holds {', '.join(left)} of an earlier run of student {name!r}, made with another "
-                         f"prompt encoder than this fresh run's: continue that run with --resume (it needs its "
-                         f"{STATE_FILE}), use another --name, or remove {root}")
+    if not left:
+        return
+    # the manifest names the prompts a round was made with, and so the student that made it (a copied round)
+    owners = {r: RunLayout.prompts_owner(_manifest_or_empty(root / r).get("prompts_dir")) or name for r in left}
+    foreign = {r: o for r, o in owners.items() if o != name}
+    if foreign:
+        made = ", ".join(f"{r} made by student {o!r}" for r, o in foreign.items())
+        raise StateError(f"{root} holds {made} (copied here?), not by a run of {name!r}: this fresh run cannot "
+                         f"use them; use another --name, or remove {root}")
+    raise StateError(f"{root} holds {', '.join(left)} of an earlier run of student {name!r}, made with another "
+                     f"prompt encoder than this fresh run's: continue that run with --resume (it needs its "
+                     f"{STATE_FILE}), use another --name, or remove {root}")
+
+
+def _manifest_or_empty(folder: Path) -> dict:
+    try:
+        return read_manifest(folder)
+    except (OSError, ValueError):
+        return {}
 
 
 def distill(

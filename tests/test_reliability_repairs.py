@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 
 import d4ir.distill.trainer as trainer_mod
@@ -202,3 +203,13 @@ def test_eval_counts_and_names_the_pairs_it_centre_crops(tiny_run, tmp_path):
     assert f"cropped: {val}: 1 pair(s) of unequal sizes scored on their centre crops (v1: {how})" in result.output
     written = json.loads(out.read_text())
     assert written["cropped"] == [["v1", how]] and written["count"] == 6
+
+
+def test_a_round_copied_from_another_student_is_refused_naming_the_student_that_made_it(tiny_run, tmp_path):
+    r = tiny_run.copy_to(tmp_path / "run")
+    _distill(r.root, _cfg(epochs=2, joint_epochs=2, round_every=1), "s", tiny_run)
+    copied = r.root / "students" / "s2" / "shards"
+    shutil.copytree(r.root / "students" / "s" / "shards" / "round-001", copied / "round-001")
+    with pytest.raises(StateError, match=re.escape(f"{copied} holds round-001 made by student 's' (copied here?), "
+                                                   "not by a run of 's2'")):
+        _distill(r.root, _cfg(epochs=2, joint_epochs=2, round_every=1), "s2", tiny_run)
