@@ -101,7 +101,8 @@ def models() -> None:
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
 @click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
-@click.option("--tile", type=int, help="Run large images in overlapping tiles of this side.")
+@click.option("--tile", type=int, help="Run images in overlapping tiles of this side (default: whole images up to "
+              "1 Mpx, larger ones in 512-px tiles).")
 @click.option("--border", default=0, show_default=True, help="Pixels cropped from each border before scoring.")
 @click.option("--limit", type=int, help="Score only the first N pairs.")
 @_device_option

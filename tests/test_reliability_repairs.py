@@ -12,6 +12,7 @@ import shutil
 
 import d4ir.distill.trainer as trainer_mod
 import d4ir.synth.worker as worker
+import numpy as np
 import pytest
 import torch
 from cli_helpers import one_line_error
@@ -21,6 +22,7 @@ from d4ir.distill import deform
 from d4ir.distill.registry import build, save_model
 from d4ir.distill.trainer import DistillConfig, distill
 from d4ir.pipelines.cli import main
+from d4ir.shards.images import to_tensor
 from d4ir.shards.io import load_weights, read_jsonl
 from d4ir.shards.state import StateError, load_state
 from d4ir.shards.verify import verify_shards
@@ -213,3 +215,55 @@ def test_a_round_copied_from_another_student_is_refused_naming_the_student_that_
     with pytest.raises(StateError, match=re.escape(f"{copied} holds round-001 made by student 's' (copied here?), "
                                                    "not by a run of 's2'")):
         _distill(r.root, _cfg(epochs=2, joint_epochs=2, round_every=1), "s2", tiny_run)
+
+
+# ------------------------------------------------------------------ 29. memory bounded by a budget, not by size
+class _Recorder(torch.nn.Module):
+    """The identity, recording the size of every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return x * self.scale
+
+
+def test_large_images_reach_the_model_in_tiles_and_are_cropped_before_conversion(tmp_path, monkeypatch):
+    from d4ir.distill.data import load_pairs
+    from d4ir.distill.evaluate import evaluate_model
+    from d4ir.distill.inference import AUTO_TILE
+    from d4ir.synth import embed, prompts
+    from d4ir.synth.prompt_encoder import PromptEncoder
+    from d4ir.synth.prompts import PromptsConfig
+
+    big = (1000, 1100)  # 1.1 Mpx: above the whole-image budget of 1 Mpx
+    for side, colour in (("degraded", (90, 120, 150)), ("clean", (100, 120, 140))):
+        (tmp_path / "pairs" / side).mkdir(parents=True)
+        Image.new("RGB", big[::-1], colour).save(tmp_path / "pairs" / side / "a.png")
+    model = _Recorder()
+    result = evaluate_model(model, load_pairs(tmp_path / "pairs"), progress=False)
+    assert max(h * w for h, w in model.sizes) == AUTO_TILE * AUTO_TILE and len(model.sizes) == 9
+    assert result["count"] == 1 and abs(result["images"][0]["psnr"] - 20 * np.log10(255 / np.sqrt(200 / 3))) < 1e-3
+    model.sizes.clear()
+    evaluate_model(model, load_pairs(tmp_path / "pairs"), tile=1024, progress=False)
+    assert model.sizes == [(1000, 1024), (1000, 1024)]  # a given tile side is used as it is
+
+    # stage 1 converts only its crops to floats (it converted whole images: batch x image size)
+    converted = []
+
+    def recording(arr):
+        converted.append(arr.shape[:2])
+        return to_tensor(arr)
+
+    paths = [tmp_path / "pairs" / "degraded" / "a.png"] * 2
+    monkeypatch.setattr(prompts, "to_tensor", recording)
+    q, k = prompts._batch(paths, 0, PromptsConfig(batch_size=2, crop=64))
+    assert q.shape == k.shape == (2, 3, 64, 64) and set(converted) == {(64, 64)}
+    converted.clear()
+    monkeypatch.setattr(embed, "to_tensor", recording)
+    encoder = PromptEncoder(prompt_dim=8, prompt_tokens=2, feat_dim=8, widths=(4, 8, 8), token_rank=2).eval()
+    rows = embed.embed_images(encoder, paths, side=96, batch_size=2, device="cpu")
+    assert rows.shape == (2, 2, 8) and set(converted) == {(96, 96)}
