@@ -130,7 +130,7 @@ def test_two_distills_at_two_threads_end_bit_equal_whatever_the_machine_load(tin
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ------------------------------------------------------------------------- 28. messages that name their object
+# ------------------------------------------------------------------- 28-32. messages that name their object
 def test_a_full_disk_while_distill_saves_the_student_names_the_file(tiny_run, tmp_path, monkeypatch):
     r = tiny_run.copy_to(tmp_path / "run")
     fsync = os.fsync
@@ -217,7 +217,7 @@ def test_a_round_copied_from_another_student_is_refused_naming_the_student_that_
         _distill(r.root, _cfg(epochs=2, joint_epochs=2, round_every=1), "s2", tiny_run)
 
 
-# ------------------------------------------------------------------ 29. memory bounded by a budget, not by size
+# ------------------------------------------------------------------ 33. memory bounded by a budget, not by size
 class _Recorder(torch.nn.Module):
     """The identity, recording the size of every input it is given."""
 
