@@ -95,6 +95,15 @@ def check_own_rounds(layout: RunLayout, name: str, config: DistillConfig) -> Non
                      f"{STATE_FILE}), use another --name, or remove {root}")
 
 
+def _teacher_by_hash(old: dict) -> dict:
+    """A state written before the teacher was recorded by content named it by path: its hash, if still there."""
+    if "teacher" not in old or "teacher_sha256" in old:
+        return old
+    path = Path(str(old["teacher"]))
+    return {k: v for k, v in old.items() if k != "teacher"} | {
+        "teacher_sha256": sha256_file(path) if path.is_file() else f"{path} (missing)"}
+
+
 def _manifest_or_empty(folder: Path) -> dict:
     try:
         return read_manifest(folder)
@@ -178,7 +187,7 @@ class _Training:
         self.settings = asdict(config) | {"teacher_sha256": sha256_file(teacher_path), "name": self.name}
         self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
         self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
-                                resume=resume, writer=ctx.rank == 0)
+                                resume=resume, writer=ctx.rank == 0, upgrade=_teacher_by_hash)
         self.epochs.restore(**self._objects())
         self.metrics = self.epochs.resumed.get("metrics", {})
         if self.epochs.resumed.get("round") not in (None, self.round):

@@ -24,7 +24,7 @@ from d4ir.distill.trainer import DistillConfig, distill
 from d4ir.pipelines.cli import main
 from d4ir.shards.images import to_tensor
 from d4ir.shards.io import load_weights, read_jsonl
-from d4ir.shards.state import StateError, load_state
+from d4ir.shards.state import StateError, load_state, save_state
 from d4ir.shards.verify import verify_shards
 from d4ir.shards.writer import read_manifest, read_stats, shard_done
 from d4ir.synth.worker import synthesize
@@ -104,6 +104,18 @@ def test_a_killed_distill_resumes_after_its_run_folder_is_moved(tiny_run, tmp_pa
         save_model(moved / "teacher" / "teacher", build("airnet", **TEACHER_KWARGS))
     with pytest.raises(StateError, match=r"other settings \(teacher_sha256\)"):
         _distill(moved, _cfg(**ROUNDS), "s", tiny_run, resume=True)
+
+
+def test_a_state_that_names_its_teacher_by_path_still_resumes(tiny_run, tmp_path):
+    """States written before row 26 recorded the teacher's resolved path: read as that file's hash."""
+    r = tiny_run.copy_to(tmp_path / "run")
+    _distill(r.root, _cfg(data="web", epochs=1, joint_epochs=0), "w", tiny_run)
+    state_path = r.root / "students" / "w" / "state.pt"
+    state = load_state(state_path)
+    settings = {k: v for k, v in state["settings"].items() if k != "teacher_sha256"}
+    save_state(state_path, state | {"settings": settings | {"teacher": str(r.teacher.resolve())}})
+    _distill(r.root, _cfg(data="web", epochs=2, joint_epochs=0), "w", tiny_run, resume=True)
+    assert [rec["epoch"] for rec in read_jsonl(r.root / "students" / "w" / "train.jsonl")] == [1, 2]
 
 
 # --------------------------------------------------------------- 27. runs that repeat at any thread count
