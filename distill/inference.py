@@ -21,9 +21,10 @@ from d4ir.distill.restormer import Restormer
 from torch import nn
 
 POLICIES = ("crop", "pad", "none")
-# Evaluation's memory budget: whole-image inference up to AUTO_TILE_ABOVE pixels (AirNet on a CPU needs about
-# 0.5 GB per 256x256, so about 8 GB at 1 Mpx), larger images in AUTO_TILE-px tiles (about 2 GB each) unless a tile
-# side is given: the model's activations are bounded by the tile, not by the image.
+# Evaluation's memory budget: whole-image inference up to AUTO_TILE_ABOVE pixels, larger images in AUTO_TILE-px
+# tiles unless a tile side is given: the model's activations are bounded by the tile, not by the image. (AirNet on
+# a CPU peaks at 509 MiB at 256x256 and 767 MiB at 480x320, docs/benchmarks.md; linear in the pixels that is about
+# 3.3 GiB at 1 Mpx and 1.1 GiB per 512-px tile, an extrapolation, not a measurement.)
 AUTO_TILE_ABOVE = 1 << 20
 AUTO_TILE = 512
 
