@@ -1,8 +1,9 @@
 """Stage 2 (`d4ir synth`): synthesize the shards of one round, one shard per job.
 
-A shard whose stats file exists is done and skipped, so a killed run resumes where it stopped. Jobs are
-handed to a *distributor* (`local_distributor` here; the dask one lives in `pipelines/runners.py`); every
-distributor has the same signature, see `Distributor`.
+A shard whose stats file exists and whose tar matches it (size, sha256, planned count: `shard_done`) is done and
+skipped, so a killed run resumes where it stopped and a damaged shard is redone. Jobs are handed to a
+*distributor* (`local_distributor` here; the dask one lives in `pipelines/runners.py`); every distributor has the
+same signature, see `Distributor`, and retries a failing shard, passing the earlier errors on (`ShardJob.retried`).
 """
 
 from __future__ import annotations
