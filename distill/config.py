@@ -43,7 +43,7 @@ class DistillConfig:
         round: train on this existing round of RUN/shards only and regenerate nothing (reuse).
         skip_damaged_shards: train on the intact shards of a damaged round (warned, counted, epoch shortened)
             instead of refusing it.
-        seed: seeds the student, crops and flips: CPU runs repeat exactly.
+        seed: seeds the student, crops and flips: CPU runs at the same thread count repeat exactly.
         amp: bf16 autocast (default: on for CUDA).
         num_workers: DataLoader workers decoding shards.
         datafree: the generator of the dfsr and dfmc baselines (its method, loss and seed are this config's).

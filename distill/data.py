@@ -2,7 +2,8 @@
 
 A paired set is read whole before any work starts (`load_pairs`): a pair without a partner or with a file
 that is no regular file (`shards.pairs.find_pairs`), or whose image is truncated, empty, too large or of a
-mismatching size, is skipped and counted with its reason, and a set with no usable pair left is an error.
+mismatching size, is skipped and counted with its reason, and a set with no usable pair left is an error; a pair
+whose sizes differ by up to 64 px is centre-cropped to the smaller (`match_sizes`), counted and named (`cropped`).
 Images are held as uint8 arrays [H, W, 3]; a crop is taken with a seeded numpy Generator so CPU runs repeat.
 Images smaller than the crop are reflect-padded up to it (demo photos are small; real ones rarely are).
 """
@@ -30,6 +31,7 @@ class PairSet:
     items: list[tuple[str, np.ndarray, np.ndarray]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     root: Path | None = None
+    cropped: list[tuple[str, str]] = field(default_factory=list)  # pairs of unequal sizes, centre-cropped (how)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -43,6 +45,14 @@ class PairSet:
         return describe_skipped(self.root or "the paired set", len(self.items), self.skipped) if self.skipped \
             else None
 
+    def crop_summary(self) -> str | None:
+        """One line naming the pairs whose sizes differed and were centre-cropped (`match_sizes`); None if none."""
+        if not self.cropped:
+            return None
+        shown = "; ".join(f"{name}: {how}" for name, how in self.cropped[:10])
+        more = f"; and {len(self.cropped) - 10} more" if len(self.cropped) > 10 else ""
+        return f"{self.root or 'the paired set'}: {len(self.cropped)} pair(s) centre-cropped ({shown}{more})"
+
 
 def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> PairSet:
     """Read every pair (a paired-set folder, or its `find_pairs`) into memory; bad pairs are skipped and
@@ -50,11 +60,16 @@ def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_
     root = Path(pairs) if isinstance(pairs, (str, Path)) else getattr(pairs, "root", None)
     listed = find_pairs(root) if isinstance(pairs, (str, Path)) else pairs
     items, skipped = [], list(getattr(listed, "skipped", []))  # no partner, a dangling link, a FIFO ...
+    cropped = []
     for p in listed:
         try:
             deg = read_rgb(p.degraded, min_side=1, max_pixels=max_pixels)
             cln = read_rgb(p.clean, min_side=1, max_pixels=max_pixels)
             items.append((p.name, *match_sizes(deg, cln, p.name)))
+            if deg.shape != cln.shape:
+                h, w = items[-1][1].shape[:2]
+                cropped.append((p.name, f"degraded {deg.shape[1]}x{deg.shape[0]}, clean {cln.shape[1]}x{cln.shape[0]}"
+                                        f" -> {w}x{h}"))
         except ImageSkipped as err:
             skipped.append((p.name, f"{err.path.name}: {err.reason}"))
         except ValueError as err:  # sizes that cannot be matched
@@ -62,9 +77,11 @@ def load_pairs(pairs: Sequence[Pair] | str | Path, *, max_pixels: int = DEFAULT_
     where = root or (listed[0].degraded.parent.parent if listed else "the paired set")
     if not items:
         raise no_usable_pair(where, skipped, "no pairs")
-    loaded = PairSet(items, skipped, Path(where))
+    loaded = PairSet(items, skipped, Path(where), cropped)
     if skipped:
         log.warning("%s", loaded.summary())
+    if cropped:
+        log.warning("%s", loaded.crop_summary())
     return loaded
 
 

@@ -29,9 +29,13 @@ matmul over (C_in x 9). Two ways to sample (distill/deform_kernels.py):
 Memory: S is built in chunks of at most `chunk_mib` (whole images, or row bands of one image); autograd keeps
 only x, offset, mask and weight, and the backward recomputes each chunk under autograd (checkpoint style).
 
-Switch `impl`: "auto" (default) | "gather" | "sample" | "torchvision". "auto" times every implementation
-once per (device type, dtypes, C_in, C_out, H, W, grad needed) in this process, on one image and a band of
-rows worth one chunk (forward, plus backward when a gradient is needed), and caches the fastest
+Switch `impl`: "auto" (default) | "gather" | "sample" | "torchvision". "auto" on a CPU is "sample" (the
+fastest KD step at 1 and 2 threads on a quiet machine, docs/benchmarks.md), a fixed choice so that equal runs
+repeat bit for bit: a timed choice differs between runs of a loaded machine, and the implementations agree only
+to float rounding (two 2-thread distills differed by 1.1e-4 after 6 steps). On CUDA (never bit-repeatable:
+atomics in the backward kernels), or on a CPU with `DeformConfig(measure=True)`, "auto" times every
+implementation once per (device type, dtypes, C_in, C_out, H, W, grad needed) in this process, on one image and
+a band of rows worth one chunk (forward, plus backward when a gradient is needed), and caches the fastest
 (`auto_choices()` shows the times). All agree to float rounding, so weights trained with one run with another.
 """
 
@@ -48,6 +52,7 @@ from torchvision.ops import deform_conv2d
 IMPLS = ("auto", "gather", "sample", "torchvision")
 ONNX_OPS = ("gridsample", "deformconv")
 _MEASURED = ("gather", "sample", "torchvision")  # what "auto" chooses from
+CPU_CHOICE = "sample"  # "auto" on a CPU unless DeformConfig.measure
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,14 @@ class DeformConfig:
             multiple of it: S, its gradient, indices and weights).
         onnx_op: what ONNX export emits: "gridsample" (GridSample + MatMul, opset >= 16) or "deformconv"
             (one DeformConv node, opset >= 19).
+        measure: "auto" times the implementations on a CPU too (faster for some shapes, but runs no longer
+            repeat bit for bit); on CUDA it always does.
     """
 
     impl: str = "auto"
     chunk_mib: float = 32.0
     onnx_op: str = "gridsample"
+    measure: bool = False
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
@@ -304,6 +312,9 @@ def _auto(x, offset, weight, mask, grad: bool, mm_dtype) -> str:
     b, c, h, w = x.shape
     key = (x.device.type, str(x.dtype).replace("torch.", ""), str(mm_dtype).replace("torch.", ""), c,
            weight.shape[0], h, w, "grad" if grad else "nograd")
+    if x.device.type == "cpu" and not _CONFIG.measure:
+        key = (*key, "fixed")  # a measured choice of the same shape is another entry
+        _AUTO.setdefault(key, {"choice": CPU_CHOICE, "seconds": {}})  # fixed: equal runs repeat (docstring)
     if key not in _AUTO:
         elem = torch.finfo(K.sampling_dtype(x.dtype)).bits // 8
         rows = max(2, min(h, int(_CONFIG.chunk_mib * 2**20 // (9 * c * w * elem))))

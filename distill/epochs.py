@@ -50,11 +50,12 @@ class EpochLoop:
         rng: the run's numpy generator (its state travels with the state file).
         resume: continue after the last finished epoch; without it, an existing state is an error (a fresh
             run would silently mix with the old one's files).
+        upgrade: maps the settings of a resumed state to this version's form before they are compared.
         writer: False on the ranks of a distributed run that only read the state (rank 0 writes).
     """
 
     def __init__(self, out_dir: Path, *, epochs: int, settings: dict, rng: np.random.Generator,
-                 resume: bool, writer: bool = True) -> None:
+                 resume: bool, writer: bool = True, upgrade: Callable[[dict], dict] | None = None) -> None:
         self.out_dir, self.epochs, self.settings, self.rng = Path(out_dir), int(epochs), settings, rng
         self.state_path, self.log_path = self.out_dir / STATE_FILE, self.out_dir / LOG_FILE
         self.state: dict[str, Any] | None = None
@@ -64,6 +65,8 @@ class EpochLoop:
                              "use another output folder")
         if resume and self.state_path.exists():
             self.state = load_state(self.state_path, schema=STATE_SCHEMA)
+            if upgrade is not None:  # settings an older d4ir recorded otherwise (e.g. a path now known by hash)
+                self.state["settings"] = upgrade(self.state["settings"])
             if changed := changed_settings(self.state.get("settings"), settings):
                 raise StateError(f"cannot resume {self.state_path}: it was written with other settings "
                                  f"({', '.join(changed)}); drop --resume and use another output folder")

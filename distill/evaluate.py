@@ -1,7 +1,8 @@
 """Scoring a model (or the degraded inputs themselves) on a paired set: eval.json and a paper-shaped table.
 
 Metrics: PSNR and SSIM on RGB and on Y (BT.601), data range 1, no border crop by default, per image and
-mean. The model runs with its official size policy (`distill.inference.restore`); under AirNet's "crop"
+mean. The model runs with its official size policy (`distill.inference.restore`), on images above 1 Mpx in
+tiles (`inference.auto_tile`: the model's memory is bounded by the tile); under AirNet's "crop"
 policy the clean image is center-cropped the same way, as in AirNet's test.py. With a `reference` model
 (the teacher) the same metrics are also computed against the reference's output.
 """
@@ -19,7 +20,7 @@ from d4ir.shards.pairs import Pair, PairList
 from torch import nn
 
 from .data import PairSet, load_pairs
-from .inference import restore
+from .inference import auto_tile, restore
 from .metrics import psnr, ssim
 from .registry import count_parameters
 from .teachers import load_teacher, teacher_record
@@ -53,7 +54,8 @@ def evaluate_model(
     skipped and listed, see `distill.data.load_pairs`).
 
     Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
-    "seconds_per_image", "device", "count", "skipped": [[name, reason], ...]}.
+    "seconds_per_image", "device", "count", "skipped": [[name, reason], ...], "cropped": [[name, sizes], ...]}
+    (cropped: pairs whose sizes differed by up to 64 px, scored on their centre crops).
     """
     from d4ir.shards.progress import progress_bar
 
@@ -67,21 +69,22 @@ def evaluate_model(
     rows, seconds = [], 0.0
     for name, deg, cln in progress_bar(items, desc="eval", enabled=progress, leave=False):
         degraded, clean = to_tensor(deg)[None].to(device), to_tensor(cln)[None].to(device)
+        tiles = auto_tile(*deg.shape[:2], tile)  # large images in tiles: memory bounded by the tile
         t0 = time.perf_counter()
-        out = degraded if model is None else restore(model, degraded, tile=tile)
+        out = degraded if model is None else restore(model, degraded, tile=tiles)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         row = {"name": name, **_scores(out, _fit(clean, out), border)}
         if reference is not None:
-            ref = restore(reference, degraded, tile=tile)
+            ref = restore(reference, degraded, tile=tiles)
             row.update({f"ref_{k}": v for k, v in _scores(out, _fit(ref, out), border).items()})
         rows.append(row)
     keys = [k for k in rows[0] if k != "name"]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"images": rows, "mean": mean, "params": count_parameters(model) if model is not None else 0,
             "seconds_per_image": seconds / len(rows), "device": device, "count": len(rows),
-            "skipped": [list(s) for s in pairs.skipped]}
+            "skipped": [list(s) for s in pairs.skipped], "cropped": [list(c) for c in pairs.cropped]}
 
 
 def write_eval(path: Path, result: dict, **info) -> Path:

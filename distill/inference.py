@@ -21,6 +21,20 @@ from d4ir.distill.restormer import Restormer
 from torch import nn
 
 POLICIES = ("crop", "pad", "none")
+# Evaluation's memory budget: whole-image inference up to AUTO_TILE_ABOVE pixels, larger images in AUTO_TILE-px
+# tiles unless a tile side is given: the model's activations are bounded by the tile, not by the image. (AirNet on
+# a CPU peaks at 509 MiB at 256x256 and 767 MiB at 480x320, docs/benchmarks.md; linear in the pixels that is about
+# 3.3 GiB at 1 Mpx and 1.1 GiB per 512-px tile, an extrapolation, not a measurement.)
+AUTO_TILE_ABOVE = 1 << 20
+AUTO_TILE = 512
+
+
+def auto_tile(height: int, width: int, tile: int | None = None) -> int | None:
+    """The tile side evaluation uses for an image of height x width: `tile` when given, else AUTO_TILE above
+    AUTO_TILE_ABOVE pixels, else None (whole-image inference)."""
+    if tile is not None:
+        return tile
+    return AUTO_TILE if height * width > AUTO_TILE_ABOVE else None
 # class -> (default policy, size multiple), from the official test scripts.
 _OFFICIAL: dict[type[nn.Module], tuple[str, int]] = {AirNet: ("crop", 16), Restormer: ("pad", 8)}
 

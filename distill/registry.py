@@ -21,7 +21,7 @@ from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
 from d4ir.distill.restormer import Restormer
 from d4ir.shards.errors import UnknownNameError
 from d4ir.shards.io import load_weights, save_weights
-from d4ir.shards.state import is_unsafe, unsafe_reason
+from d4ir.shards.state import is_unsafe, load_plain, unsafe_reason
 from torch import nn
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
@@ -172,7 +172,7 @@ def restormer_kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
 
 def _load_official(path: Path, arch: str | None, weights_key: str | None = None) -> tuple[nn.Module, dict]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_plain(path)
     except pickle.UnpicklingError as err:
         if is_unsafe(err):
             raise ValueError(f"{path}: refused: {unsafe_reason(err)}") from err

@@ -38,7 +38,7 @@ class SupervisedConfig:
         lr: Adam learning rate.
         lr_halve_every: halve the learning rate every this many epochs (0: constant).
         cl_weight: weight of AirNet's contrastive loss (ignored for other networks).
-        seed: seeds the weights, crops and flips: CPU runs repeat exactly.
+        seed: seeds the weights, crops and flips: CPU runs at the same thread count repeat exactly.
     """
 
     arch: str = "airnet"

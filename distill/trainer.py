@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from d4ir.shards.io import atomic_write_json, save_weights
+from d4ir.shards.io import atomic_write_json, save_weights, sha256_file
 from d4ir.shards.layout import (
     CONFIG_FILE,
     EVAL_FILE,
@@ -26,6 +26,7 @@ from d4ir.shards.layout import (
     parse_round,
 )
 from d4ir.shards.state import StateError, check_schema
+from d4ir.shards.writer import read_manifest
 from d4ir.synth.sd import SDSource
 from d4ir.synth.worker import Distributor
 
@@ -37,7 +38,7 @@ from .evaluate import evaluate_model, write_eval
 from .losses import kd_loss
 from .registry import build, count_parameters, save_model
 from .sources import ShardBatches, open_source, round_batches
-from .teachers import check_gradients, load_teacher, student_of
+from .teachers import TeacherInfo, check_gradients, load_teacher, spec_file, student_of
 
 
 @dataclass
@@ -81,10 +82,46 @@ def check_own_rounds(layout: RunLayout, name: str, config: DistillConfig) -> Non
     root = layout.shards_root(name)
     left = sorted(p.name for p in root.iterdir() if parse_round(p.name) is not None and any(p.iterdir())) \
         if root.is_dir() else []
-    if left:
-        raise StateError(f"{root} holds {', '.join(left)} of an earlier run of student {name!r}, made with another "
-                         f"prompt encoder than this fresh run's: continue that run with --resume (it needs its "
-                         f"{STATE_FILE}), use another --name, or remove {root}")
+    if not left:
+        return
+    # the manifest names the prompts a round was made with, and so the student that made it (a copied round)
+    owners = {r: RunLayout.prompts_owner(_prompts_dir_of(root / r)) or name for r in left}
+    foreign = {r: o for r, o in owners.items() if o != name}
+    if foreign:
+        made = ", ".join(f"{r} made by student {o!r}" for r, o in foreign.items())
+        raise StateError(f"{root} holds {made} (copied here?), not by a run of {name!r}: this fresh run cannot "
+                         f"use them; use another --name, or remove {root}")
+    raise StateError(f"{root} holds {', '.join(left)} of an earlier run of student {name!r}, made with another "
+                     f"prompt encoder than this fresh run's: continue that run with --resume (it needs its "
+                     f"{STATE_FILE}), use another --name, or remove {root}")
+
+
+def teacher_settings(t_info: TeacherInfo) -> dict:
+    """What a resumed run must match of its teacher: its content (the file's sha256, a factory's weights'), and a
+    foreign teacher's kind and factory name; never its path, so that a moved or copied run folder resumes."""
+    ident = t_info.identity
+    if ident is None:  # a registry network: its checkpoint file (ours may be named by its stem or its .json)
+        path = spec_file(t_info.spec)
+        return {"teacher_sha256": sha256_file(path if path.is_file() else path.with_suffix(".safetensors"))}
+    return {"teacher_sha256": ident["sha256"], "teacher_kind": ident["kind"],
+            **({"teacher_factory": ident["factory"]} if "factory" in ident else {})}
+
+
+def _teacher_by_hash(old: dict) -> dict:
+    """A state written before the teacher was recorded by content named it by path: its hash, if still there."""
+    if "teacher" not in old or "teacher_sha256" in old:
+        return old
+    path = Path(str(old["teacher"]))
+    return {k: v for k, v in old.items() if k != "teacher"} | {
+        "teacher_sha256": sha256_file(path) if path.is_file() else f"{path} (missing)"}
+
+
+def _prompts_dir_of(folder: Path) -> str | None:
+    """The prompts a round was made with, as its manifest records them; None for an unreadable manifest."""
+    try:
+        return read_manifest(folder).prompts_dir
+    except (OSError, ValueError):
+        return None
 
 
 def distill(
@@ -166,12 +203,14 @@ class _Training:
         self.enc_opt = None if self.loop is None else torch.optim.Adam(self.loop.encoder.parameters(),
                                                                        lr=config.encoder_lr, betas=(0.9, 0.999))
         self.model = ctx.wrap(self.student)
-        self.settings = asdict(config) | {"teacher": t_info.record(), "name": self.name}
+        # the teacher by content, not by path: a moved or copied run folder (its default teacher inside) resumes;
+        # a foreign teacher adds its kind (and factory), config.json names where it was
+        self.settings = asdict(config) | {"name": self.name, **teacher_settings(t_info)}
         if teacher_key is not None:
             self.settings["teacher_key"] = teacher_key
         self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
         self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
-                                resume=resume, writer=ctx.rank == 0)
+                                resume=resume, writer=ctx.rank == 0, upgrade=_teacher_by_hash)
         self.epochs.restore(**self._objects())
         self.metrics = self.epochs.resumed.get("metrics", {})
         if self.epochs.resumed.get("round") not in (None, self.round):
@@ -286,7 +325,7 @@ class _Training:
                        pairs=str(val_dir), reference=self.t_info.record(), data=self.config.data, round=self.round)
         if self.ctx.rank == 0:
             atomic_write_json(self.out / CONFIG_FILE, {**asdict(self.config), **self.settings, "params": params,
-                                                       "round": self.round})
+                                                       "round": self.round, "teacher": self.t_info.record()})
         self.ctx.barrier()
         skipped = ([val.summary()] if val and val.skipped else []) + self.skipped
         return DistillResult(self.out, params, self.round, self.metrics, skipped)

@@ -246,8 +246,9 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
         r = synthesize(clean, layout.shards, config, sd_source=_sd_source(sd_spec, sd_config),
                        prompts_dir=layout.prompts, device=_device(device), dtype=dtype,
                        distributor=make_distributor(scheduler, workers))
+    retried = f" ({r.retried} shard(s) retried: see their stats' retries)" if r.retried else ""
     _say(f"synth: {r.shards} shards ({r.already_done} already done), {r.images} images written, "
-         f"{r.failures} failures, {r.seconds:.1f} s; {r.round_dir}")
+         f"{r.failures} failures{retried}, {r.seconds:.1f} s; clean photos: {r.clean}; {r.round_dir}")
 
 
 @main.command("distill")

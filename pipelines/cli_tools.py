@@ -107,7 +107,8 @@ def models() -> None:
 @weights_key_option
 @click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
-@click.option("--tile", type=int, help="Run large images in overlapping tiles of this side.")
+@click.option("--tile", type=int, help="Run images in overlapping tiles of this side (default: whole images up to "
+              "1 Mpx, larger ones in 512-px tiles).")
 @click.option("--border", default=0, show_default=True, help="Pixels cropped from each border before scoring.")
 @click.option("--limit", type=int, help="Score only the first N pairs.")
 @_device_option
@@ -147,6 +148,10 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, weights_key, out,
         from d4ir.shards.pairs import describe_skipped
 
         click.echo(f"skipped: {describe_skipped(pairs, len(result['images']), result['skipped'])}")
+    if result["cropped"]:
+        shown = "; ".join(f"{name}: {how}" for name, how in result["cropped"])
+        click.echo(f"cropped: {pairs}: {len(result['cropped'])} pair(s) of unequal sizes scored on their centre "
+                   f"crops ({shown})")
     click.echo(f"{result['count']} images, {result['seconds_per_image']:.3f} s/image on {device}; wrote {out}")
 
 
@@ -238,7 +243,8 @@ def report(run: Path, test: Path | None) -> None:
 @click.option("--run-dir", "run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
 @click.option("--task", type=click.Choice(WEATHERS), default="derain", show_default=True,
               help="The weather the teacher removes and the students learn.")
-@click.option("--seed", default=0, show_default=True, help="Seed of every stage: CPU runs repeat exactly.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of every stage: CPU runs at the same thread count repeat exactly.")
 @_device_option
 def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> None:
     """The whole pipeline on the embedded demo data, offline, on the CPU, in minutes.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from d4ir.shards.errors import StageFailedError
 from d4ir.shards.io import OutputFolderError
-from d4ir.synth.worker import Distributor, ShardJob, local_distributor
+from d4ir.synth.worker import Distributor, ShardJob, attempt_error, local_distributor
 
 __all__ = ["dask_distributor", "local_distributor", "make_distributor"]
 
@@ -61,7 +61,10 @@ def dask_distributor(
         tag = uuid.uuid4().hex[:8]
 
         def submit(job: ShardJob):
-            fut = client.submit(remote, job, pure=False, retries=retries, key=f"d4ir-shard-{job.index:06d}-{tag}")
+            # retried here rather than by dask's own `retries`, so that the attempt knows the earlier errors and
+            # its stats record them (ShardJob.retried)
+            key = f"d4ir-shard-{job.index:06d}-{tag}-{len(job.retried)}"
+            fut = client.submit(remote, job, pure=False, key=key)
             owner[fut.key] = job
             return fut
 
@@ -73,6 +76,9 @@ def dask_distributor(
                     err = fut.exception()
                     if isinstance(err, OutputFolderError):
                         raise err  # a full or unwritable folder: its own error, as in the local run
+                    if len(job.retried) < retries:
+                        queue.add(submit(dataclasses.replace(job, retried=(*job.retried, attempt_error(err)))))
+                        continue
                     raise StageFailedError(f"shard {job.index} failed after {retries} retries: {err}") from err
                 on_done(job, fut.result())
                 nxt = next(pending, None)

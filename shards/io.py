@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import socket
-import stat
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import StageFailedError
 
@@ -35,7 +34,7 @@ class OutputFolderError(OSError):
 def _raise_folder_error(path: Path, err: OSError) -> None:
     if err.errno in _DISK_ERRORS:
         why = os.strerror(err.errno) if err.errno else str(err)
-        raise OutputFolderError(err.errno, f"cannot write to {path.parent}: {why}") from err
+        raise OutputFolderError(err.errno, f"cannot write {path.name} to {path.parent}: {why}") from err
     raise err
 
 
@@ -66,9 +65,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line (logs such as train.jsonl; a torn last line is ignored by `read_jsonl`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as err:
+        _raise_folder_error(path, err)
 
 
 def read_json_object(path: str | Path) -> dict:
@@ -133,26 +135,11 @@ def _stem(path: str | Path) -> Path:
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
-    """Write a safetensors file (string metadata only) as `atomic_write_bytes` writes: to `path.tmp`, fsynced,
-    renamed; with the mode any new file gets (the safetensors writer itself creates files 0600)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)  # a killed save's leftover would lend its own mode
-        with open(tmp, "wb") as f:  # created as open() creates every other file: the umask's mode
-            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the bytes reach the disk before the rename makes them the weights
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        _raise_folder_error(path, err)
+    """Write a safetensors file (string metadata only) through `atomic_write_bytes` (`path.tmp`, fsynced,
+    renamed, the umask's mode). The bytes are serialised in memory (one copy of the weights) and written by Python:
+    the safetensors file writer's own errors name no file ("Error while serializing: I/O error: No space left on
+    device") and its files come out 0600."""
+    atomic_write_bytes(path, save(tensors, metadata={k: str(v) for k, v in (metadata or {}).items()}))
 
 
 def save_weights(

@@ -147,6 +147,14 @@ class RunLayout:
         """Where a student's regenerated prompts go, one round-NNN folder per round."""
         return self.student(student) / "prompts"
 
+    @staticmethod
+    def prompts_owner(prompts_dir: str | Path | None) -> str | None:
+        """The student whose regenerated prompts `prompts_dir` is (.../students/NAME/prompts/round-NNN, as a
+        round's manifest records it), or None for any other folder (stage 1's, or none)."""
+        parts = Path(prompts_dir).parts if prompts_dir else ()
+        owned = len(parts) >= 4 and parts[-4] == "students" and parts[-2] == "prompts"
+        return parts[-3] if owned and parse_round(parts[-1]) is not None else None
+
     def round_shards(self, n: int, student: str | None = None) -> Path:
         return round_dir(self.shards_root(student), n)
 

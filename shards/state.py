@@ -16,6 +16,7 @@ import contextlib
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,16 +31,48 @@ class StateError(ValueError):
     """A resumable state that cannot be used (unreadable, unsafe, or written by other settings)."""
 
 
+class PickleRefused(pickle.UnpicklingError):
+    """A torch file that a weights-only load refused, in d4ir's words (`load_plain`); `unsafe`: it asked for
+    Python objects (rather than being broken or a raw pickle the weights-only reader cannot parse)."""
+
+    def __init__(self, message: str, unsafe: bool):
+        super().__init__(message)
+        self.unsafe = unsafe
+
+
 def is_unsafe(err: BaseException) -> bool:
     """True when a weights_only load failed because the file asks for Python objects (not for a broken file)."""
+    if isinstance(err, PickleRefused):
+        return err.unsafe
     return bool(re.search(r"GLOBAL|global|REDUCE|BUILD", str(err))) and "Unsupported operand" not in str(err)
 
 
 def unsafe_reason(err: BaseException) -> str:
     """What a weights_only load refused, in one short clause (torch's own text suggests loading it unsafely)."""
+    if isinstance(err, PickleRefused):
+        return str(err)
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
     what = f"the Python object {found.group(1)}" if found else "Python objects"
     return f"it holds {what}, not plain tensors and values; d4ir never unpickles code"
+
+
+def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`, the one way d4ir reads a torch file, with torch's words kept out:
+    its warnings (e.g. on a raw pickle's protocol) are silenced, and a refused file raises `PickleRefused` saying
+    what it is, never torch's advice that loading it with weights_only=False "will likely succeed" (that would run
+    whatever code the file holds)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if is_unsafe(err):
+                raise PickleRefused(unsafe_reason(err), unsafe=True) from err
+            text = " ".join(str(err).split())
+            found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+            detail = f" (the weights-only reader stops at: {found.group(1).rstrip('.')})" if found else ""
+            raise PickleRefused(f"not plain tensors and values{detail}; d4ir never unpickles code",
+                                unsafe=False) from err
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:
@@ -56,7 +89,7 @@ def load_state(path: str | Path, device: str | torch.device = "cpu", *, schema: 
     is a state without the keys and types of `schema` (see `check_schema`)."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = load_plain(path, map_location=device)
     except pickle.UnpicklingError as err:
         if not is_unsafe(err):
             raise StateError(f"{path}: unreadable training state ({' '.join(str(err).split())[:200]})") from err

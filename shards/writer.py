@@ -2,8 +2,9 @@
 
 A shard is written as `NNNNNN.tar.tmp`, fsynced and renamed to `NNNNNN.tar`; only then is
 `NNNNNN.stats.json` written (atomically). A shard without its stats file does not exist: a rerun redoes it
-and skips finished ones (`shard_done`). Tar members carry a fixed mtime, owner and mode and are written in
-the given order, so equal inputs give byte-equal shards on any machine and at any time.
+and skips finished ones (`shard_done`: stats, size, sha256 and planned count all agree). Tar members carry a
+fixed mtime, owner and mode and are written in the given order, so equal inputs give byte-equal shards on any
+machine and at any time.
 
 Sample layout (what `write_shard` takes, one dict per sample):
     {"__key__": "r000-0000017", "degraded.png": <png bytes>, "json": {...}, ...}
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from d4ir.shards.io import OutputFolderError, atomic_write_json
+from d4ir.shards.io import OutputFolderError, atomic_write_json, sha256_file
 from d4ir.shards.layout import MANIFEST_FILE, SIZES_FILE, parse_stats, shard_name, stats_name
 from d4ir.shards.records import RoundManifest, ShardStats
 
@@ -204,17 +205,33 @@ def read_stats(directory: str | Path, index: int) -> ShardStats | None:
 
 
 def shard_done(directory: str | Path, index: int, planned: int | None = None) -> bool:
-    """True when the stats file exists and the tar exists with the size the stats recorded, and, given the
-    number of samples `planned` for the shard, its stats account for each (written or failed): a shard cut
-    short (by hand, or by a writer that stopped early) is not done, so a rerun redoes it."""
+    """True when the stats file exists and the tar exists with the size and sha256 the stats recorded, and,
+    given the number of samples `planned` for the shard, its stats account for each (written or failed): a shard
+    cut short (by hand, or by a writer that stopped early) or damaged (a flipped byte) is not done, so a rerun
+    redoes it.
+
+    Cost: hashing reads the tar once (about 1 s per GB); the hash is remembered per process for a file of the
+    same inode, size and mtime, so a synth rerun reads each finished shard once."""
     stats = read_stats(directory, index)
     if stats is None or (planned is not None and stats.accounted != planned):
         return False
     tar_path = Path(directory) / shard_name(index)
     try:
-        return tar_path.stat().st_size == stats.bytes
+        st = tar_path.stat()
+        return st.st_size == stats.bytes and _tar_sha256(tar_path, st) == stats.sha256
     except OSError:
         return False
+
+
+# (path, inode, size, mtime_ns) -> sha256 of the tar: `shard_done` is asked several times per shard in one run.
+_HASHES: dict[tuple, str] = {}
+
+
+def _tar_sha256(path: Path, st: os.stat_result) -> str:
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
 
 
 def write_manifest(directory: str | Path, manifest: RoundManifest) -> Path:

@@ -47,11 +47,11 @@ def embed_images(
         out[list(rows)] = encoder.prompt(torch.stack(crops).to(device)).cpu().half()
 
     for row, p in enumerate(paths):
-        img = to_tensor(read_rgb(p, min_side=1))
-        _, h, w = img.shape
+        img = read_rgb(p, min_side=1)  # [H, W, 3] uint8: cropped before conversion, so a pending crop holds
+        h, w = img.shape[:2]  # only its own s x s floats, never the whole image
         s = min(h, w, side)
         top, left = (h - s) // 2, (w - s) // 2
-        pending.setdefault(s, []).append((row, img[:, top : top + s, left : left + s]))
+        pending.setdefault(s, []).append((row, to_tensor(img[top : top + s, left : left + s])))
         if len(pending[s]) == batch_size:
             flush(s)
     for s in list(pending):

@@ -89,6 +89,8 @@ class ShardJob:
             depend on the thread count (about 1 value in 5000 moves by one grey level), so the run's count
             travels with the job and a dask worker (started with 1 thread) writes the same bytes.
         encode_threads: threads encoding PNGs while the next batch samples (0: in the sampling thread).
+        retried: the errors of this shard's earlier failed attempts in this run (set by the distributor that
+            retries it); recorded in the shard's stats as `retries`.
     """
 
     index: int
@@ -102,6 +104,7 @@ class ShardJob:
     provenance: dict = field(default_factory=dict)
     threads: int = 0
     encode_threads: int = 0
+    retried: tuple[str, ...] = ()
 
 
 def plan_jobs(

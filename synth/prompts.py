@@ -119,15 +119,15 @@ def _batch(paths: list[Path], step: int, config: PromptsConfig) -> tuple[torch.T
     queries, keys = [], []
     for slot, i in enumerate(order[slot0 * config.batch_size : (slot0 + 1) * config.batch_size]):
         try:
-            img = to_tensor(read_rgb(paths[i], min_side=config.crop))  # [3, H, W]
+            img = read_rgb(paths[i], min_side=config.crop)  # [H, W, 3] uint8; only the crops become floats
         except ImageSkipped as err:
             raise StageFailedError(
                 f"{paths[i]} became unreadable during training ({err.reason}); restore it and rerun with --resume"
             ) from err
         rng = np.random.default_rng([config.seed, 1, step, slot])
-        (t0, l0), (t1, l1) = random_windows(rng, img.shape[1], img.shape[2], config.crop, 2)
-        queries.append(img[:, t0 : t0 + config.crop, l0 : l0 + config.crop])
-        keys.append(img[:, t1 : t1 + config.crop, l1 : l1 + config.crop])
+        (t0, l0), (t1, l1) = random_windows(rng, img.shape[0], img.shape[1], config.crop, 2)
+        queries.append(to_tensor(img[t0 : t0 + config.crop, l0 : l0 + config.crop]))
+        keys.append(to_tensor(img[t1 : t1 + config.crop, l1 : l1 + config.crop]))
     return torch.stack(queries), torch.stack(keys)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from d4ir.shards.errors import brief
+from d4ir.shards.state import load_plain
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from .sd_configs import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
@@ -149,7 +150,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_plain(path)
     except Exception as exc:
         hint = " (.ckpt files are read with weights_only=True; convert pickled ones to .safetensors)"
         raise SDLoadError(

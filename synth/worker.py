@@ -1,8 +1,9 @@
 """Stage 2 (`d4ir synth`): synthesize the shards of one round, one shard per job.
 
-A shard whose stats file exists is done and skipped, so a killed run resumes where it stopped. Jobs are
-handed to a *distributor* (`local_distributor` here; the dask one lives in `pipelines/runners.py`); every
-distributor has the same signature, see `Distributor`.
+A shard whose stats file exists and whose tar matches it (size, sha256, planned count: `shard_done`) is done and
+skipped, so a killed run resumes where it stopped and a damaged shard is redone. Jobs are handed to a
+*distributor* (`local_distributor` here; the dask one lives in `pipelines/runners.py`); every distributor has the
+same signature, see `Distributor`, and retries a failing shard, passing the earlier errors on (`ShardJob.retried`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def local_distributor(
             except Exception as err:  # noqa: BLE001 - retried, then surfaced with the shard named
                 if attempt == retries:
                     raise StageFailedError(f"shard {job.index} failed after {retries + 1} attempts: {err}") from err
+                job = replace(job, retried=(*job.retried, attempt_error(err)))  # the next attempt records it
+
+
+def attempt_error(err: BaseException) -> str:
+    """How a failed attempt is recorded in its shard's stats (`retries`): the exception's type and first line."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _prompt_source(job: ShardJob, parts: SDParts) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
@@ -186,7 +194,7 @@ def _synthesize_shard(job: ShardJob) -> ShardStats:
                 pool.shutdown(cancel_futures=True)
 
     return write_shard(Path(job.round_dir), job.index, samples(),
-                       extra_stats=lambda: {"seconds": time.perf_counter() - t0})
+                       extra_stats=lambda: {"seconds": time.perf_counter() - t0, "retries": list(job.retried)})
 
 
 def _track_samples(out_dir: Path, number: int, count: int = 4) -> None:
@@ -211,6 +219,8 @@ class SynthResult:
     images: int
     failures: int
     seconds: float
+    retried: int = 0  # shards written by this run that needed more than one attempt (their stats say why)
+    clean: str = ""  # the clean photos used and skipped ("8 usable, skipped: 1 zero bytes")
 
 
 def check_sd(manifest: RoundManifest, sd: SDParts, source: SDSource, folder: Path) -> None:
@@ -322,12 +332,13 @@ def synthesize(
     clean_dir = Path(clean_dir).resolve()
     if clean_files is None:
         scan = scan_images(clean_dir, min_side=32)
-        paths, clean_scan = scan.paths, scan.counts()
+        paths, clean_scan, clean_summary = scan.paths, scan.counts(), scan.summary()
         clean_files = file_records(clean_dir, paths)  # so that a later round can be drawn from exactly these
     else:
         paths = check_files(clean_dir, clean_files, "the clean photos this round's plan names",
                             "a round drawn from a recorded plan needs them as they were")
         clean_scan = {"usable": len(paths)}
+        clean_summary = f"{len(paths)} usable (the recorded plan's)"
     jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd_source=source, prompts_dir=prompts_dir,
                      device=device, dtype=dtype, provenance=provenance.to_json())
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
@@ -350,11 +361,12 @@ def synthesize(
         todo = [j for j in jobs if not shard_done(out_dir, j.index, len(j.items))]
         bar = progress_bar(total=config.num_samples, desc=f"synth {out_dir.name}", unit="img", enabled=progress)
         bar.update(config.num_samples - sum(len(j.items) for j in todo))
-        totals = {"images": 0, "failures": 0}
+        totals = {"images": 0, "failures": 0, "retried": 0}
 
         def on_done(job: ShardJob, stats: ShardStats) -> None:
             totals["images"] += stats.count
             totals["failures"] += len(stats.failures)
+            totals["retried"] += bool(stats.extra.get("retries"))
             bar.update(len(job.items))
 
         (distributor or local_distributor)(synthesize_shard, todo, on_done)
@@ -366,5 +378,6 @@ def synthesize(
         write_manifest(out_dir, replace(manifest, complete=True, images=sum(sizes.values())))
     _track_samples(out_dir, config.round)
     return SynthResult(
-        out_dir, len(jobs), len(jobs) - len(todo), totals["images"], totals["failures"], time.perf_counter() - t0
+        out_dir, len(jobs), len(jobs) - len(todo), totals["images"], totals["failures"], time.perf_counter() - t0,
+        totals["retried"], clean_summary,
     )

@@ -62,11 +62,12 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 
 def stats(folder: Path) -> dict[str, dict]:
-    """Every stats file without its wall-clock `seconds`."""
+    """Every stats file without its wall-clock `seconds` and the errors of earlier attempts (`retries`)."""
     out = {}
     for p in sorted(folder.glob("*.stats.json")):
         s = json.loads(p.read_text())
         s.pop("seconds")
+        s.pop("retries", None)
         out[p.name] = s
     return out
 

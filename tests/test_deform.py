@@ -109,7 +109,7 @@ def test_no_grad_path_equals_the_autograd_path(impl):
 def test_auto_measures_once_and_caches_the_fastest():
     deform.clear_auto_cache()
     tensors = _inputs(1, 8, 8, 8, kind="random")
-    with deform.using(impl="auto"):
+    with deform.using(impl="auto", measure=True):
         auto = _run(deform.deform_conv3x3, tensors)
         choices = deform.auto_choices()
         assert len(choices) == 1

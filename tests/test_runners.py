@@ -84,10 +84,10 @@ def test_a_flaky_shard_is_retried(scheduler, tmp_path):
     def flaky(job):
         if attempt(log, job.index) == 1 and job.index == 2:
             raise RuntimeError("worker lost")
-        return job.index
+        return job.index, job.retried  # the attempt knows the earlier errors (they go into its stats)
 
     done = collect(dask_distributor(scheduler=scheduler, retries=2), flaky, fake_jobs(tmp_path))
-    assert sorted(done) == [(i, i) for i in range(5)]
+    assert sorted(done) == [(i, (i, ("RuntimeError: worker lost",) if i == 2 else ())) for i in range(5)]
     assert sorted(attempts(log)) == [0, 1, 2, 2, 3, 4]
 
 

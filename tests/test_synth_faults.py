@@ -133,7 +133,9 @@ def test_a_failing_shard_is_retried(synth_inputs, synth_reference, tmp_path, mon
     monkeypatch.setattr(worker, "synthesize_shard", flaky)
     r = run(synth_inputs, rounds(tmp_path / "out"))
     assert attempts == [0, 1, 1, 2]
-    assert (r.images, r.failures) == (6, 0)
+    assert (r.images, r.failures, r.retried) == (6, 0, 1)
+    assert [json.loads((r.round_dir / f"00000{i}.stats.json").read_text())["retries"] for i in range(3)] == [
+        [], ["RuntimeError: worker lost"], []]  # the retried shard says so in its stats
     assert json.loads((r.round_dir / "manifest.json").read_text())["complete"] is True
     assert_same_shards(synth_reference, r.round_dir)
 
@@ -245,7 +247,9 @@ def test_a_sampler_error_fails_the_shard_and_is_retried_never_a_short_shard(synt
 
     monkeypatch.setattr(worker, "ccd_sample", oom_once)
     r = run(synth_inputs, rounds(tmp_path / "once"))
-    assert (r.images, r.failures) == (6, 0)
+    assert (r.images, r.failures, r.retried) == (6, 0, 1)
+    retries = json.loads((r.round_dir / "000001.stats.json").read_text())["retries"]
+    assert retries == ["RuntimeError: CUDA out of memory"]
     assert_same_shards(synth_reference, r.round_dir)
 
     def always(*args, **kwargs):

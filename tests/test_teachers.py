@@ -99,7 +99,9 @@ def test_factory_teacher_through_cli(run_copy, factory):
     identity = {"kind": "factory", "factory": "tinynet:make", "weights": str(factory.resolve()),
                 "sha256": sha256_file(factory)}
     assert json.loads((out / "config.json").read_text())["teacher"] == identity
-    assert torch.load(out / "state.pt", weights_only=True)["settings"]["teacher"] == identity
+    settings = torch.load(out / "state.pt", weights_only=True)["settings"]  # by content: a moved run resumes
+    assert {k: settings[k] for k in ("teacher_sha256", "teacher_kind", "teacher_factory")} == {
+        "teacher_sha256": identity["sha256"], "teacher_kind": "factory", "teacher_factory": "tinynet:make"}
     assert json.loads((out / "eval.json").read_text())["reference"] == identity
     log = read_jsonl(out / "train.jsonl")
     assert log[0]["joint"] and log[0]["loss_fb"] > 0  # the feedback loss ran through the factory's network
@@ -112,7 +114,7 @@ def test_factory_teacher_through_cli(run_copy, factory):
     assert cli(*args, *STUDENT_ARGS, "--epochs", 2, "--resume").exit_code == 0
     state = load_file(str(factory))
     save_file({k: v + 0.01 for k, v in state.items()}, str(factory))
-    one_line_error(cli(*args, *STUDENT_ARGS, "--epochs", 3, "--resume"), "other settings", "teacher")
+    one_line_error(cli(*args, *STUDENT_ARGS, "--epochs", 3, "--resume"), "other settings", "teacher_sha256")
 
 
 @pytest.mark.parametrize("make, needles", [
