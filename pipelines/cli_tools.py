@@ -99,18 +99,21 @@ def models() -> None:
 @click.option("--pairs", type=_existing, required=True, help="Paired test set.")
 @click.option("--reference", type=_existing, help="Also score against this model's outputs (e.g. the teacher).")
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
-@click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
+@click.option("--out", type=_path,
+              help="eval.json path (default: beside our checkpoint; ./eval.json for identity or an official file).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
 @click.option("--tile", type=int, help="Run large images in overlapping tiles of this side.")
 @click.option("--border", default=0, show_default=True, help="Pixels cropped from each border before scoring.")
 @click.option("--limit", type=int, help="Score only the first N pairs.")
 @_device_option
 def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile, border, limit, device) -> None:
-    """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json.
+    """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json; Y also in the
+    authors' convention (the output saved as uint8 as their test script does, ssim.m on Y*255).
 
     Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
     """
-    from d4ir.distill.evaluate import IDENTITY, evaluate, format_table
+    from d4ir.distill.evaluate import IDENTITY, convention_note, evaluate, format_table
+    from d4ir.distill.registry import OFFICIAL_SUFFIXES
     from d4ir.distill.trainer import student_name
     from d4ir.shards.layout import EVAL_FILE, RunLayout
 
@@ -121,13 +124,16 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, out, method, tile
         layout = RunLayout(run)
         model_path = layout.student_weights(student if layout.student(student).is_dir() else student_name(student))
         reference = reference or (layout.teacher if layout.teacher.exists() else None)
-    if out is None:
-        out = Path(EVAL_FILE) if model_path == IDENTITY else Path(model_path).with_name(EVAL_FILE)
+    if out is None:  # beside our checkpoints; never into the folder of an official file (often shared)
+        official = Path(str(model_path)).suffix in OFFICIAL_SUFFIXES
+        out = Path(EVAL_FILE) if model_path == IDENTITY or official else Path(model_path).with_name(EVAL_FILE)
     result = evaluate(model_path, pairs, out, reference=reference, arch=arch, device=device, tile=tile,
                       border=border, limit=limit)
     label = method or result["name"]
     click.echo(format_table([("RGB", label, result)]))
     click.echo(format_table([("Y", label, result)], y_channel=True).split("\n", 2)[2])
+    click.echo(format_table([("Y (authors)", label, result)], authors=True).split("\n", 2)[2])
+    click.echo(convention_note(result["authors_quantize"]))
     if reference:
         m = result["mean"]
         click.echo(f"against the reference: PSNR {m['ref_psnr']:.2f} dB, SSIM {m['ref_ssim']:.4f}")
