@@ -11,13 +11,17 @@ strictly). Each of `stages` stages sees the rainy input y and the current estima
 The last stage's x is the output. The recursive `_r` variants reuse `res_conv1` for all five blocks; PRN
 drops the ConvLSTM. The four official models are four settings of `recurrent` and `recursive`.
 
-Speed: the four gate convs run as one 2C -> 4C conv. For a frozen network (or under no_grad) the weights
-are concatenated once and cached (keyed on the parameters' versions, so a load_state_dict or an optimiser
-step invalidates them); the first stage skips the hidden-state half of the gates (h = 0). The state_dict
-keeps the official keys.
+Speed (`fast`, on by default): the four gate convs run as one 2C -> 4C conv. For a frozen network (or
+under no_grad) its weights are concatenated once and cached (keyed on the parameters' versions, so a
+load_state_dict or an optimiser step invalidates them); the first stage skips the hidden-state half of the
+gates (h = 0). Under no_grad on the CPU in float32, every 3x3 conv runs through NNPACK's Winograd kernels
+(torch._nnpack_spatial_convolution: about half the time of the direct convs here, equal to ~1e-6
+relative); with gradients, or without NNPACK, torch's own convs run. The state_dict keeps the official keys.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -39,17 +43,19 @@ class PReNet(nn.Module):
         stages: number of stages T (official 6).
         recurrent: keep the ConvLSTM between stages (PReNet) or not (PRN).
         recursive: one residual block reused five times (`_r` variants) instead of five blocks.
-        fused_gates: run the four gate convs as one conv (same result to float rounding); False gives the
-            straightforward four-conv ConvLSTM (the reference of the equivalence test and the benchmark).
+
+    Attributes:
+        fast: True (default) runs the fast path described in the module docstring; False the straightforward
+            one (four gate convs, torch's convs): the reference of the equivalence test and the benchmark.
     """
 
-    def __init__(self, channels: int = 32, stages: int = 6, recurrent: bool = True, recursive: bool = False,
-                 fused_gates: bool = True) -> None:
+    fast: bool = True
+
+    def __init__(self, channels: int = 32, stages: int = 6, recurrent: bool = True, recursive: bool = False) -> None:
         super().__init__()
         if channels < 1 or stages < 1:
             raise ValueError(f"PReNet needs channels >= 1 and stages >= 1, got {channels} and {stages}")
         self.config = dict(channels=channels, stages=stages, recurrent=recurrent, recursive=recursive)
-        self.fused_gates = fused_gates
         c = channels
         self.conv0 = nn.Sequential(nn.Conv2d(6, c, 3, 1, 1), nn.ReLU())
         for k in range(1, 2 if recursive else N_BLOCKS + 1):
@@ -80,16 +86,30 @@ class PReNet(nn.Module):
             self._fused = (key, weight, bias)
         return self._fused[1], self._fused[2]
 
+    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """conv(x) for a 3x3 stride-1 pad-1 conv, by NNPACK's Winograd kernels when `_winograd` allows."""
+        return _winograd(x, conv.weight, conv.bias) if self._use_winograd(x) else conv(x)
+
+    def _use_winograd(self, x: torch.Tensor) -> bool:
+        return (self.fast and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+                and _nnpack_ready())
+
     def _lstm_fused(self, f: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None):
         weight, bias = self._gate_weights()
         if h is None:  # first stage: h = 0, only the feature half of the gates contributes
-            z = F.conv2d(f, weight[:, : f.shape[1]], bias, padding=1)
+            w, x = weight[:, : f.shape[1]], f
         else:
-            z = F.conv2d(torch.cat([f, h], 1), weight, bias, padding=1)
+            w, x = weight, torch.cat([f, h], 1)
+        z = _winograd(x, w.contiguous(), bias) if self._use_winograd(x) else F.conv2d(x, w, bias, padding=1)
         i, fg, g, o = z.chunk(4, dim=1)
-        i, o, g = torch.sigmoid(i), torch.sigmoid(o), torch.tanh(g)
-        c = i * g if c is None else torch.sigmoid(fg) * c + i * g
-        return o * torch.tanh(c), c
+        if torch.is_grad_enabled():
+            i, o, g = torch.sigmoid(i), torch.sigmoid(o), torch.tanh(g)
+            c = i * g if c is None else torch.sigmoid(fg) * c + i * g
+            return o * torch.tanh(c), c
+        # no autograd graph: the gate views of z and the previous cell state are overwritten in place
+        i, o, g = i.sigmoid_(), o.sigmoid_(), g.tanh_()
+        c = i.mul_(g) if c is None else c.mul_(fg.sigmoid_()).addcmul_(i, g)
+        return torch.tanh(c).mul_(o), c
 
     def _lstm(self, f: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None):
         """The ConvLSTM as the paper writes it: four separate gate convs on cat(features, hidden)."""
@@ -105,18 +125,58 @@ class PReNet(nn.Module):
         """rainy [B,3,H,W] in [0,1] -> derained [B,3,H,W] (the last stage's estimate, not clamped)."""
         if rainy.ndim != 4 or rainy.shape[1] != 3:
             raise ValueError(f"PReNet expects a rainy batch [B,3,H,W], got shape {tuple(rainy.shape)}")
-        lstm = self._lstm_fused if self.fused_gates else self._lstm
+        if not self.fast or self._hooked():
+            return self._forward_plain(rainy)
+        inplace = not torch.is_grad_enabled()  # no autograd graph: intermediate tensors can be reused
+        relu = F.relu_ if inplace else F.relu
         x, h, c = rainy, None, None
-        blocks = self._blocks()
+        for _ in range(self.config["stages"]):
+            f = relu(self._conv(self.conv0[0], torch.cat([rainy, x], 1)))
+            if self.config["recurrent"]:
+                h, c = self._lstm_fused(f, h, c)
+                f = h
+            for k, block in enumerate(self._blocks()):
+                r = relu(self._conv(block[0], f))
+                r = relu(self._conv(block[2], r))
+                r = r.add_(f) if inplace else r + f
+                # relu(sum) is the identity when f >= 0: after a ReLU (conv0, or an earlier block's sum);
+                # only the first block after the LSTM (h in (-1, 1)) needs it
+                f = relu(r) if k == 0 and self.config["recurrent"] else r
+            x = self._conv(self.conv[0], f)
+            x = x.add_(rainy) if inplace else x + rainy
+        return x
+
+    def _hooked(self) -> bool:
+        """Whether a submodule carries forward hooks (e.g. DFMC's teacher features): the fast path calls the
+        convs' functions directly and would bypass them, so the module-by-module path runs instead."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self)
+
+    def _forward_plain(self, rainy: torch.Tensor) -> torch.Tensor:
+        """The forward as the paper writes it, module by module (the reference of the fast path)."""
+        x, h, c = rainy, None, None
         for _ in range(self.config["stages"]):
             f = self.conv0(torch.cat([rainy, x], 1))
             if self.config["recurrent"]:
-                h, c = lstm(f, h, c)
+                h, c = self._lstm(f, h, c)
                 f = h
-            for block in blocks:
+            for block in self._blocks():
                 f = F.relu(block(f) + f)
             x = self.conv(f) + rainy
         return x
+
+
+@functools.cache
+def _nnpack_ready() -> bool:
+    """Whether torch was built with NNPACK; the call also initialises it (its convs fail before that)."""
+    try:
+        return bool(torch._nnpack_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """3x3 conv, stride 1, padding 1, by NNPACK (Winograd): [B,Cin,H,W] -> [B,Cout,H,W], float32 CPU."""
+    return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, [1, 1], [1, 1])
 
 
 def detect(state: dict[str, torch.Tensor]) -> bool:
