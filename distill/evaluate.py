@@ -193,3 +193,25 @@ def format_table(rows: Sequence[tuple[str, str, dict]], y_channel: bool = False,
         cells = (f"{m[p]:.2f}", f"{m[s]:.3f}") if p in m else ("-", "-")
         lines.append(f"| {kind} | {method} | {params} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
+
+
+AUTHORS_CAPTION = ("Y in the authors' convention (the output saved as uint8 as the official test script does, "
+                   "Y of MATLAB rgb2ycbcr unrounded, PSNR peak 1, SSIM as Wang's ssim.m on Y*255):")
+
+
+def authors_table(rows: Sequence[tuple[str, str, dict | None]]) -> str | None:
+    """Type | Method | PSNR Y (authors) | SSIM Y (authors) for (type, method, eval result or None) rows; None
+    when no result holds the authors' metrics (eval.json files written before them). The quantisation of each
+    row is named in its cell when it is not rounding."""
+    if not any(r and AUTHORS_METRICS[0] in r.get("mean", {}) for _, _, r in rows):
+        return None
+    lines = ["| Type | Method | PSNR Y (dB, authors') | SSIM Y (authors') | uint8 quantisation |",
+             "|---|---|---|---|---|"]
+    for kind, method, r in rows:
+        m = (r or {}).get("mean", {})
+        if AUTHORS_METRICS[0] in m:
+            cells = f"{m[AUTHORS_METRICS[0]]:.2f} | {m[AUTHORS_METRICS[1]]:.3f} | {r.get('authors_quantize', '-')}"
+        else:
+            cells = "- | - | -"
+        lines.append(f"| {kind} | {method} | {cells} |")
+    return "\n".join(lines)
