@@ -105,3 +105,25 @@ def test_eval_reports_both_conventions(tmp_path):
     table = format_table([("Y", "net", result), ("Y", "old", {"mean": {"psnr": 1.0}, "params": 0})], authors=True)
     assert f"| {result['mean']['authors_psnr_y']:.2f} | {result['mean']['authors_ssim_y']:.3f} |" in table
     assert "| Y | old | - | - | - |" in table
+
+
+def test_run_report_prints_the_authors_table_with_its_convention(tmp_path):
+    import json
+
+    from d4ir.pipelines.report import build_report
+
+    def write(folder, kind, method, mean, **extra):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "eval.json").write_text(json.dumps(
+            {"type": kind, "method": method, "mean": mean, "params": 0, "count": 3, "images": [], **extra}))
+
+    base = {"psnr": 30.0, "ssim": 0.9, "psnr_y": 31.0, "ssim_y": 0.91}
+    write("input", "Input", "Degraded input", base)  # an eval.json from before the authors' metrics
+    report = build_report(tmp_path).read_text()
+    assert "authors' convention" not in report  # nothing to show: no table
+    write("teacher", "Teacher", "PReNet", {**base, "authors_psnr_y": 37.46, "authors_ssim_y": 0.9792},
+          authors_quantize="truncate")
+    report = build_report(tmp_path).read_text()
+    assert "Y in the authors' convention (the output saved as uint8" in report
+    assert "| Teacher | PReNet | 37.46 | 0.979 | truncate |" in report
+    assert "| Input | Degraded input | - | - | - |" in report
