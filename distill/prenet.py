@@ -125,7 +125,7 @@ class PReNet(nn.Module):
         """rainy [B,3,H,W] in [0,1] -> derained [B,3,H,W] (the last stage's estimate, not clamped)."""
         if rainy.ndim != 4 or rainy.shape[1] != 3:
             raise ValueError(f"PReNet expects a rainy batch [B,3,H,W], got shape {tuple(rainy.shape)}")
-        if not self.fast or self._hooked():
+        if not self.fast or self._hooked() or _tracing():
             return self._forward_plain(rainy)
         inplace = not torch.is_grad_enabled()  # no autograd graph: intermediate tensors can be reused
         relu = F.relu_ if inplace else F.relu
@@ -163,6 +163,14 @@ class PReNet(nn.Module):
                 f = F.relu(block(f) + f)
             x = self.conv(f) + rainy
         return x
+
+
+def _tracing() -> bool:
+    """Whether the forward is being traced, scripted-traced or exported (ONNX, torch.export, torch.compile): those
+    record the module-by-module path, which holds no NNPACK op and no cached weights."""
+    compiler = getattr(torch, "compiler", None)
+    compiling = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or compiling
 
 
 @functools.cache

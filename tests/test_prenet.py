@@ -156,3 +156,15 @@ def test_prenet6_on_three_rain100l_pairs():
         want_psnr, want_ssim = PINNED[row["name"]]
         assert row["authors_psnr_y"] == pytest.approx(want_psnr, abs=0.01)
         assert row["authors_ssim_y"] == pytest.approx(want_ssim, abs=1e-4)
+
+
+def test_traced_and_exported_programs_hold_no_nnpack_op(recwarn):
+    model = PReNet(channels=4, stages=2).eval()
+    x = torch.rand(1, 3, 16, 20)
+    with torch.no_grad():
+        ref = model(x)
+        traced = torch.jit.trace(model, x)
+        exported = torch.export.export(model, (x,))
+        for graph, out in ((traced.graph, traced(x)), (exported.graph, exported.module()(x))):
+            assert "nnpack" not in str(graph)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
