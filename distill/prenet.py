@@ -79,7 +79,8 @@ class PReNet(nn.Module):
         params = [p for m in convs for p in (m.weight, m.bias)]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return torch.cat([m.weight for m in convs]), torch.cat([m.bias for m in convs])
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        # inference-mode tensors cannot enter an autograd graph later: the mode is part of the key
+        key = (torch.is_inference_mode_enabled(), *((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
         if self._fused is None or self._fused[0] != key:
             weight = torch.cat([m.weight.detach() for m in convs])
             bias = torch.cat([m.bias.detach() for m in convs])

@@ -168,3 +168,13 @@ def test_traced_and_exported_programs_hold_no_nnpack_op(recwarn):
         for graph, out in ((traced.graph, traced(x)), (exported.graph, exported.module()(x))):
             assert "nnpack" not in str(graph)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_a_teacher_run_under_inference_mode_still_gives_input_gradients():
+    teacher = PReNet(channels=4, stages=2).eval().requires_grad_(False)
+    x = torch.rand(1, 3, 12, 12)
+    with torch.inference_mode():
+        teacher(x)  # caches the fused gate weights as inference tensors
+    xi = x.clone().requires_grad_(True)
+    teacher(xi).sum().backward()  # the feedback loop's use: gradients to the input through the frozen teacher
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
