@@ -15,8 +15,11 @@ Speed (`fast`, on by default): the four gate convs run as one 2C -> 4C conv. For
 under no_grad) its weights are concatenated once and cached (keyed on the parameters' versions, so a
 load_state_dict or an optimiser step invalidates them); the first stage skips the hidden-state half of the
 gates (h = 0). Under no_grad on the CPU in float32, every 3x3 conv runs through NNPACK's Winograd kernels
-(torch._nnpack_spatial_convolution: about half the time of the direct convs here, equal to ~1e-6
-relative); with gradients, or without NNPACK, torch's own convs run. The state_dict keeps the official keys.
+(torch._nnpack_spatial_convolution: about half the time of torch's direct convs on this 2-core CPU, equal
+to ~1e-6 relative), and ReLUs, sums and gate activations run in place; with gradients, or without NNPACK,
+torch's own convs run. A traced/exported forward, or one with forward hooks on a submodule (DFMC's teacher
+features), takes the module-by-module path instead. `bench/prenet.py` measures both paths side by side.
+The state_dict keeps the official keys.
 """
 
 from __future__ import annotations
