@@ -14,6 +14,7 @@ DataParallel/DDP) are unwrapped, and the log says which entry the weights came f
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pickle
 from pathlib import Path
@@ -143,9 +144,22 @@ def _load_official(path: Path, arch: str | None) -> tuple[nn.Module, dict]:
         raise ValueError(f"{path}: {err.args[0] if err.args else err}") from err
     model = FAMILIES[arch].cls(**kwargs)
     _load_strict(model, state, path)
-    info = {"arch": arch, "name": arch, "kwargs": dict(model.config), "source": "official",
+    info = {"arch": arch, "name": _name_of(arch, model.config), "kwargs": dict(model.config), "source": "official",
             "container": container, "path": str(path)}
     return model, info
+
+
+def _name_of(arch: str, config: dict) -> str:
+    """The registry name whose kwargs (over the constructor's defaults) are `config` ('prn-r' for an official
+    PRN6_r file), or the base key when none is."""
+    fam = FAMILIES[arch]
+    defaults = {k: p.default for k, p in inspect.signature(fam.cls).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    for name, kwargs in fam.names.items():
+        merged = {**defaults, **fam.names[arch], **kwargs} if arch in fam.names else {**defaults, **kwargs}
+        if all(merged.get(k) == v for k, v in config.items()):
+            return name
+    return arch
 
 
 def _base_of_name(arch: str) -> str:

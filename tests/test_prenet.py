@@ -133,6 +133,7 @@ def test_official_files_load_strictly(folder):
     model, info = load_model(path)
     name, kwargs, count = OFFICIAL[folder]
     assert isinstance(model, PReNet) and model.config == kwargs and count_parameters(model) == count
+    assert info["name"] == name  # the variant's registry name, shown by d4ir eval
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
