@@ -15,7 +15,8 @@ degradations show. No pretrained VGG is downloaded; phi comes from either
 - "teacher": intermediate activations of the frozen teacher itself, captured by forward hooks; the forward
   is cut short once the deepest requested layer has run. Defaults: AirNet's degradation encoder block
   `E.E.encoder_q.E_pre` (the representation AirNet was trained to make degradation-aware), Restormer's
-  `encoder_level1` and `encoder_level2`. Any module names of the teacher can be given instead.
+  `encoder_level1` and `encoder_level2`, PReNet's first residual block `res_conv1` (of the first stage: the
+  forward stops there). Any module names of the teacher can be given instead.
 - "random": a fixed, seeded, randomly initialised 3-layer conv net (3 -> 16 -> 32 -> 64 channels, strides
   1, 2, 2, LeakyReLU 0.2), for teachers that expose no useful layer.
 """
@@ -27,12 +28,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .registry import base_arch
+from .families import FAMILIES, family_key_of
 
 Features = Callable[[torch.Tensor], list[torch.Tensor]]  # images [N,3,H,W] -> feature maps [N,C_i,H_i,W_i]
 
 FEATURE_KINDS = ("teacher", "random")
-DEFAULT_LAYERS = {"airnet": ("E.E.encoder_q.E_pre",), "restormer": ("encoder_level1", "encoder_level2")}
+# Default teacher layers per family (the families' `contrastive_layers`).
+DEFAULT_LAYERS = {key: fam.contrastive_layers for key, fam in FAMILIES.items() if fam.contrastive_layers}
 
 
 def contrastive_ratio(
@@ -160,11 +162,10 @@ def build_features(
     if teacher is None:
         raise ValueError("DFMC with contrastive_features='teacher' needs the teacher: AdversarialSource(teacher=...)")
     if layers is None:
-        try:
-            layers = DEFAULT_LAYERS[base_arch(teacher)]
-        except TypeError as err:
+        layers = DEFAULT_LAYERS.get(family_key_of(teacher) or "")
+        if layers is None:
             raise ValueError(
                 f"no default contrastive layers for a {type(teacher).__name__} teacher: set contrastive_layers "
                 "or contrastive_features='random'"
-            ) from err
+            )
     return TeacherFeatures(teacher, layers)

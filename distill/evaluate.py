@@ -1,7 +1,13 @@
 """Scoring a model (or the degraded inputs themselves) on a paired set: eval.json and a paper-shaped table.
 
-Metrics: PSNR and SSIM on RGB and on Y (BT.601), data range 1, no border crop by default, per image and
-mean. The model runs with its official size policy (`distill.inference.restore`), on images above 1 Mpx in
+Metrics, two conventions side by side, per image and mean:
+- ours ("psnr", "ssim", "psnr_y", "ssim_y"): the float output clamped to [0,1], RGB and Y (BT.601), data
+  range 1, no border crop by default;
+- the authors' ("authors_psnr_y", "authors_ssim_y"): the output quantised as the family's official test
+  script saves it (`Family.quantize`: PReNet truncates uint8(255*x), the others round), Y of MATLAB
+  rgb2ycbcr unrounded, PSNR peak 1, SSIM as Wang's ssim.m on Y*255 (`metrics.authors_scores`).
+eval.json's "conventions" names each column's convention and "authors_quantize" the quantisation used.
+The model runs with its official size policy (`distill.inference.restore`), on images above 1 Mpx in
 tiles (`inference.auto_tile`: the model's memory is bounded by the tile); under AirNet's "crop"
 policy the clean image is center-cropped the same way, as in AirNet's test.py. With a `reference` model
 (the teacher) the same metrics are also computed against the reference's output.
@@ -20,20 +26,54 @@ from d4ir.shards.pairs import Pair, PairList
 from torch import nn
 
 from .data import PairSet, load_pairs
+from .families import FAMILIES, family_key_of
 from .inference import auto_tile, restore
-from .metrics import psnr, ssim
+from .metrics import authors_scores, psnr, ssim
 from .registry import count_parameters
 from .teachers import load_teacher, teacher_record
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
+AUTHORS_METRICS = ("authors_psnr_y", "authors_ssim_y")
+OURS = "float output clamped to [0,1], peak 1, SSIM 11x11 Gaussian per channel"
+CONVENTIONS = {
+    "psnr": f"ours: RGB, {OURS}", "ssim": f"ours: RGB, {OURS}",
+    "psnr_y": f"ours: Y (BT.601, unrounded), {OURS}", "ssim_y": f"ours: Y (BT.601, unrounded), {OURS}",
+    "authors_psnr_y": "authors: output saved as uint8 ({q}), Y of MATLAB rgb2ycbcr unrounded, PSNR peak 1",
+    "authors_ssim_y": "authors: output saved as uint8 ({q}), SSIM as Wang's ssim.m on Y*255 (L=255, valid)",
+}
 
 
-def _scores(out: torch.Tensor, target: torch.Tensor, border: int) -> dict[str, float]:
+def quantize_of(model: nn.Module | None) -> str:
+    """How the model's official test script quantises its output ("round" for foreign modules and inputs)."""
+    key = family_key_of(model) if model is not None else None
+    return FAMILIES[key].quantize if key else "round"
+
+
+def conventions(quantize: str) -> dict[str, str]:
+    """Each metric column's convention, in words (stored in eval.json, printed by `d4ir eval`)."""
+    return {k: v.format(q="truncated" if quantize == "truncate" else "rounded") for k, v in CONVENTIONS.items()}
+
+
+def convention_note(quantize: str) -> str:
+    """One line naming the convention of each row `d4ir eval` prints."""
+    how = "truncated" if quantize == "truncate" else "rounded"
+    return (f"conventions: RGB and Y: ours ({OURS}); Y (authors): the output saved as uint8 ({how}), Y of "
+            "MATLAB rgb2ycbcr unrounded, PSNR peak 1, SSIM as Wang's ssim.m on Y*255")
+
+
+def _crop(img: torch.Tensor, border: int) -> torch.Tensor:
+    return img[..., border:-border, border:-border] if border else img
+
+
+def _scores(out: torch.Tensor, target: torch.Tensor, border: int, quantize: str) -> dict[str, float]:
+    authors = authors_scores(_crop(out, border), _crop(target, border), quantize)
     return {
         "psnr": float(psnr(out, target, crop_border=border)[0]),
         "ssim": float(ssim(out, target, crop_border=border)[0]),
         "psnr_y": float(psnr(out, target, y_channel=True, crop_border=border)[0]),
         "ssim_y": float(ssim(out, target, y_channel=True, crop_border=border)[0]),
+        "authors_psnr_y": float(authors["psnr_y"][0]),
+        "authors_ssim_y": float(authors["ssim_y"][0]),
     }
 
 
@@ -53,9 +93,10 @@ def evaluate_model(
     """Score `model` (None: the degraded input itself, "identity") on `pairs` (read whole first: bad pairs are
     skipped and listed, see `distill.data.load_pairs`).
 
-    Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, [ref_*]}...], "mean": {...}, "params",
-    "seconds_per_image", "device", "count", "skipped": [[name, reason], ...], "cropped": [[name, sizes], ...]}
-    (cropped: pairs whose sizes differed by up to 64 px, scored on their centre crops).
+    Returns {"images": [{name, psnr, ssim, psnr_y, ssim_y, authors_psnr_y, authors_ssim_y, [ref_*]}...],
+    "mean": {...}, "params", "seconds_per_image", "device", "count", "skipped": [[name, reason], ...],
+    "cropped": [[name, sizes], ...] (pairs whose sizes differed by up to 64 px, scored on their centre crops),
+    "authors_quantize", "conventions": {metric: its convention in words}}.
     """
     from d4ir.shards.progress import progress_bar
 
@@ -66,6 +107,7 @@ def evaluate_model(
         # find_pairs' skipped pairs (and folder) go along, to be counted in the result
         pairs = load_pairs(PairList(kept, getattr(pairs, "skipped", []), getattr(pairs, "root", None)))
     items = pairs.items[:limit] if limit else pairs.items
+    quantize = quantize_of(model)
     rows, seconds = [], 0.0
     for name, deg, cln in progress_bar(items, desc="eval", enabled=progress, leave=False):
         degraded, clean = to_tensor(deg)[None].to(device), to_tensor(cln)[None].to(device)
@@ -75,16 +117,17 @@ def evaluate_model(
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
-        row = {"name": name, **_scores(out, _fit(clean, out), border)}
+        row = {"name": name, **_scores(out, _fit(clean, out), border, quantize)}
         if reference is not None:
             ref = restore(reference, degraded, tile=tiles)
-            row.update({f"ref_{k}": v for k, v in _scores(out, _fit(ref, out), border).items()})
+            row.update({f"ref_{k}": v for k, v in _scores(out, _fit(ref, out), border, quantize).items()})
         rows.append(row)
     keys = [k for k in rows[0] if k != "name"]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     return {"images": rows, "mean": mean, "params": count_parameters(model) if model is not None else 0,
             "seconds_per_image": seconds / len(rows), "device": device, "count": len(rows),
-            "skipped": [list(s) for s in pairs.skipped], "cropped": [list(c) for c in pairs.cropped]}
+            "skipped": [list(s) for s in pairs.skipped], "cropped": [list(c) for c in pairs.cropped],
+            "authors_quantize": quantize, "conventions": conventions(quantize)}
 
 
 def write_eval(path: Path, result: dict, **info) -> Path:
@@ -140,12 +183,43 @@ def evaluate(
     return result
 
 
-def format_table(rows: Sequence[tuple[str, str, dict]], y_channel: bool = False) -> str:
+def metric_keys(y_channel: bool = False, authors: bool = False) -> tuple[str, str]:
+    """The (PSNR, SSIM) keys of a convention: ours on RGB or Y, or the authors' (always Y)."""
+    if authors:
+        return AUTHORS_METRICS
+    return ("psnr_y", "ssim_y") if y_channel else ("psnr", "ssim")
+
+
+def format_table(rows: Sequence[tuple[str, str, dict]], y_channel: bool = False, authors: bool = False) -> str:
     """A table shaped like the paper's: Type | Method | Params (M) | PSNR (dB) | SSIM (rows: type, method,
-    eval result)."""
-    p, s = ("psnr_y", "ssim_y") if y_channel else ("psnr", "ssim")
+    eval result); `authors` scores in the authors' convention (a result without it shows '-')."""
+    p, s = metric_keys(y_channel, authors)
     lines = ["| Type | Method | Params (M) | PSNR (dB) | SSIM |", "|---|---|---|---|---|"]
     for kind, method, r in rows:
         params = f"{r['params'] / 1e6:.2f}" if r.get("params") else "-"
-        lines.append(f"| {kind} | {method} | {params} | {r['mean'][p]:.2f} | {r['mean'][s]:.3f} |")
+        m = r["mean"]
+        cells = (f"{m[p]:.2f}", f"{m[s]:.3f}") if p in m else ("-", "-")
+        lines.append(f"| {kind} | {method} | {params} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+AUTHORS_CAPTION = ("Y in the authors' convention (the output saved as uint8 as the official test script does, "
+                   "Y of MATLAB rgb2ycbcr unrounded, PSNR peak 1, SSIM as Wang's ssim.m on Y*255):")
+
+
+def authors_table(rows: Sequence[tuple[str, str, dict | None]]) -> str | None:
+    """Type | Method | PSNR Y (authors) | SSIM Y (authors) for (type, method, eval result or None) rows; None
+    when no result holds the authors' metrics (eval.json files written before them). The quantisation of each
+    row is named in its cell when it is not rounding."""
+    if not any(r and AUTHORS_METRICS[0] in r.get("mean", {}) for _, _, r in rows):
+        return None
+    lines = ["| Type | Method | PSNR Y (dB, authors') | SSIM Y (authors') | uint8 quantisation |",
+             "|---|---|---|---|---|"]
+    for kind, method, r in rows:
+        m = (r or {}).get("mean", {})
+        if AUTHORS_METRICS[0] in m:
+            cells = f"{m[AUTHORS_METRICS[0]]:.2f} | {m[AUTHORS_METRICS[1]]:.3f} | {r.get('authors_quantize', '-')}"
+        else:
+            cells = "- | - | -"
+        lines.append(f"| {kind} | {method} | {cells} |")
     return "\n".join(lines)

@@ -4,6 +4,8 @@
   clean image is cropped the same way with `crop_to_multiple` before scoring. `policy="pad"` instead
   reflect-pads to a multiple of 16 and crops back, keeping the full image.
 * Restormer (official test.py): reflect-pad bottom/right to the next multiple of 8, crop back, clamp.
+* PReNet and other fully convolutional families: any size ("none").
+The policies are the families' `policy` entries (distill/families.py).
 
 Tiling: overlapping tiles blended with a trapezoid window that is zero in a dead margin of overlap//4 at
 each inner tile edge and ramps to one across the rest of the overlap. A network whose receptive-field
@@ -16,8 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from d4ir.distill.airnet import AirNet
-from d4ir.distill.restormer import Restormer
+from d4ir.distill.families import FAMILIES, family_key_of
 from torch import nn
 
 POLICIES = ("crop", "pad", "none")
@@ -35,16 +36,13 @@ def auto_tile(height: int, width: int, tile: int | None = None) -> int | None:
     if tile is not None:
         return tile
     return AUTO_TILE if height * width > AUTO_TILE_ABOVE else None
-# class -> (default policy, size multiple), from the official test scripts.
-_OFFICIAL: dict[type[nn.Module], tuple[str, int]] = {AirNet: ("crop", 16), Restormer: ("pad", 8)}
 
 
 def official_policy(model: nn.Module) -> tuple[str, int]:
-    """(policy, base) used by the model's official test script; ("none", 1) for other modules."""
-    for cls, policy in _OFFICIAL.items():
-        if isinstance(model, cls):
-            return policy
-    return "none", 1
+    """(policy, base) used by the model's official test script (its family's `policy`); ("none", 1) for
+    other modules."""
+    key = family_key_of(model)
+    return FAMILIES[key].policy if key else ("none", 1)
 
 
 def crop_to_multiple(img: torch.Tensor, base: int) -> torch.Tensor:
@@ -147,8 +145,9 @@ def restore(
     policy = default_policy if policy is None else policy
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if isinstance(model, Restormer) and policy == "none":
-        raise ValueError("Restormer needs H and W multiples of 8: use policy 'pad' or 'crop'")
+    key = family_key_of(model)
+    if key and FAMILIES[key].needs_multiple and policy == "none":
+        raise ValueError(f"{type(model).__name__} needs H and W multiples of {base}: use policy 'pad' or 'crop'")
     if tile is not None:
         if tile < base or tile % base:
             raise ValueError(f"tile must be a positive multiple of {base} for {type(model).__name__}, got {tile}")

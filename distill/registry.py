@@ -1,41 +1,39 @@
 """The restoration networks by name, and saving/loading them (ours and the official checkpoints).
 
-Names map to (class, default kwargs); any width can be built by overriding kwargs. Our checkpoints are a
+The families (class, names, official-layout detection, variant from the keys, half-width student) are the
+one table `distill.families.FAMILIES`; names map to (class, default kwargs) and any width can be built by
+overriding kwargs. Our checkpoints are a
 `stem.safetensors` + `stem.json` pair written by `shards.io.save_weights`; the JSON holds
 {"arch": base key, "name": registry name, "kwargs": constructor kwargs}, so `load_model` rebuilds the
 model without being told the architecture. Official `.pth` files are read with `weights_only=True`:
-AirNet's bare state_dict and Restormer's BasicSR `{'params': sd}`; the wrappers of common training code
+AirNet's and PReNet's bare state_dicts and Restormer's BasicSR `{'params': sd}`; the family is recognised
+from the keys and the load is strict (every key and shape); the wrappers of common training code
 (`{'params_ema'}`, `{'state_dict'}`, `{'model'}`, `{'net'}`, nested ones, and the `module.` prefix of
 DataParallel/DDP) are unwrapped, and the log says which entry the weights came from.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import pickle
-import re
 from pathlib import Path
 
 import torch
-from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
-from d4ir.distill.restormer import Restormer
+from d4ir.distill.families import FAMILIES, detect_family, restormer_kwargs_from_state_dict
 from d4ir.shards.errors import UnknownNameError
 from d4ir.shards.io import load_weights, save_weights
 from d4ir.shards.state import is_unsafe, load_plain, unsafe_reason
 from torch import nn
 
-ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
-    "airnet": (AirNet, dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5)),
-    "half-airnet": (AirNet, dict(n_feats=32, encoder_first=32)),
-    "restormer": (Restormer, dict(dim=48)),
-    "restormer-24": (Restormer, dict(dim=24)),
-    "restormer-12": (Restormer, dict(dim=12)),
-}
+__all__ = ["ARCHITECTURES", "FAMILIES", "build", "half_of", "count_parameters", "base_arch", "save_model",
+           "load_model", "restormer_kwargs_from_state_dict"]
 
-# Base architecture key of each class: what a checkpoint's "arch" field names.
-_BASE: dict[type[nn.Module], str] = {AirNet: "airnet", Restormer: "restormer"}
-_BY_BASE: dict[str, type[nn.Module]] = {v: k for k, v in _BASE.items()}
-_OFFICIAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
+# Registry name -> (class, default kwargs), every family's names (distill/families.py is the one table).
+ARCHITECTURES: dict[str, tuple[type[nn.Module], dict]] = {
+    name: (fam.cls, kwargs) for fam in FAMILIES.values() for name, kwargs in fam.names.items()
+}
+OFFICIAL_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin"}
 # Entries that hold the weights in checkpoints of BasicSR ('params_ema', 'params') and common training loops,
 # in the order they are preferred when several are present: the EMA weights first, as BasicSR's own test
 # options load them (`param_key_g: params_ema`). `load_model(weights_key=...)` (--weights-key) chooses another.
@@ -61,14 +59,10 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 def half_of(info: dict) -> tuple[str, dict]:
-    """The architecture and kwargs of a loaded teacher (`load_model`'s info) with feature channels halved:
-    AirNet's n_feats and encoder_first, Restormer's dim (the paper's students)."""
-    kwargs = dict(info["kwargs"])
-    if info["arch"] == "airnet":
-        kwargs.update(n_feats=kwargs["n_feats"] // 2, encoder_first=kwargs["encoder_first"] // 2)
-    else:
-        kwargs.update(dim=kwargs["dim"] // 2)
-    return info["arch"], kwargs
+    """The architecture and kwargs of a loaded teacher (`load_model`'s info) with feature channels halved by
+    its family's `half_kwargs`: AirNet's n_feats and encoder_first, Restormer's dim (the paper's students),
+    PReNet's channels."""
+    return info["arch"], FAMILIES[_base_of_name(info["arch"])].half_kwargs(dict(info["kwargs"]))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -78,9 +72,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def base_arch(model: nn.Module) -> str:
-    """The base key ('airnet', 'restormer') of a model built here."""
-    for cls, key in _BASE.items():
-        if isinstance(model, cls):
+    """The base key ('airnet', 'restormer', 'prenet', ...) of a model built here."""
+    for key, fam in FAMILIES.items():
+        if isinstance(model, fam.cls):
             return key
     raise TypeError(f"{type(model).__name__} is not a registered restoration network")
 
@@ -90,7 +84,7 @@ def save_model(stem: str | Path, model: nn.Module, name: str | None = None, meta
 
     Args:
         stem: output path without suffix.
-        model: an AirNet or Restormer built here (it records its kwargs in `model.config`).
+        model: a network of one of the families built here (it records its kwargs in `model.config`).
         name: registry name to record (e.g. "half-airnet"); defaults to the base architecture key.
         metadata: optional strings stored in the safetensors header.
     """
@@ -133,43 +127,6 @@ def _unwrap(obj: dict, path: Path, key: str | None = None) -> tuple[dict, str | 
     return obj, "/".join(used) or None
 
 
-def _guess_arch(state: dict[str, torch.Tensor]) -> str | None:
-    if "E.E.queue" in state and "R.head.0.weight" in state:
-        return "airnet"
-    if "patch_embed.proj.weight" in state and "output.weight" in state:
-        return "restormer"
-    return None
-
-
-def restormer_kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
-    """Constructor kwargs matching a Restormer state_dict: dim and channels from the first/last convs,
-    block and head counts from the key names, LayerNorm type from the presence of norm biases."""
-    if "skip_conv.weight" in state:
-        raise ValueError("dual-pixel Restormer checkpoints (skip_conv) are not supported")
-    w = state["patch_embed.proj.weight"]  # [dim, C_in, 3, 3]
-    dim = int(w.shape[0])
-
-    def count(prefix: str) -> int:
-        pat = re.compile(rf"^{prefix}\.(\d+)\.")
-        return len({m.group(1) for k in state if (m := pat.match(k))})
-
-    levels = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
-    heads = [int(state[f"{lv}.0.attn.temperature"].shape[0]) for lv in levels]
-    hidden = int(state["encoder_level1.0.ffn.project_in.weight"].shape[0]) // 2
-    factor = 2.66 if int(dim * 2.66) == hidden else hidden / dim
-    return dict(
-        inp_channels=int(w.shape[1]),
-        out_channels=int(state["output.weight"].shape[0]),
-        dim=dim,
-        num_blocks=[count(lv) for lv in levels],
-        num_refinement_blocks=count("refinement"),
-        heads=heads,
-        ffn_expansion_factor=factor,
-        bias="encoder_level1.0.attn.qkv.bias" in state,
-        layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in state else "BiasFree",
-    )
-
-
 def _load_official(path: Path, arch: str | None, weights_key: str | None = None) -> tuple[nn.Module, dict]:
     try:
         obj = load_plain(path)
@@ -183,33 +140,46 @@ def _load_official(path: Path, arch: str | None, weights_key: str | None = None)
         raise ValueError(f"{path}: expected a state_dict or {{'params': state_dict}}, got {type(obj).__name__}")
     obj, container = _unwrap(obj, path, weights_key)
     state = _strip_module({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, path)
-    guessed = _guess_arch(state)
+    guessed = detect_family(state)
     arch = arch or guessed
     if arch is None:
         raise ValueError(
-            f"{path}: unknown checkpoint layout (neither AirNet nor Restormer keys); "
+            f"{path}: unknown checkpoint layout (keys of none of the families {', '.join(FAMILIES)}); "
             f"first keys: {list(obj)[:5]}"
         )
-    if arch not in _BY_BASE:
-        arch = _base_of_name(arch)
+    arch = _base_of_name(arch)
     if guessed is not None and guessed != arch:
         raise ValueError(f"{path} holds a {guessed} state_dict, but arch={arch!r} was requested")
     try:
-        kwargs = airnet_kwargs_from_state_dict(state) if arch == "airnet" else restormer_kwargs_from_state_dict(state)
+        kwargs = FAMILIES[arch].kwargs_from_state_dict(state)
     except KeyError as err:  # keys the architecture needs are missing: a checkpoint of something else
         raise ValueError(f"{path}: {err.args[0] if err.args else err}") from err
-    model = _BY_BASE[arch](**kwargs)
+    model = FAMILIES[arch].cls(**kwargs)
     _load_strict(model, state, path)
-    info = {"arch": arch, "name": arch, "kwargs": dict(model.config), "source": "official",
+    info = {"arch": arch, "name": _name_of(arch, model.config), "kwargs": dict(model.config), "source": "official",
             "container": container, "path": str(path)}
     return model, info
 
 
+def _name_of(arch: str, config: dict) -> str:
+    """The registry name whose kwargs (over the constructor's defaults) are `config` ('prn-r' for an official
+    PRN6_r file), or the base key when none is."""
+    fam = FAMILIES[arch]
+    defaults = {k: p.default for k, p in inspect.signature(fam.cls).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    for name, kwargs in fam.names.items():
+        merged = {**defaults, **fam.names[arch], **kwargs} if arch in fam.names else {**defaults, **kwargs}
+        if all(merged.get(k) == v for k, v in config.items()):
+            return name
+    return arch
+
+
 def _base_of_name(arch: str) -> str:
-    if arch in _BY_BASE:
+    if arch in FAMILIES:
         return arch
-    if arch in ARCHITECTURES:
-        return _BASE[ARCHITECTURES[arch][0]]
+    for key, fam in FAMILIES.items():
+        if arch in fam.names:
+            return key
     raise UnknownNameError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
 
 
@@ -217,7 +187,8 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path} does not match {type(model).__name__}({model.config}): {err}") from err
+        detail = " ".join(str(err).split())  # torch's message spans lines: one line for the CLI
+        raise ValueError(f"{path} does not match {type(model).__name__}({model.config}): {detail}") from err
 
 
 def load_model(path: str | Path, arch: str | None = None, weights_key: str | None = None) -> tuple[nn.Module, dict]:
@@ -232,7 +203,7 @@ def load_model(path: str | Path, arch: str | None = None, weights_key: str | Non
         (model on the CPU in eval mode, info dict with arch, name, kwargs, source and path).
     """
     path = Path(path)
-    if path.suffix in _OFFICIAL_SUFFIXES:
+    if path.suffix in OFFICIAL_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         model, info = _load_official(path, arch, weights_key)
@@ -248,7 +219,7 @@ def load_model(path: str | Path, arch: str | None = None, weights_key: str | Non
         base = _base_of_name(config["arch"])
         if arch is not None and _base_of_name(arch) != base:
             raise ValueError(f"{stem} holds a {base} network, but arch={arch!r} was requested")
-        model = _BY_BASE[base](**config["kwargs"])
+        model = FAMILIES[base].cls(**config["kwargs"])
         _load_strict(model, state, stem)
         info = {"arch": base, "name": config.get("name", base), "kwargs": dict(model.config),
                 "source": "d4ir", "path": str(stem)}

@@ -105,7 +105,9 @@ def models() -> None:
 @click.option("--reference", help="Also score against this network's outputs (e.g. the teacher; any --model form).")
 @click.option("--arch", help="Architecture of an official .pth when it cannot be inferred.")
 @weights_key_option
-@click.option("--out", type=_path, help="eval.json path (default: beside the model, or ./eval.json).")
+@click.option("--out", type=_path,
+              help="eval.json path (default: beside our checkpoint; ./eval.json for identity, an official file or "
+                   "any other teacher form).")
 @click.option("--method", help="Name of the row in the printed table (default: the model's name).")
 @click.option("--tile", type=int, help="Run images in overlapping tiles of this side (default: whole images up to "
               "1 Mpx, larger ones in 512-px tiles).")
@@ -114,12 +116,13 @@ def models() -> None:
 @_device_option
 def eval_cmd(model_path, run, student, pairs, reference, arch, weights_key, out, method, tile, border, limit,
              device) -> None:
-    """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json.
+    """Score a model on a paired set: PSNR/SSIM (RGB and Y) per image and mean, into eval.json; Y also in the
+    authors' convention (the output saved as uint8 as their test script does, ssim.m on Y*255).
 
     Prints a table shaped like the paper's (Params (M), PSNR, SSIM).
     """
-    from d4ir.distill.evaluate import IDENTITY, evaluate, format_table
-    from d4ir.distill.teachers import recorded_teacher, spec_file
+    from d4ir.distill.evaluate import IDENTITY, convention_note, evaluate, format_table
+    from d4ir.distill.teachers import is_foreign, recorded_teacher
     from d4ir.distill.trainer import student_name
     from d4ir.shards.layout import EVAL_FILE, RunLayout
 
@@ -133,14 +136,17 @@ def eval_cmd(model_path, run, student, pairs, reference, arch, weights_key, out,
         # the teacher the student was distilled from (its config.json), else the run's own
         reference = reference or recorded_teacher(layout.student(name)) or (
             layout.teacher_weights if layout.teacher_weights.exists() else None)
-    if out is None:
-        out = Path(EVAL_FILE) if model_path == IDENTITY else spec_file(model_path).with_name(EVAL_FILE)
+    if out is None:  # beside our checkpoints; never into the folder of an official file or a foreign teacher
+        ours = Path(str(model_path)).suffix in ("", ".safetensors", ".json") and not is_foreign(model_path)
+        out = Path(model_path).with_name(EVAL_FILE) if model_path != IDENTITY and ours else Path(EVAL_FILE)
     result = evaluate(model_path, pairs, out, reference=reference, arch=arch, weights_key=weights_key, device=device,
                       tile=tile,
                       border=border, limit=limit)
     label = method or result["name"]
     click.echo(format_table([("RGB", label, result)]))
     click.echo(format_table([("Y", label, result)], y_channel=True).split("\n", 2)[2])
+    click.echo(format_table([("Y (authors)", label, result)], authors=True).split("\n", 2)[2])
+    click.echo(convention_note(result["authors_quantize"]))
     if reference:
         m = result["mean"]
         click.echo(f"against the reference: PSNR {m['ref_psnr']:.2f} dB, SSIM {m['ref_ssim']:.4f}")

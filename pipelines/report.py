@@ -231,6 +231,11 @@ def build_report(run: Path, test: Path | None = None) -> Path:
         results_table(evals, y_channel=True, reference=False),
         "",
     ]
+    from d4ir.distill.evaluate import AUTHORS_CAPTION, authors_table
+
+    authors = authors_table([(e["type"], e["method"], e) for e in evals])
+    if authors:
+        parts += [AUTHORS_CAPTION, "", authors, ""]
     parts += ["Every row is read from the `eval.json` named below (written by this run):", ""]
     parts += [f"- {e['type']} / {e['method']}: `{e['path']}` ({e['count']} images)" for e in evals] + [""]
     figures = []

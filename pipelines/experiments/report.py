@@ -2,11 +2,12 @@
 
 Per table and test set: Type | Method | Params (M) | PSNR | SSIM (RGB) | PSNR | SSIM (Y, BT.601) | (with
 vs_teacher: PSNR | SSIM against the teacher's outputs) | the paper's PSNR | SSIM | Params | the seconds the row
-took, every number read from the row's eval.json; a sample grid (degraded | teacher | each row | ground truth on
-central crops of the first test images, OUT/samples/table-NAME.png); the training curves of each task
-(pipelines/figures.py); the time of every shared step; what was skipped and why; the notes of the prepared
-datasets. The report is rebuilt from the files on disk, so a partial run reports the rows it finished and names
-the others "not run yet".
+took, every number read from the row's eval.json; below it the Y scores in the authors' convention (uint8 as
+the official test script saves, ssim.m on Y*255; distill.evaluate.authors_table); a sample grid (degraded |
+teacher | each row | ground truth on central crops of the first test images, OUT/samples/table-NAME.png); the
+training curves of each task (pipelines/figures.py); the time of every shared step; what was skipped and why;
+the notes of the prepared datasets. The report is rebuilt from the files on disk, so a partial run reports the
+rows it finished and names the others "not run yet".
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from d4ir.distill.evaluate import AUTHORS_CAPTION, authors_table
 from d4ir.shards.io import atomic_write_json, atomic_write_text
 from d4ir.shards.layout import DONE_FILE, LOG_FILE, ExperimentLayout
 
@@ -162,6 +164,9 @@ def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
     for test in table.tests:
         count = next((s["count"] for k in table.rows if (s := _scores(_record(ctx, table, k), test))), None)
         parts += [f"### {test}" + (f" ({count} images)" if count else ""), "", results_table(ctx, table, test), ""]
+        authors = authors_table([(ROWS[k].type, ROWS[k].label, _scores(_record(ctx, table, k), test))
+                                 for k in table.rows])
+        parts += [AUTHORS_CAPTION, "", authors, ""] if authors else []
     parts += [f"- {note}" for note in table.notes]
     parts += [f"- row {k} skipped: {reason}" for k, reason in table.skipped_rows.items()]
     grid = table_grid(ctx, table, ctx.paths.samples / f"table-{slug(table.name)}.png")

@@ -1,0 +1,145 @@
+"""The restoration-network families: one table entry per architecture (a BasicSR-style registry).
+
+A family is everything the tool needs to know about one architecture: its class, how to recognise its
+official state_dict and read the variant from the keys, its half-width student, the registry names, the
+size policy and output quantisation of its official test script, and DFMC's default teacher layers.
+`registry.py` (names, loading), `inference.py` (size policy), `evaluate.py` (authors' metrics) and
+`dfmc.py` (feature layers) read this table only. Adding an architecture is one `Family(...)` entry in
+`FAMILIES`; its module provides the class (keyword constructor, `self.config` = its kwargs) and the three
+functions `detect(state)`, `kwargs_from_state_dict(state)`, `half_kwargs(kwargs)`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from d4ir.distill import prenet
+from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
+from d4ir.distill.prenet import PReNet
+from d4ir.distill.restormer import Restormer
+from torch import nn
+
+State = dict[str, torch.Tensor]
+QUANTIZE = ("round", "truncate")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture.
+
+    Args:
+        cls: the nn.Module class; keyword constructor, `self.config` holds its kwargs.
+        names: registry names -> default kwargs (any width by overriding them in `build`).
+        detect: state_dict -> whether it is this family's official layout (keys only, cheap).
+        kwargs_from_state_dict: state_dict -> constructor kwargs of the variant the keys describe; raises
+            KeyError or ValueError (one line) for a state_dict it cannot describe.
+        half_kwargs: a model's kwargs (possibly partial) -> the half-width student's kwargs.
+        policy: (size policy, multiple) of the official test script: "crop", "pad" or "none" (any size).
+        needs_multiple: whether the network fails on sizes that are not multiples (policy "none" refused).
+        quantize: how the official test script turns the output into uint8: "round" or "truncate"
+            (uint8(255 * out) after clamping to [0, 1]); the authors'-convention metrics score that image.
+        contrastive_layers: DFMC's default teacher feature layers (module names); () means none.
+    """
+
+    cls: type[nn.Module]
+    names: dict[str, dict]
+    detect: Callable[[State], bool]
+    kwargs_from_state_dict: Callable[[State], dict]
+    half_kwargs: Callable[[dict], dict]
+    policy: tuple[str, int] = ("none", 1)
+    needs_multiple: bool = False
+    quantize: str = "round"
+    contrastive_layers: tuple[str, ...] = field(default=())
+
+
+def _airnet_detect(state: State) -> bool:
+    return "E.E.queue" in state and "R.head.0.weight" in state
+
+
+def _airnet_half(kwargs: dict) -> dict:
+    return {**kwargs, "n_feats": kwargs["n_feats"] // 2, "encoder_first": kwargs["encoder_first"] // 2}
+
+
+def _restormer_detect(state: State) -> bool:
+    return "patch_embed.proj.weight" in state and "output.weight" in state
+
+
+def _restormer_half(kwargs: dict) -> dict:
+    return {**kwargs, "dim": kwargs["dim"] // 2}
+
+
+def restormer_kwargs_from_state_dict(state: State) -> dict:
+    """Constructor kwargs matching a Restormer state_dict: dim and channels from the first/last convs,
+    block and head counts from the key names, LayerNorm type from the presence of norm biases."""
+    if "skip_conv.weight" in state:
+        raise ValueError("dual-pixel Restormer checkpoints (skip_conv) are not supported")
+    w = state["patch_embed.proj.weight"]  # [dim, C_in, 3, 3]
+    dim = int(w.shape[0])
+
+    def count(prefix: str) -> int:
+        pat = re.compile(rf"^{prefix}\.(\d+)\.")
+        return len({m.group(1) for k in state if (m := pat.match(k))})
+
+    levels = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
+    heads = [int(state[f"{lv}.0.attn.temperature"].shape[0]) for lv in levels]
+    hidden = int(state["encoder_level1.0.ffn.project_in.weight"].shape[0]) // 2
+    factor = 2.66 if int(dim * 2.66) == hidden else hidden / dim
+    return dict(
+        inp_channels=int(w.shape[1]),
+        out_channels=int(state["output.weight"].shape[0]),
+        dim=dim,
+        num_blocks=[count(lv) for lv in levels],
+        num_refinement_blocks=count("refinement"),
+        heads=heads,
+        ffn_expansion_factor=factor,
+        bias="encoder_level1.0.attn.qkv.bias" in state,
+        layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in state else "BiasFree",
+    )
+
+
+# Base key (what a checkpoint's "arch" field names) -> family. Detection tries the entries in this order.
+FAMILIES: dict[str, Family] = {
+    "airnet": Family(
+        AirNet,
+        names={"airnet": dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5),
+               "half-airnet": dict(n_feats=32, encoder_first=32)},
+        detect=_airnet_detect, kwargs_from_state_dict=airnet_kwargs_from_state_dict, half_kwargs=_airnet_half,
+        policy=("crop", 16), contrastive_layers=("E.E.encoder_q.E_pre",),
+    ),
+    "restormer": Family(
+        Restormer,
+        names={"restormer": dict(dim=48), "restormer-24": dict(dim=24), "restormer-12": dict(dim=12)},
+        detect=_restormer_detect, kwargs_from_state_dict=restormer_kwargs_from_state_dict,
+        half_kwargs=_restormer_half, policy=("pad", 8), needs_multiple=True,
+        contrastive_layers=("encoder_level1", "encoder_level2"),
+    ),
+    "prenet": Family(
+        PReNet,
+        names={"prenet": dict(channels=32, stages=6, recurrent=True, recursive=False),
+               "prenet-r": dict(recursive=True), "prn": dict(recurrent=False),
+               "prn-r": dict(recurrent=False, recursive=True), "half-prenet": dict(channels=16)},
+        detect=prenet.detect, kwargs_from_state_dict=prenet.kwargs_from_state_dict, half_kwargs=prenet.half_kwargs,
+        quantize="truncate", contrastive_layers=("res_conv1",),
+    ),
+}
+
+
+def family_named(key: str) -> Family:
+    """The family of a base key ('airnet', 'prenet', ...); KeyError for an unknown one."""
+    return FAMILIES[key]
+
+
+def family_key_of(model: nn.Module) -> str | None:
+    """The base key of a model built from one of the families, or None for any other module."""
+    for key, fam in FAMILIES.items():
+        if isinstance(model, fam.cls):
+            return key
+    return None
+
+
+def detect_family(state: State) -> str | None:
+    """The base key of the first family whose official layout `state` has, or None."""
+    return next((key for key, fam in FAMILIES.items() if fam.detect(state)), None)
