@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from d4ir.distill import prenet
+from d4ir.distill import gcanet, ldnet, prenet
 from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
+from d4ir.distill.gcanet import GCANet
+from d4ir.distill.ldnet import LightDehazeNet
 from d4ir.distill.prenet import PReNet
 from d4ir.distill.restormer import Restormer
 from torch import nn
@@ -42,6 +44,8 @@ class Family:
         quantize: how the official test script turns the output into uint8: "round" or "truncate"
             (uint8(255 * out) after clamping to [0, 1]); the authors'-convention metrics score that image.
         contrastive_layers: DFMC's default teacher feature layers (module names); () means none.
+        unread: what the keys of an official file cannot tell (loaded without a registry name, the family's
+            first name's value is taken, with this warning).
     """
 
     cls: type[nn.Module]
@@ -53,6 +57,7 @@ class Family:
     needs_multiple: bool = False
     quantize: str = "round"
     contrastive_layers: tuple[str, ...] = field(default=())
+    unread: str = ""
 
 
 def _airnet_detect(state: State) -> bool:
@@ -123,6 +128,22 @@ FAMILIES: dict[str, Family] = {
                "prn-r": dict(recurrent=False, recursive=True), "half-prenet": dict(channels=16)},
         detect=prenet.detect, kwargs_from_state_dict=prenet.kwargs_from_state_dict, half_kwargs=prenet.half_kwargs,
         quantize="truncate", contrastive_layers=("res_conv1",),
+    ),
+    # GCANet's dehaze and derain files have the same keys: the output rule (residual or not) is the name's
+    "gcanet": Family(
+        GCANet,
+        names={"gcanet-dehaze": dict(channels=64, residual=True), "gcanet-derain": dict(channels=64, residual=False),
+               "half-gcanet-dehaze": dict(channels=32, residual=True),
+               "half-gcanet-derain": dict(channels=32, residual=False)},
+        detect=gcanet.detect, kwargs_from_state_dict=gcanet.kwargs_from_state_dict, half_kwargs=gcanet.half_kwargs,
+        contrastive_layers=("res3", "res6"),
+        unread="the output rule: taken as dehazing (net + input); a deraining file needs --arch gcanet-derain",
+    ),
+    "ldnet": Family(
+        LightDehazeNet,
+        names={"ldnet": dict(width=8), "half-ldnet": dict(width=4)},
+        detect=ldnet.detect, kwargs_from_state_dict=ldnet.kwargs_from_state_dict, half_kwargs=ldnet.half_kwargs,
+        contrastive_layers=("e_conv_layer4", "e_conv_layer7"),
     ),
 }
 

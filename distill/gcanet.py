@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from d4ir.distill.sizes import pad_to_multiple
 from torch import nn
 
 SIZE_MULTIPLE = 4  # the authors' test script brings H and W to multiples of 4
@@ -60,17 +61,6 @@ def official_quantize(out: torch.Tensor) -> torch.Tensor:
     """The authors' output quantisation: round to the nearest of 256 levels and clamp, [0,1] scale in and out
     (their test script saves `round(pred).clamp(0, 255)` as uint8)."""
     return (out * 255.0).round().clamp(0.0, 255.0) / 255.0
-
-
-def _pad_bottom_right(x: torch.Tensor, base: int) -> torch.Tensor:
-    """Reflect-pad [B,C,H,W] at the bottom/right to multiples of `base`; replicate when a side is too short to
-    reflect (reflect needs pad < side). The same rule as Restormer's pad in distill.inference, kept here so the
-    network module does not import the inference module (which dispatches on network classes)."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % base, -w % base
-    if ph == 0 and pw == 0:
-        return x
-    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
 
 
 class SharedSeparableConv(nn.Module):
@@ -192,7 +182,7 @@ class GCANet(nn.Module):
         h, w = x.shape[-2:]
         img = x * 255.0
         inp = torch.cat((img, edge_map(img)), dim=1) - 128.0  # [B,4,H,W]
-        out = self.network(_pad_bottom_right(inp, self.size_multiple))[..., :h, :w]
+        out = self.network(pad_to_multiple(inp, self.size_multiple))[..., :h, :w]
         out = out + img if self.residual else F.relu(out)
         return out / 255.0
 

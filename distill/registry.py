@@ -147,11 +147,15 @@ def _load_official(path: Path, arch: str | None, weights_key: str | None = None)
             f"{path}: unknown checkpoint layout (keys of none of the families {', '.join(FAMILIES)}); "
             f"first keys: {list(obj)[:5]}"
         )
-    arch = _base_of_name(arch)
+    named, arch = arch, _base_of_name(arch)
     if guessed is not None and guessed != arch:
         raise ValueError(f"{path} holds a {guessed} state_dict, but arch={arch!r} was requested")
-    try:
-        kwargs = FAMILIES[arch].kwargs_from_state_dict(state)
+    fam = FAMILIES[arch]
+    if named not in fam.names and fam.unread:
+        named = next(iter(fam.names))
+        log.warning("%s: the keys do not say %s", path, fam.unread)
+    try:  # what the keys say wins; the registry name fills in what they cannot (GCANet's output rule)
+        kwargs = {**fam.names.get(named, {}), **fam.kwargs_from_state_dict(state)}
     except KeyError as err:  # keys the architecture needs are missing: a checkpoint of something else
         raise ValueError(f"{path}: {err.args[0] if err.args else err}") from err
     model = FAMILIES[arch].cls(**kwargs)

@@ -89,9 +89,11 @@ def models() -> None:
     """
     from d4ir.distill.registry import ARCHITECTURES, build, count_parameters
 
-    click.echo(f"{'name':<14} {'class':<10} {'params':>12}  kwargs")
+    wn = max(len(n) for n in ARCHITECTURES)
+    wc = max(len(cls.__name__) for cls, _ in ARCHITECTURES.values())
+    click.echo(f"{'name':<{wn}} {'class':<{wc}} {'params':>12}  kwargs")
     for name, (cls, kwargs) in ARCHITECTURES.items():
-        click.echo(f"{name:<14} {cls.__name__:<10} {count_parameters(build(name)):>12,}  {kwargs}")
+        click.echo(f"{name:<{wn}} {cls.__name__:<{wc}} {count_parameters(build(name)):>12,}  {kwargs}")
 
 
 @click.command("eval")

@@ -282,3 +282,35 @@ def test_bench_script_scores_every_run_and_writes_json(tmp_path, capsys):
     assert "| gcanet-derain | test1200_samples | 1 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(["--runs", "gcanet-dehaze,nope"])
+
+
+# ---------------------------------------------------------------- the families in the registry (d4ir models)
+def test_the_registry_builds_and_halves_both_families():
+    from d4ir.distill.registry import build, half_of
+
+    assert [count_parameters(build(n)) for n in ("gcanet-dehaze", "gcanet-derain", "ldnet")] == [702818, 702818,
+                                                                                                30187]
+    assert build("gcanet-derain").config == {"channels": 64, "residual": False}
+    assert half_of({"arch": "gcanet", "kwargs": {"channels": 64, "residual": False}}) == (
+        "gcanet", {"channels": 32, "residual": False})
+    assert count_parameters(build("half-ldnet")) == 7959
+
+
+def test_official_files_load_through_the_registry_with_the_named_output_rule(caplog):
+    """load_model recognises GCANet and Light-DehazeNet files by their keys, strictly; GCANet's output rule cannot
+    be read from its keys: without a name it is dehazing, with a warning saying so, and --arch gcanet-derain
+    gives the deraining rule."""
+    import logging
+
+    from d4ir.distill.registry import load_model
+
+    for path in (*GCANET_FILES.values(), LDNET_FILE):
+        _need(path)
+    with caplog.at_level(logging.WARNING, logger="d4ir.distill.registry"):
+        model, info = load_model(GCANET_FILES["dehaze"])
+    assert info["name"] == "gcanet-dehaze" and model.config == {"channels": 64, "residual": True}
+    assert "the keys do not say the output rule" in caplog.text
+    model, info = load_model(GCANET_FILES["derain"], arch="gcanet-derain")
+    assert info["name"] == "gcanet-derain" and model.config["residual"] is False
+    model, info = load_model(LDNET_FILE)
+    assert (info["arch"], info["name"], count_parameters(model)) == ("ldnet", "ldnet", 30187)
