@@ -14,21 +14,20 @@ drops the ConvLSTM. The four official models are four settings of `recurrent` an
 Speed (`fast`, on by default): the four gate convs run as one 2C -> 4C conv. For a frozen network (or
 under no_grad) its weights are concatenated once and cached (keyed on the parameters' versions, so a
 load_state_dict or an optimiser step invalidates them); the first stage skips the hidden-state half of the
-gates (h = 0). Under no_grad on the CPU in float32, every 3x3 conv runs through NNPACK's Winograd kernels
-(torch._nnpack_spatial_convolution: about half the time of torch's direct convs on this 2-core CPU, equal
-to ~1e-6 relative), and ReLUs, sums and gate activations run in place; with gradients, or without NNPACK,
-torch's own convs run. A traced/exported forward, or one with forward hooks on a submodule (DFMC's teacher
-features), takes the module-by-module path instead. `bench/prenet.py` measures both paths side by side.
-The state_dict keeps the official keys.
+gates (h = 0). Under no_grad on the CPU in float32 the forward is `distill.prenet_cpu.forward` (each conv by
+its fastest kernel there, activations fused or in place; equal to ~1e-6); with gradients (a teacher in the
+feedback loop) the fused gates run with torch's convs. A traced/exported forward, or one with forward hooks
+on a submodule (DFMC's teacher features), takes the module-by-module path instead. `bench/prenet.py` measures
+the fast and the module-by-module paths side by side. The state_dict keeps the official keys.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import prenet_cpu
 
 _GATES = ("conv_i", "conv_f", "conv_g", "conv_o")
 N_BLOCKS = 5
@@ -90,21 +89,13 @@ class PReNet(nn.Module):
             self._fused = (key, weight, bias)
         return self._fused[1], self._fused[2]
 
-    def _conv(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """conv(x) for a 3x3 stride-1 pad-1 conv, by NNPACK's Winograd kernels when `_winograd` allows."""
-        return _winograd(x, conv.weight, conv.bias) if self._use_winograd(x) else conv(x)
-
-    def _use_winograd(self, x: torch.Tensor) -> bool:
-        return (self.fast and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and _nnpack_ready())
-
     def _lstm_fused(self, f: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None):
         weight, bias = self._gate_weights()
         if h is None:  # first stage: h = 0, only the feature half of the gates contributes
             w, x = weight[:, : f.shape[1]], f
         else:
             w, x = weight, torch.cat([f, h], 1)
-        z = _winograd(x, w.contiguous(), bias) if self._use_winograd(x) else F.conv2d(x, w, bias, padding=1)
+        z = F.conv2d(x, w, bias, padding=1)
         i, fg, g, o = z.chunk(4, dim=1)
         if torch.is_grad_enabled():
             i, o, g = torch.sigmoid(i), torch.sigmoid(o), torch.tanh(g)
@@ -131,22 +122,24 @@ class PReNet(nn.Module):
             raise ValueError(f"PReNet expects a rainy batch [B,3,H,W], got shape {tuple(rainy.shape)}")
         if not self.fast or self._hooked() or _tracing():
             return self._forward_plain(rainy)
+        if prenet_cpu.available(rainy):
+            return prenet_cpu.forward(self, rainy)
         inplace = not torch.is_grad_enabled()  # no autograd graph: intermediate tensors can be reused
         relu = F.relu_ if inplace else F.relu
         x, h, c = rainy, None, None
         for _ in range(self.config["stages"]):
-            f = relu(self._conv(self.conv0[0], torch.cat([rainy, x], 1)))
+            f = relu(self.conv0[0](torch.cat([rainy, x], 1)))
             if self.config["recurrent"]:
                 h, c = self._lstm_fused(f, h, c)
                 f = h
             for k, block in enumerate(self._blocks()):
-                r = relu(self._conv(block[0], f))
-                r = relu(self._conv(block[2], r))
+                r = relu(block[0](f))
+                r = relu(block[2](r))
                 r = r.add_(f) if inplace else r + f
                 # relu(sum) is the identity when f >= 0: after a ReLU (conv0, or an earlier block's sum);
                 # only the first block after the LSTM (h in (-1, 1)) needs it
                 f = relu(r) if k == 0 and self.config["recurrent"] else r
-            x = self._conv(self.conv[0], f)
+            x = self.conv[0](f)
             x = x.add_(rainy) if inplace else x + rainy
         return x
 
@@ -175,20 +168,6 @@ def _tracing() -> bool:
     compiler = getattr(torch, "compiler", None)
     compiling = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
     return torch.jit.is_tracing() or torch.jit.is_scripting() or compiling
-
-
-@functools.cache
-def _nnpack_ready() -> bool:
-    """Whether torch was built with NNPACK; the call also initialises it (its convs fail before that)."""
-    try:
-        return bool(torch._nnpack_available())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """3x3 conv, stride 1, padding 1, by NNPACK (Winograd): [B,Cin,H,W] -> [B,Cout,H,W], float32 CPU."""
-    return torch._nnpack_spatial_convolution(x.contiguous(), weight, bias, [1, 1], [1, 1])
 
 
 def detect(state: dict[str, torch.Tensor]) -> bool:
