@@ -33,6 +33,19 @@ def synth_config(**overrides):
     return SynthConfig(ccd=ccd, **flat)
 
 
+def make_brightened_pairs(root: Path, count: int, shape: tuple[int, int]) -> Path:
+    """`count` paired random photos of `shape` (H, W) under root/{clean,degraded}/i.png, the degraded side
+    brightened by 40 levels (a simple "haze" a network learns in a few steps)."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        clean = rng.integers(0, 200, (*shape, 3), dtype=np.uint8)
+        degraded = np.clip(clean.astype(int) + 40, 0, 255).astype(np.uint8)
+        for name, img in (("clean", clean), ("degraded", degraded)):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
 def round_manifest(sd: str = "tiny", shards: dict | None = None, **changes):
     """A complete, valid RoundManifest for tests that need one on disk (fields as `synthesize` writes them)."""
     from dataclasses import replace

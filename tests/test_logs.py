@@ -7,11 +7,10 @@ import io
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from cli_helpers import cli
+from conftest import make_brightened_pairs
 from d4ir.distill.teacher import SupervisedConfig, train_supervised
-from PIL import Image
 
 TINY = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=8)
 FLAGS = ["--epochs", "2", "--iters-per-epoch", "2", "--batch-size", "2", "--crop", "16", "--device", "cpu",
@@ -31,14 +30,7 @@ class _Stream(io.StringIO):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        clean = rng.integers(0, 200, (24, 24, 3), dtype=np.uint8)
-        for name, img in (("clean", clean), ("degraded", np.clip(clean.astype(int) + 40, 0, 255))):
-            (root / name).mkdir(exist_ok=True)
-            Image.fromarray(img.astype(np.uint8)).save(root / name / f"{i}.png")
-    return root
+    return make_brightened_pairs(tmp_path_factory.mktemp("pairs"), 4, (24, 24))
 
 
 def _train(pairs: Path, out: Path) -> None:

@@ -7,24 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_brightened_pairs
 from d4ir.distill.evaluate import evaluate_model
 from d4ir.distill.registry import load_model
 from d4ir.distill.teacher import SupervisedConfig, train_supervised
 from d4ir.shards.pairs import find_pairs
-from PIL import Image
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        clean = rng.integers(0, 200, (32, 40, 3), dtype=np.uint8)
-        degraded = np.clip(clean.astype(int) + 40, 0, 255).astype(np.uint8)  # a simple brightening "haze"
-        for name, img in (("clean", clean), ("degraded", degraded)):
-            (root / name).mkdir(exist_ok=True)
-            Image.fromarray(img).save(root / name / f"{i}.png")
-    return root
+    return make_brightened_pairs(tmp_path_factory.mktemp("pairs"), 6, (32, 40))
 
 
 def _config(epochs: int) -> SupervisedConfig:
