@@ -32,7 +32,6 @@ from .metrics import authors_scores, psnr, ssim
 from .registry import count_parameters
 from .teachers import load_teacher, teacher_record
 
-METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 AUTHORS_METRICS = ("authors_psnr_y", "authors_ssim_y")
 OURS = "float output clamped to [0,1], peak 1, SSIM 11x11 Gaussian per channel"
 CONVENTIONS = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from d4ir.shards.folders import ImageScan, check_files, scan_images
+from d4ir.shards.folders import check_files, scan_images
 from d4ir.shards.images import read_rgb
 from d4ir.shards.layout import RunLayout
 from d4ir.shards.records import RoundManifest
@@ -153,11 +153,3 @@ class FeedbackLoop(nn.Module):
         )
         return result.round_dir
 
-
-def image_source(folder: Path) -> tuple[list[np.ndarray], ImageScan]:
-    """Every usable image of a folder in memory (for the "original" and "web" baselines), and the scan that
-    counted the rest; none usable is an error naming the folder and what was skipped."""
-    scan = scan_images(folder, min_side=1)
-    if not scan.paths:
-        raise ValueError(f"{folder}: no usable image to train on ({scan.summary()})")
-    return [read_rgb(p, min_side=1) for p in scan.paths], scan

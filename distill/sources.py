@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from d4ir.shards.embeddings import load_embeddings
 from d4ir.shards.errors import StageFailedError
+from d4ir.shards.folders import ImageScan, scan_images
+from d4ir.shards.images import read_rgb
 from d4ir.shards.layout import EMBEDDINGS_FILE, RunLayout, parse_shard
 from d4ir.shards.pairs import find_pairs
 from d4ir.shards.reader import shard_dataset, shard_urls
@@ -39,7 +41,7 @@ from .config import DistillConfig
 from .data import random_crop, to_batch
 from .datafree import AdversarialSource
 from .ddp import DistContext
-from .feedback import FeedbackLoop, image_source, round0_photos, synth_config_of
+from .feedback import FeedbackLoop, round0_photos, synth_config_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,15 @@ def _as_is(sample: dict) -> dict:
 def _damaged(problems: list[Finding]) -> tuple[set[str], list[Finding]]:
     """(shard names the problems are about, the problems about no shard: those no skip can mend)."""
     return {p.shard for p in problems if p.shard}, [p for p in problems if not p.shard]
+
+
+def image_source(folder: Path) -> tuple[list[np.ndarray], ImageScan]:
+    """Every usable image of a folder in memory (for the "original" and "web" baselines), and the scan that
+    counted the rest; none usable is an error naming the folder and what was skipped."""
+    scan = scan_images(folder, min_side=1)
+    if not scan.paths:
+        raise ValueError(f"{folder}: no usable image to train on ({scan.summary()})")
+    return [read_rgb(p, min_side=1) for p in scan.paths], scan
 
 
 class ShardBatches:
