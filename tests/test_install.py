@@ -62,6 +62,7 @@ def fresh_venv(tmp_path_factory) -> Path:
     return env_dir
 
 
+@pytest.mark.slow
 def test_installed_names_do_not_clash_with_other_packages(fresh_venv, tmp_path):
     py, d4ir = fresh_venv / "bin" / "python", fresh_venv / "bin" / "d4ir"
     # the wheel holds one top-level package, d4ir, with the shipped weather model inside it
