@@ -2,11 +2,12 @@
 
 On the 2-core CPU at 480x320 (ad-hoc per-conv timings of the session that wrote this; bench/prenet.py measures
 the whole forward), oneDNN in channels_last was the fastest for the 32-channel convs and NNPACK's Winograd for
-the fused 64 -> 128 gate conv, so the network runs in channels_last through oneDNN
-(`mkldnn._convolution_pointwise`, which also applies the ReLU after a conv in the conv's epilogue) and only
-the fused gate conv (i, f, g, o as one 2C -> 4C conv) goes through NNPACK in NCHW, one layout change of f and
-one of h per stage. Activations and sums run in place. The outputs equal the module-by-module forward to ~1e-6 (tests/test_prenet.py). `available(x)` says whether this
-path applies: both kernels built into torch, no gradient wanted, a CPU float32 input.
+the fused 64 -> 128 gate conv. So the network runs in channels_last through oneDNN
+(`mkldnn._convolution_pointwise`, which also applies the ReLU after a conv in the conv's epilogue), and only
+the fused gate conv (i, f, g, o as one 2C -> 4C conv) goes through NNPACK in NCHW: one layout change of f and
+one of h per stage. Activations and sums run in place. The outputs equal the module-by-module forward to ~1e-6
+(tests/test_prenet.py). `available(x)` says whether this path applies: both kernels built into torch, no
+gradient wanted, a CPU float32 input.
 """
 
 from __future__ import annotations
