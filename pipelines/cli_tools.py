@@ -10,6 +10,7 @@ import click
 from d4ir.shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from d4ir.synth.plan import WEATHERS
 
+from .experiments.tables import TABLES
 from .options import weights_key_option
 
 _path = click.Path(path_type=Path)
@@ -301,7 +302,7 @@ def export_cmd(model_path, out, images, deform_op, int8_out, weights_key) -> Non
               help="Source folder of the config's `prepare` datasets (repeatable: NAME=DIR sets one), e.g. "
               "../shared/data from a clone. Relative paths of a shipped config otherwise resolve against the "
               "current folder.")
-@click.option("--table", "tables", multiple=True, help="Run only this table (repeatable): 1-5, desnow, all.")
+@click.option("--table", "tables", multiple=True, help=f"Run only this table (repeatable): {', '.join(TABLES)}.")
 @click.option("--report-only", is_flag=True, help="Rebuild OUT/report.md from the finished rows; train nothing.")
 def experiments(config: str | None, list_: bool, out: Path | None, data: tuple[str, ...], tables: tuple[str, ...],
                 report_only: bool) -> None:
@@ -311,7 +312,8 @@ def experiments(config: str | None, list_: bool, out: Path | None, data: tuple[s
     CONFIG is a config file, or the name of one shipped with d4ir (`--list`; e.g. `cpu-matrix`: the whole matrix
     on the CPU). The config names the SD, the scale (a preset with per-stage overrides), the seed and device, the
     datasets to prepare, the tasks (teachers, web folders, original pairs, named test sets) and the tables: 1
-    deraining, 2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one). A rerun skips
+    deraining, 2 dehazing, 3 ablation (M0-M5), 4 SPA, 5 Restormer, desnow, all (all-in-one), real (a published
+    teacher on real data, every baseline). A rerun skips
     finished rows and resumes an interrupted one; OUT/report.md puts the paper's numbers beside ours. A file's
     relative paths are relative to the file; a shipped config's to the current folder, and `--data` names its
     datasets' source folder (`d4ir experiments cpu-matrix --data ../shared/data` from a clone). See README.md.

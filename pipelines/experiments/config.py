@@ -196,6 +196,8 @@ class ExperimentConfig:
         prepare: dataset builders to run, name -> the shared data folder they read (e.g. rain100l-split).
         tasks: name -> `TaskConfig`.
         tables: the tables to run (`TableSpec`), in report order.
+        eval_limit: score every row on only the first N pairs of each test set (a smoke run; the report says so);
+            None scores them all.
     """
 
     out: Path
@@ -209,6 +211,7 @@ class ExperimentConfig:
     prepare: dict[str, Path] = field(default_factory=dict)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     tables: tuple[TableSpec, ...] = ()
+    eval_limit: int | None = None
 
     def __post_init__(self) -> None:
         from .datasets import BUILDERS
@@ -219,6 +222,9 @@ class ExperimentConfig:
             raise ValueError(f"vs_teacher: expected true or false, got {self.vs_teacher!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: expected a positive integer, got {self.threads!r}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or isinstance(self.eval_limit, bool)
+                                            or self.eval_limit < 1):
+            raise ValueError(f"eval_limit: expected a positive integer (or null), got {self.eval_limit!r}")
         if not isinstance(self.sd, str) or not self.sd.strip():
             raise ValueError(f"sd: expected an SD spec (e.g. tiny), got {self.sd!r}")
         for name in ("sd_config", "device"):

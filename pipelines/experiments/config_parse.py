@@ -26,7 +26,7 @@ from .config import (
 from .tables import TABLES
 
 TOP = ("description", "out", "sd", "sd_config", "scale", "seed", "device", "threads", "vs_teacher", "prepare", "tasks",
-       "tables")
+       "tables", "eval_limit")
 TASK = ("weather", "teacher", "restormer_teacher", "web_degraded", "web_clean", "original", "test", "val", "mix")
 TEACHER = ("checkpoint", "train", "arch", "kwargs", "overrides", "student", "student_kwargs")
 TABLE = ("task", "teacher", "tests", "rows")
@@ -205,4 +205,4 @@ def parse_config(data: Any, base: Path, out: str | Path | None = None) -> Experi
         seed=top.get("seed", 0), device=top.get("device"), threads=top.get("threads"),
         vs_teacher=top.get("vs_teacher", False),
         prepare={name: paths.path(v, f"prepare.{name}") for name, v in prepare.items()},
-        tasks=tasks, tables=_tables(top.get("tables", [])))
+        tasks=tasks, tables=_tables(top.get("tables", [])), eval_limit=top.get("eval_limit"))

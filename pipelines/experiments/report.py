@@ -203,6 +203,9 @@ def build_report(ctx: Context, tables: list[PlannedTable]) -> Path:
              "whether it scores RGB or Y; its numbers stand beside our RGB columns. A row's time is its own "
              "training and scoring (the Teacher row includes the teacher's training); the steps that rows share "
              "are listed below.", ""]
+    if cfg.eval_limit:
+        parts += [f"**Smoke scale: every row is scored on only the first {cfg.eval_limit} pairs of each test set "
+                  "(`eval_limit`); these numbers are not comparable with the full test sets'.**", ""]
     for table in tables:
         parts += _table_section(ctx, table)
     tasks = list(dict.fromkeys(t.task for t in tables if not t.skipped))

@@ -100,11 +100,16 @@ def _evaluate(ctx: Context, task: str, field: str, row: RowDef, model: str, teac
     out = row_dir(ctx, task, field, row.key) / slug(test) / EVAL_FILE
     t0 = time.perf_counter()
     reference = teacher if ctx.config.vs_teacher and row.key != "Teacher" else None
-    stages.evaluate(model, pairs, out, reference=reference, device=ctx.device,
+    stages.evaluate(model, pairs, out, reference=reference, device=ctx.device, limit=ctx.config.eval_limit,
                     progress=False, type=row.type, method=row.label, task=task, teacher=field, row=row.key,
                     test=test)
     return {"eval": str(out), "pairs": str(pairs), "vs_teacher": reference is not None,
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "limit": ctx.config.eval_limit, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _scored(record: dict, vs_teacher: bool) -> tuple:
+    """What an eval record was scored on: (pairs, vs_teacher, limit); records older than `limit` scored all."""
+    return record.get("pairs"), record.get("vs_teacher", vs_teacher), record.get("limit")
 
 
 def run_row(ctx: Context, task: str, field: str, key: str, tests: list[str]) -> dict:
@@ -128,9 +133,8 @@ def run_row(ctx: Context, task: str, field: str, key: str, tests: list[str]) -> 
 
     marker = row_dir(ctx, task, field, key) / DONE_FILE
     record = marked(marker, settings, run, title=f"{task}: {key} ({TEACHER_NAMES[field]} teacher)", log=ctx.log)
-    want = ctx.config.vs_teacher and key != "Teacher"
-    missing = [t for t in tests if (record["evals"].get(t, {}).get("pairs"), record["evals"].get(t, {}).get(
-        "vs_teacher", want)) != (str(ctx.test_dir(task, t)), want)]
+    want = (ctx.config.vs_teacher and key != "Teacher", ctx.config.eval_limit)
+    missing = [t for t in tests if _scored(record["evals"].get(t, {}), want[0]) != (str(ctx.test_dir(task, t)), *want)]
     for t in missing:
         ctx.log(f"== {task}: {key}, scoring on {t}")
         record["evals"][t] = _evaluate(ctx, task, field, row, record["model"], teacher, t)

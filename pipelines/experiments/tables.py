@@ -70,7 +70,7 @@ class TableDef:
     """One of the paper's tables.
 
     Args:
-        name: its key in configs (1-5, desnow, all).
+        name: its key in configs (1-5, desnow, all, real).
         title: the report's heading.
         task: the task it runs on by default.
         teacher: the task's teacher field it distils (teacher, or restormer_teacher for Table 5).
