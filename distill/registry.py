@@ -62,7 +62,19 @@ def half_of(info: dict) -> tuple[str, dict]:
     """The architecture and kwargs of a loaded teacher (`load_model`'s info) with feature channels halved by
     its family's `half_kwargs`: AirNet's n_feats and encoder_first, Restormer's dim (the paper's students),
     PReNet's channels."""
-    return info["arch"], FAMILIES[_base_of_name(info["arch"])].half_kwargs(dict(info["kwargs"]))
+    base = _base_of_name(info["arch"])
+    kwargs = FAMILIES[base].half_kwargs(dict(info["kwargs"]))
+    return name_of(base, kwargs), kwargs
+
+
+def name_of(base: str, kwargs: dict) -> str:
+    """A registry name that `build` accepts for a `base` family network with these (complete) kwargs: the name whose
+    defaults they equal (e.g. half-gcanet-derain), else the base key when it is a name, else the family's first name
+    (the kwargs override its defaults). A checkpoint records its family's base key, which is not always a registry
+    name (GCANet's is not: its names carry the output rule)."""
+    names = FAMILIES[base].names
+    same = [n for n, d in names.items() if all(kwargs.get(k) == v for k, v in d.items())]
+    return same[0] if same else base if base in names else next(iter(names))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -291,8 +291,11 @@ def test_the_registry_builds_and_halves_both_families():
     assert [count_parameters(build(n)) for n in ("gcanet-dehaze", "gcanet-derain", "ldnet")] == [702818, 702818,
                                                                                                 30187]
     assert build("gcanet-derain").config == {"channels": 64, "residual": False}
-    assert half_of({"arch": "gcanet", "kwargs": {"channels": 64, "residual": False}}) == (
-        "gcanet", {"channels": 32, "residual": False})
+    # an official file records the base key "gcanet", which is no registry name: the half student's name is one
+    name, kwargs = half_of({"arch": "gcanet", "kwargs": {"channels": 64, "residual": False}})
+    assert (name, kwargs) == ("half-gcanet-derain", {"channels": 32, "residual": False})
+    assert build(name, **kwargs).config == {"channels": 32, "residual": False}
+    assert half_of({"arch": "gcanet", "kwargs": {"channels": 48, "residual": True}})[0] == "gcanet-dehaze"
     assert count_parameters(build("half-ldnet")) == 7959
 
 
