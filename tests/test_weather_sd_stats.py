@@ -11,6 +11,7 @@ import torch
 from d4ir.pipelines.weather import degrade
 from d4ir.pipelines.weather_sd.data import WeatherSetConfig, build_weather_set
 from d4ir.pipelines.weather_sd.stats import (
+    colour_stats,
     content_kept,
     dark_channel,
     dominant_angle,
@@ -117,3 +118,15 @@ def test_bad_input_is_rejected():
         weather_stats(torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="differ in shape"):
         content_kept(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 16, 16))
+
+
+def test_colour_stats_match_their_definitions():
+    grey = torch.full((1, 3, 16, 16), 0.4)
+    red = torch.zeros(1, 3, 16, 16)
+    red[:, 0] = 1.0
+    pink = torch.tensor([0.9, 0.6, 0.7]).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    out = colour_stats(torch.cat([grey, red, pink]))
+    assert torch.allclose(out["saturation"], torch.tensor([0.0, 1.0, 0.3]))
+    assert torch.allclose(torch.stack([out["r"], out["g"], out["b"]], 1)[2], torch.tensor([0.9, 0.6, 0.7]))
+    with pytest.raises(ValueError):
+        colour_stats(torch.zeros(1, 1, 16, 16))

@@ -15,6 +15,8 @@ L is the BT.601 luma (without offset), G_s a Gaussian blur of sigma s (reflect p
   l2 ~ 0, a short rain dash l2 << l1 in size, so R = max_s s^2 max(0, -l2) (l2 / l1)^2 (the roundness weight
   keeps 64-px rain dashes, only 2-4 times longer than wide, from counting as flakes). Blobs are 3x3 local
   maxima of R above BLOB_THRESHOLD; the statistic is blobs per 1000 pixels.
+- Colour (what a colour cast or a washed-out synthesis changes): saturation = mean over pixels of
+  max(R, G, B) - min(R, G, B) (0 for grey), and the mean of each channel (a cast makes them unequal).
 - Content kept: PSNR and SSIM (distill.metrics) between G_2 of the output and G_2 of the clean source, so
   fine weather (streaks, flakes) counts little and a moved or lost structure counts fully.
 """
@@ -139,6 +141,14 @@ def snow_blob_density(x: torch.Tensor, threshold: float = BLOB_THRESHOLD) -> tor
     resp = blob_response(x)
     peaks = (resp == F.max_pool2d(resp, 3, stride=1, padding=1)) & (resp > threshold)
     return peaks.flatten(1).float().mean(dim=1) * 1e3
+
+
+def colour_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"saturation", "r", "g", "b"}, each [B]: mean max-min over RGB per pixel, and each channel's mean."""
+    x = _check(x)
+    means = x.mean(dim=(2, 3))  # [B, 3]
+    return {"saturation": (x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2)),
+            "r": means[:, 0], "g": means[:, 1], "b": means[:, 2]}
 
 
 def weather_stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
