@@ -27,6 +27,7 @@ from d4ir.shards.layout import (
 )
 from d4ir.shards.state import StateError, check_schema
 from d4ir.shards.writer import read_manifest
+from d4ir.synth.embed import encoder_record
 from d4ir.synth.sd import SDSource
 from d4ir.synth.worker import Distributor
 
@@ -303,7 +304,7 @@ class _Training:
             save_model(self.out / STUDENT_STEM, self.student, self.name)
             if self.loop is not None:
                 save_weights(self.out / PROMPT_ENCODER_STEM, self.loop.encoder.state_dict(),
-                             {"arch": "PromptEncoder", "encoder": self.loop.encoder.config})
+                             encoder_record(self.loop.encoder, self.loop.record(self.round)))
 
         self.epochs.end_epoch(epoch, record, save, extra={"round": self.round, "metrics": self.metrics},
                               **self._objects())

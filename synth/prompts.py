@@ -33,7 +33,7 @@ from d4ir.shards.progress import progress_bar
 from d4ir.shards.state import StateError, changed_settings, load_state, restoring, save_state, trim_log
 from d4ir.shards.tracking import track_record
 
-from .embed import export_prompts, prompt_encoder_info
+from .embed import EncoderTraining, export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, moco_step
 from .prompt_encoder import DEFAULT_PROMPT_TOKENS, PromptEncoder
 from .sd_parts import SDParts
@@ -293,16 +293,13 @@ def train_prompts(
     encoder = query_enc.eval()
     if encoder.has_base:
         encoder.set_prompt_strength(config.prompt_strength)
-    training = {k: v for k, v in args.items() if k != "images"} | {
-        "base": "zeros" if base is None else "empty-text",
-        "steps": config.steps,
-        "prompt_strength": config.prompt_strength,
-        "embed_side": config.embed_side,
-        "num_images": len(paths),
-        "degraded_dir": str(degraded_dir.resolve()),
-    }
-    exported = export_prompts(encoder, paths, out_dir, sd, training=training, embed_side=config.embed_side,
-                              batch_size=config.batch_size, device=device)
+    training = EncoderTraining(
+        crop=config.crop, embed_side=config.embed_side, moco=config.moco, degraded_dir=str(degraded_dir.resolve()),
+        num_images=len(paths), round=0, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+        seed=config.seed, base="zeros" if base is None else "empty-text", base_sha256=args["base_sha256"],
+        prompt_strength=config.prompt_strength)
+    exported = export_prompts(encoder, paths, out_dir, sd, training=training, batch_size=config.batch_size,
+                              device=device)
     log.info("wrote %d prompts [%d x %d] to %s", len(paths), config.prompt_tokens, dim, exported.embeddings_path)
     return PromptsResult(
         out_dir=out_dir,

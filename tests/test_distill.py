@@ -22,7 +22,7 @@ from d4ir.distill.trainer import DistillConfig, DistillResult, distill
 from d4ir.shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
 from d4ir.shards.pairs import find_pairs
 from d4ir.shards.writer import read_manifest
-from d4ir.synth.embed import load_prompt_encoder
+from d4ir.synth.embed import EncoderTraining, load_prompt_encoder
 from d4ir.synth.sd import build_tiny_sd, load_sd_cached, save_sd
 
 # Tiny steps everywhere: 16x16 crops, batches of 2, one feedback image per step.
@@ -66,7 +66,7 @@ def test_feedback_loss_reaches_encoder_not_sd(tiny_run):
     parts = load_sd_cached("tiny", "cpu", "float32")
     ccd = synth_config_of(read_manifest(r.root / "shards" / "round-000")).ccd
     loop = FeedbackLoop(r.root / "prompts", parts, r.degraded, r.clean, ccd)
-    assert loop.crop == 16 and loop.moco.queue_size == 4  # stage 1's crop and MoCo settings
+    assert loop.training.crop == 16 and loop.training.moco.queue_size == 4  # stage 1's crop and MoCo settings
     teacher, info = load_model(r.teacher)
     teacher.requires_grad_(False)
     arch, kwargs = half_of(info)
@@ -238,6 +238,12 @@ def test_regeneration_rounds(straight):
         assert m.provenance.encoder_sha256 == state_dict_sha256(enc)  # the KD-updated encoder of that round
         hashes.append(m.provenance.encoder_sha256)
     assert len(set(hashes)) == 3, "each round must be made by a different (further trained) encoder"
+    # every prompt encoder's training record has one shape: stage 1's, with the round that wrote it
+    stage1 = json.loads((r.root / "prompts" / "prompt_encoder.json").read_text())["training"]
+    for n, folder in ((1, student / "prompts" / "round-001"), (2, student / "prompts" / "round-002"), (2, student)):
+        record = json.loads((folder / "prompt_encoder.json").read_text())["training"]
+        assert record == stage1 | {"round": n}
+        assert EncoderTraining.read(folder) == dataclasses.replace(EncoderTraining.read(r.root / "prompts"), round=n)
     # the joint phase ends with epoch 2, so the final encoder is the one that made round 2
     assert state_dict_sha256(load_weights(r.root / "students" / "s" / "prompt_encoder")[0]) == hashes[2]
     log = read_jsonl(r.root / "students" / "s" / "train.jsonl")
