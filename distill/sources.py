@@ -33,8 +33,8 @@ from d4ir.shards.reader import shard_dataset, shard_urls
 from d4ir.shards.records import RoundManifest
 from d4ir.shards.verify import Finding, verify_shards
 from d4ir.shards.writer import check_manifest, read_manifest, read_stats
+from d4ir.synth.inputs import check_sd
 from d4ir.synth.sd import SDSource, load_sd_cached
-from d4ir.synth.worker import check_sd
 from torch.utils.data import DataLoader
 
 from .config import DistillConfig

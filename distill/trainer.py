@@ -56,8 +56,10 @@ def student_name(student: str) -> str:
     return "half-teacher" if student == "half" else student
 
 
-def check_inputs(config: DistillConfig, degraded_dir, clean_dir, original_dir) -> None:
-    """Every input error that can be found before any work starts, in one line each."""
+def check_inputs(config: DistillConfig, *, degraded_dir: Path | None, clean_dir: Path | None,
+                 original_dir: Path | None) -> None:
+    """Every error of the input folders `config` needs that can be found before any work starts (the input-check
+    contract: docs/architecture.md)."""
     if config.joint and (degraded_dir is None or clean_dir is None):
         raise ValueError("the joint phase needs the web folders (--degraded, --clean); or set --joint-epochs 0, "
                          "or pin --round to train on an existing round only")
@@ -157,7 +159,7 @@ def distill(
         name: the student's folder under RUN/students (default: the student name, or half-teacher).
         teacher_key: the entry of an official teacher .pth holding its weights (default: params_ema first).
     """
-    check_inputs(config, degraded_dir, clean_dir, original_dir)
+    check_inputs(config, degraded_dir=degraded_dir, clean_dir=clean_dir, original_dir=original_dir)
     val = load_pairs(val_dir) if val_dir else None  # read now: a bad pair is counted before any epoch runs
     run_ = _Training.start(RunLayout(run), teacher_path, config, name, resume=resume, device=device,
                            sd_source=sd_source, degraded_dir=degraded_dir, clean_dir=clean_dir,

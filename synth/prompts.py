@@ -155,13 +155,27 @@ def _warn_about_base(sd: SDParts, base: torch.Tensor | None, tokens: int) -> Non
     if base is None:
         msg = (f"SD {sd.model_id!r} has no text encoder: the prompt encoder's base prompt is zeros, not the empty-text "
                "embedding, so a fresh encoder is not SD's unconditional context (see synth/prompt_encoder.py)")
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=4)
         return
     length = int(getattr(getattr(sd, "tokenizer", None), "model_max_length", tokens))
     if tokens < length:
         msg = (f"prompt_tokens={tokens} < the text encoder's {length} tokens: the base prompt is the empty text cut "
                f"to {tokens} tokens, which is not SD's unconditional context (see synth/prompt_encoder.py)")
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=4)
+
+
+def check_inputs(config: PromptsConfig, *, sd: SDParts) -> torch.Tensor | None:
+    """The SD's base prompt checked (the input-check contract: docs/architecture.md): its empty-text prompt
+    [1, L, D] in float32 on the CPU, or None (with a warning) when it has no text encoder."""
+    base = sd.empty_prompt(num_tokens=config.prompt_tokens)
+    _warn_about_base(sd, base, config.prompt_tokens)
+    if base is None:
+        return None
+    base, dim = base.detach().float().cpu(), int(sd.cross_attention_dim)
+    if base.ndim != 3 or base.shape[0] != 1 or base.shape[1] != config.prompt_tokens:
+        raise ValueError(f"SD empty prompt has shape {tuple(base.shape)}, expected [1, {config.prompt_tokens}, {dim}]")
+    _check_width(f"the empty prompt of SD {sd.model_id!r}", int(base.shape[2]), dim)
+    return base
 
 
 def train_prompts(
@@ -191,15 +205,7 @@ def train_prompts(
         if not hasattr(sd, attr):
             raise TypeError(f"sd must be a loaded SD (synth.sd.load_sd); {type(sd).__name__} has no {attr}")
     dim = int(sd.cross_attention_dim)
-    base = sd.empty_prompt(num_tokens=config.prompt_tokens)
-    _warn_about_base(sd, base, config.prompt_tokens)
-    if base is not None:
-        base = base.detach().float().cpu()
-        if base.ndim != 3 or base.shape[0] != 1 or base.shape[1] != config.prompt_tokens:
-            raise ValueError(
-                f"SD empty prompt has shape {tuple(base.shape)}, expected [1, {config.prompt_tokens}, {dim}]"
-            )
-        _check_width(f"the empty prompt of SD {sd.model_id!r}", int(base.shape[2]), dim)
+    base = check_inputs(config, sd=sd)
     state_path, log_path = out_dir / STATE_FILE, out_dir / LOG_FILE
     state = None
     if resume:
