@@ -15,7 +15,8 @@ moves the synthesized image and so the teacher-student discrepancy. L_cl (Eq. 3)
 degradation-aware: MoCo on two crops of a web degraded image with stage 1's MoCo settings, a momentum key
 encoder (started as a copy of the encoder) and a fresh queue. Every R epochs the real sampler regenerates
 the shards with the updated encoder (`regenerate`), so the improved prompts reach the student through the
-data; those rounds belong to the student (shards.layout).
+data; those rounds belong to the student (shards.layout). `open_loop` loads the SD for it (checked to be the one the
+shards were made by) and builds it.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ from d4ir.shards.records import RoundManifest
 from d4ir.shards.writer import read_manifest
 from d4ir.synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
 from d4ir.synth.embed import EncoderTraining, export_prompts, load_prompt_encoder
+from d4ir.synth.inputs import check_sd
 from d4ir.synth.moco import MoCoQueue, moco_step
 from d4ir.synth.plan import SynthConfig
-from d4ir.synth.sd import SDSource
+from d4ir.synth.sd import SDSource, load_sd_cached
 from d4ir.synth.sd_parts import SDParts
 from d4ir.synth.worker import Distributor, synthesize
 from torch import nn
 
+from .config import DistillConfig
 from .data import random_crop, to_batch
 from .losses import kd_loss
 
@@ -155,3 +158,27 @@ class FeedbackLoop(nn.Module):
         )
         return result.round_dir
 
+
+def open_loop(layout: RunLayout, config: DistillConfig, first: tuple[int, RoundManifest] | None, device: str, *,
+              amp: bool, sd_source: SDSource | str | None = None, degraded_dir: Path | None = None,
+              clean_dir: Path | None = None) -> FeedbackLoop | None:
+    """D4IR's side of stage 3 that needs the frozen SD: with `sd_source` (or for the joint phase) the SD is loaded
+    and checked to be the one round `first` (`distill.sources.open_round`) was made by; for the joint phase
+    (`config.joint`) the feedback loop is built on it. None when nothing trains the encoder."""
+    if first is None or (sd_source is None and not config.joint):
+        return None
+    current, manifest = first
+    made = manifest.provenance
+    sd_from = SDSource.of(sd_source or SDSource(made.sd, made.sd_config))
+    # in the dtype the round was made in, so that its regeneration rounds compute as it did
+    sd = load_sd_cached(sd_from, device, manifest.dtype)
+    check_sd(manifest, sd, sd_from, layout.round_shards(current))
+    if not config.joint:
+        return None
+    if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
+        sd = load_sd_cached(sd_from, device, "float32")
+    base = read_manifest(layout.round_shards(0))
+    if config.regenerates:
+        round0_photos(base)  # before any training: a regeneration would fail epochs later
+    return FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd, device=device,
+                        seed=config.seed)

@@ -233,6 +233,7 @@ def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, t
     (its loss is logged), and a run resumed after epoch 1 ends bit-equal to a straight one."""
     from d4ir.distill.trainer import DistillConfig, distill
     from d4ir.shards.io import load_weights, read_jsonl
+    from d4ir.shards.state import load_state, save_state
 
     datafree = DataFreeConfig(widths=(16, 8), student_steps_per_generator_step=2)
     cfg = DistillConfig(student="half", data=method, epochs=2, joint_epochs=0, iters_per_epoch=4, batch_size=2,
@@ -247,6 +248,17 @@ def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, t
     a, _ = load_weights(straight.root / "students" / "s" / "student")
     b, _ = load_weights(resumed.root / "students" / "s" / "student")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if method == "dfsr":  # the source is saved as 'adversarial'; a state of an older d4ir has it as 'generator'
+        old = tiny_run.copy_to(tmp_path / "old")
+        distill(old.root, old.teacher, replace(cfg, epochs=1), name="s", progress=False)
+        state_path = old.root / "students" / "s" / "state.pt"
+        state = load_state(state_path)
+        assert "adversarial" in state["objects"] and "generator" not in state["objects"]
+        objects = {("generator" if k == "adversarial" else k): v for k, v in state["objects"].items()}
+        save_state(state_path, state | {"objects": objects})
+        distill(old.root, old.teacher, cfg, name="s", resume=True, progress=False)
+        c, _ = load_weights(old.root / "students" / "s" / "student")
+        assert all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(ValueError, match="give --iters-per-epoch"):
         distill(straight.root, straight.teacher, replace(cfg, iters_per_epoch=None), name="t", progress=False)
     if method == "dfmc":  # DFMC's contrastive term is on by default and changes what the student learns

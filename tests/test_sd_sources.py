@@ -10,7 +10,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import d4ir.distill.sources as sources_mod
+import d4ir.distill.feedback as feedback_mod
 import d4ir.synth.sd as sd_mod
 import pytest
 import torch
@@ -94,7 +94,7 @@ def test_folder_file_and_hub_id_give_byte_identical_rounds_and_students(sd15, tm
 
 def test_the_student_does_not_depend_on_the_global_rng_after_loading(tmp_path, run_copy, monkeypatch):
     """A library that draws from (or reseeds) torch's global RNG while the SD loads leaves the student as it was."""
-    original = sources_mod.load_sd_cached
+    original = feedback_mod.load_sd_cached
     students = []
     for i, disturb in enumerate((lambda: None, lambda: torch.randn(1234), lambda: torch.manual_seed(999))):
         def loading(*args, _disturb=disturb, **kw):
@@ -102,7 +102,7 @@ def test_the_student_does_not_depend_on_the_global_rng_after_loading(tmp_path, r
             _disturb()
             return parts
 
-        monkeypatch.setattr(sources_mod, "load_sd_cached", loading)
+        monkeypatch.setattr(feedback_mod, "load_sd_cached", loading)
         r = run_copy
         distill(r.root, r.teacher, DISTILL, degraded_dir=r.degraded, clean_dir=r.clean, name=f"s{i}",
                 progress=False)
