@@ -65,7 +65,8 @@ def _airnet_detect(state: State) -> bool:
 
 
 def _airnet_half(kwargs: dict) -> dict:
-    return {**kwargs, "n_feats": kwargs["n_feats"] // 2, "encoder_first": kwargs["encoder_first"] // 2}
+    """Half the width (E_pre follows it); an encoder_first of older kwargs is dropped, not halved apart."""
+    return {k: v for k, v in kwargs.items() if k != "encoder_first"} | {"n_feats": kwargs["n_feats"] // 2}
 
 
 def _restormer_detect(state: State) -> bool:
@@ -109,8 +110,7 @@ def restormer_kwargs_from_state_dict(state: State) -> dict:
 FAMILIES: dict[str, Family] = {
     "airnet": Family(
         AirNet,
-        names={"airnet": dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5),
-               "half-airnet": dict(n_feats=32, encoder_first=32)},
+        names={"airnet": dict(n_feats=64, queue_size=1280, n_groups=5, n_blocks=5), "half-airnet": dict(n_feats=32)},
         detect=_airnet_detect, kwargs_from_state_dict=airnet_kwargs_from_state_dict, half_kwargs=_airnet_half,
         policy=("crop", 16), contrastive_layers=("E.E.encoder_q.E_pre",),
     ),

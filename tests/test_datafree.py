@@ -14,7 +14,7 @@ from d4ir.distill.registry import build
 
 CROP = 16
 SMALL = dict(widths=(16, 8))  # tiny generator widths for the CPU
-AIRNET = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=16)
+AIRNET = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=16)
 RESTORMER = dict(num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1))
 
 
@@ -23,7 +23,7 @@ def _pair(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     if arch == "airnet":
         teacher = build("airnet", **AIRNET)
-        student = build("airnet", **{**AIRNET, "n_feats": 4, "encoder_first": 4})
+        student = build("airnet", **{**AIRNET, "n_feats": 4})
     else:
         teacher = build("restormer", dim=8, **RESTORMER)
         student = build("restormer", dim=4, **RESTORMER)

@@ -53,8 +53,9 @@ def test_schedule_helpers():
     assert _cfg(epochs=6, joint_epochs=4, round_every=0).round_for_epoch(5) == 0
     assert _cfg(data="web", round_every=1).round_for_epoch(5) == 0
     assert DistillConfig().lr_halve_every == 15
-    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == (
-        "airnet", {"n_feats": 32, "encoder_first": 32})
+    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64}}) == ("airnet", {"n_feats": 32})
+    # kwargs of a checkpoint written when AirNet took encoder_first: dropped, E_pre follows n_feats
+    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == ("airnet", {"n_feats": 32})
     assert half_of({"arch": "restormer", "kwargs": {"dim": 48}}) == ("restormer", {"dim": 24})
 
 
@@ -122,7 +123,7 @@ def test_second_students_reuse_shards_untouched(run_copy, monkeypatch):
 
     monkeypatch.setattr(worker_mod, "synthesize", no_synth)
     monkeypatch.setattr(feedback_mod, "synthesize", no_synth)
-    narrow = dict(n_feats=6, encoder_first=6, n_groups=1, n_blocks=1, queue_size=16)
+    narrow = dict(n_feats=6, n_groups=1, n_blocks=1, queue_size=16)
     res = _run(r, _cfg(student="airnet", student_kwargs=narrow, round=0, epochs=1), "narrow")
     assert res.round == 0
     # the joint phase on without a round pinned, but no regeneration due: the encoder trains, no synthesis

@@ -31,7 +31,7 @@ CCD = CCDConfig(steps=4, strength=0.5, size=64)
 PROMPTS = PromptsConfig(feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=2, batch_size=4, crop=16,
                         moco=MoCoConfig(queue_size=4), embed_side=32)
 SYNTH = SynthConfig(num_samples=2, shard_size=1, batch_size=1, ccd=CCD)
-TEACHER = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4)
+TEACHER = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=4)
 DISTILL = DistillConfig(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0,
                         epochs=2, joint_epochs=1, round_every=1)
 HUB_ID = "d4ir-test/sd15-narrow"

@@ -20,7 +20,7 @@ def pairs(tmp_path_factory) -> Path:
 
 
 def _config(epochs: int) -> SupervisedConfig:
-    kwargs = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=8)
+    kwargs = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=8)
     return SupervisedConfig(arch="airnet", arch_kwargs=kwargs, epochs=epochs, iters_per_epoch=3, batch_size=2,
                             crop=16, lr=1e-3, seed=0)
 
