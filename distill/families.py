@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from d4ir.distill import gcanet, ldnet, prenet
-from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
+from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict, without_encoder_first
 from d4ir.distill.gcanet import GCANet
 from d4ir.distill.ldnet import LightDehazeNet
 from d4ir.distill.prenet import PReNet
@@ -65,8 +65,8 @@ def _airnet_detect(state: State) -> bool:
 
 
 def _airnet_half(kwargs: dict) -> dict:
-    """Half the width (E_pre follows it); an encoder_first of older kwargs is dropped, not halved apart."""
-    return {k: v for k, v in kwargs.items() if k != "encoder_first"} | {"n_feats": kwargs["n_feats"] // 2}
+    """Half the width (E_pre follows it; an encoder_first of older kwargs is dropped)."""
+    return without_encoder_first(kwargs) | {"n_feats": kwargs["n_feats"] // 2}
 
 
 def _restormer_detect(state: State) -> bool:

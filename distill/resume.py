@@ -15,6 +15,7 @@ from d4ir.shards.layout import STATE_FILE, RunLayout, parse_round
 from d4ir.shards.state import StateError
 from d4ir.shards.writer import read_manifest
 
+from .airnet import settings_without_encoder_first
 from .config import DistillConfig
 from .teachers import TeacherInfo, spec_file
 
@@ -63,7 +64,8 @@ def run_settings(config: DistillConfig, name: str, t_info: TeacherInfo, teacher_
     does not depend on it), the student's name, and the teacher by content, not by path (a moved or copied run
     folder, its default teacher inside, resumes; a foreign teacher adds its kind and factory; config.json names
     where it was)."""
-    settings = asdict(config) | {"name": name, **teacher_settings(t_info)}
+    settings = settings_without_encoder_first(asdict(config), "student_kwargs")
+    settings |= {"name": name, **teacher_settings(t_info)}
     if teacher_key is not None:
         settings["teacher_key"] = teacher_key
     settings.pop("epochs")
@@ -81,12 +83,14 @@ def _teacher_by_hash(old: dict) -> dict:
 
 def upgrade_state(state: dict) -> dict:
     """A state an older d4ir wrote, in this version's form: a teacher it named by path is known by hash
-    (`_teacher_by_hash`), and the DFSR/DFMC source it saved under objects 'generator' is under 'adversarial'
-    (distill/datafree.py's generator is the GAN's, one part of that source)."""
+    (`_teacher_by_hash`), an AirNet student's encoder_first is left out (derived from n_feats), and the DFSR/DFMC source
+    it saved under objects 'generator' is under 'adversarial' (distill/datafree.py's generator is the GAN's, one
+    part of that source)."""
     objects = dict(state["objects"])
     if "generator" in objects and "adversarial" not in objects:
         objects["adversarial"] = objects.pop("generator")
-    return state | {"settings": _teacher_by_hash(state["settings"]), "objects": objects}
+    settings = settings_without_encoder_first(_teacher_by_hash(state["settings"]), "student_kwargs")
+    return state | {"settings": settings, "objects": objects}
 
 
 def _prompts_dir_of(folder: Path) -> str | None:
