@@ -369,20 +369,6 @@ class AirNet(nn.Module):
         return self.R(x_query, self.E.E.inter(x_query))
 
 
-def without_encoder_first(kwargs: dict | None) -> dict | None:
-    """AirNet kwargs as this version writes them: the `encoder_first` that configs and states of an older d4ir
-    carry is dropped when it equals n_feats (else kept, for AirNet to refuse); any other kwargs pass as they are."""
-    if not kwargs or "encoder_first" not in kwargs or kwargs["encoder_first"] != kwargs.get("n_feats", 64):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k != "encoder_first"}
-
-
-def settings_without_encoder_first(settings: dict, key: str) -> dict:
-    """Resume settings with the AirNet kwargs under `key` as this version writes them (`without_encoder_first`):
-    what a resume compares, alike for this run and a state of an older d4ir."""
-    return settings | {key: without_encoder_first(settings[key])} if key in settings else settings
-
-
 def airnet_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     """Constructor kwargs that make `AirNet(**kwargs)` match an (official or our) AirNet state_dict.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from d4ir.distill import gcanet, ldnet, prenet
-from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict, without_encoder_first
+from d4ir.distill.airnet import AirNet, airnet_kwargs_from_state_dict
 from d4ir.distill.gcanet import GCANet
 from d4ir.distill.ldnet import LightDehazeNet
 from d4ir.distill.prenet import PReNet
@@ -62,6 +62,20 @@ class Family:
 
 def _airnet_detect(state: State) -> bool:
     return "E.E.queue" in state and "R.head.0.weight" in state
+
+
+def without_encoder_first(kwargs: dict | None) -> dict | None:
+    """AirNet kwargs as this version writes them: the `encoder_first` that configs and states of an older d4ir
+    carry is dropped when it equals n_feats (else kept, for AirNet to refuse); any other kwargs pass as they are."""
+    if not kwargs or "encoder_first" not in kwargs or kwargs["encoder_first"] != kwargs.get("n_feats", 64):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k != "encoder_first"}
+
+
+def settings_without_encoder_first(settings: dict, key: str) -> dict:
+    """Resume settings with the AirNet kwargs under `key` as this version writes them (`without_encoder_first`):
+    what a resume compares, alike for this run and a state of an older d4ir."""
+    return settings | {key: without_encoder_first(settings[key])} if key in settings else settings
 
 
 def _airnet_half(kwargs: dict) -> dict:

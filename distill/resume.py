@@ -15,8 +15,8 @@ from d4ir.shards.layout import STATE_FILE, RunLayout, parse_round
 from d4ir.shards.state import StateError
 from d4ir.shards.writer import read_manifest
 
-from .airnet import settings_without_encoder_first
 from .config import DistillConfig
+from .families import settings_without_encoder_first
 from .teachers import TeacherInfo, spec_file
 
 

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from d4ir.shards.checks import check_positive_ints, check_rate
 
-from .airnet import AirNet, settings_without_encoder_first
+from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch
 from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model
+from .families import settings_without_encoder_first
 from .registry import build, count_parameters, save_model
 
 
