@@ -26,7 +26,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 
-_TINY_AIRNET = {"n_feats": 16, "encoder_first": 16, "n_groups": 1, "n_blocks": 1, "queue_size": 256}
+_TINY_AIRNET = {"n_feats": 16, "n_groups": 1, "n_blocks": 1, "queue_size": 256}
 _SMALL_PROMPTS = {"steps": 60, "batch_size": 16, "crop": 32, "moco": {"queue_size": 64}, "embed_side": 64,
                   "checkpoint_every": 20}
 # Per scale: the `scale` of the experiments config (preset paper, then these overrides of each stage's fields).
@@ -50,7 +50,7 @@ SCALES: dict[str, dict] = {
                     "crop": 48, "lr": 2e-3, "encoder_lr": 1e-5, "lr_halve_every": 4, "feedback_batch": 1},
     },
     "gpu": {
-        "teacher": {"arch_kwargs": {**_TINY_AIRNET, "n_feats": 64, "encoder_first": 64, "n_groups": 5,
+        "teacher": {"arch_kwargs": {**_TINY_AIRNET, "n_feats": 64, "n_groups": 5,
                                     "n_blocks": 5}, "epochs": 100, "iters_per_epoch": 100, "batch_size": 8,
                     "crop": 128, "lr": 2e-4, "lr_halve_every": 30},
         "prompts": {"steps": 2000, "batch_size": 32, "crop": 64, "moco": {"queue_size": 64}},

@@ -68,7 +68,7 @@ def build(base: Path) -> None:
                         ccd=CCDConfig(steps=4, strength=0.5, size=32))
     synthesize(clean, run.shards, synth, sd_source="tiny", prompts_dir=run.prompts, progress=False)
     torch.manual_seed(0)
-    teacher = build_model("airnet", n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=16)
+    teacher = build_model("airnet", n_feats=8, n_groups=1, n_blocks=1, queue_size=16)
     save_model(run.teacher_dir / "teacher", teacher)
 
 

@@ -5,8 +5,8 @@ in docs/design.md ("Networks"); the official checkpoints (a bare state_dict, key
 `E.E.*`) load with strict=True. In the official code the restorer only consumes `inter`, the
 full-resolution output of the query encoder's first block (`E_pre`), so eval skips the rest of the encoder.
 
-Widths: `n_feats` is the restorer width, `encoder_first` the width of `E_pre`; the DGM consumes `inter`
-with n_feats channels, so the two must be equal (Half-AirNet: 32/32, about 4.46M parameters).
+Widths: `n_feats` is the restorer width and, derived from it, the width of `E_pre`: the DGM consumes `inter` with
+n_feats channels, so the two are equal (Half-AirNet: 32/32, about 4.46M parameters).
 """
 
 from __future__ import annotations
@@ -321,20 +321,22 @@ class AirNet(nn.Module):
     in eval mode x_key is ignored, as in the official code.
 
     Args:
-        n_feats: restorer width (64 official, 32 for Half-AirNet).
-        encoder_first: width of the encoders' E_pre; must equal n_feats (the DGMs consume `inter`).
+        n_feats: restorer width (64 official, 32 for Half-AirNet); the encoders' E_pre has the same width, since
+            the restorer's DGMs consume its output `inter` with n_feats channels.
         queue_size: MoCo queue length K (1280 for All.pth, 768 Denoise, 256 Derain/Dehaze).
         n_groups: DGGs in the restorer.
         n_blocks: DGBs per DGG.
         deform: deformable-conv implementation of every DCN layer (see `set_deform`); not part of `config`.
+        encoder_first: the E_pre width that configs and checkpoints written before it was derived carry; read only
+            to check that it equals n_feats, and not part of `config`.
     """
 
     def __init__(
-        self, *, n_feats: int = 64, encoder_first: int = 64, queue_size: int = 1280, n_groups: int = 5,
-        n_blocks: int = 5, deform: str | None = None,
+        self, *, n_feats: int = 64, queue_size: int = 1280, n_groups: int = 5, n_blocks: int = 5,
+        deform: str | None = None, encoder_first: int | None = None,
     ) -> None:
         super().__init__()
-        if encoder_first != n_feats:
+        if encoder_first is not None and encoder_first != n_feats:
             raise ValueError(
                 f"AirNet needs encoder_first == n_feats (the restorer's DGMs consume the encoder's E_pre "
                 f"output `inter` with n_feats channels); got encoder_first={encoder_first}, n_feats={n_feats}"
@@ -343,12 +345,9 @@ class AirNet(nn.Module):
                         ("n_blocks", n_blocks)):
             if int(v) < 1:
                 raise ValueError(f"AirNet {name} must be >= 1, got {v}")
-        self.config = dict(
-            n_feats=n_feats, encoder_first=encoder_first, queue_size=queue_size, n_groups=n_groups,
-            n_blocks=n_blocks,
-        )
+        self.config = dict(n_feats=n_feats, queue_size=queue_size, n_groups=n_groups, n_blocks=n_blocks)
         self.R = DGRN(n_feats=n_feats, n_groups=n_groups, n_blocks=n_blocks)
-        self.E = CBDE(first=encoder_first, queue_size=queue_size)
+        self.E = CBDE(first=n_feats, queue_size=queue_size)
         self.set_deform(deform)
 
     def set_deform(self, impl: str | None) -> AirNet:
@@ -373,8 +372,8 @@ class AirNet(nn.Module):
 def airnet_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
     """Constructor kwargs that make `AirNet(**kwargs)` match an (official or our) AirNet state_dict.
 
-    Reads K from `E.E.queue` [256,K], n_feats from `R.head.0.weight`, the E_pre width and the
-    group/block counts from the key names.
+    Reads K from `E.E.queue` [256,K], n_feats from `R.head.0.weight`, the group/block counts from the key names;
+    the E_pre width must be n_feats (AirNet's DGMs consume its output).
     """
     required = ("E.E.queue", "R.head.0.weight", "E.E.encoder_q.E_pre.backbone.0.weight")
     missing = [k for k in required if k not in sd]
@@ -382,10 +381,11 @@ def airnet_kwargs_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
         raise KeyError(f"not an AirNet state_dict: missing {missing}")
     groups = {int(k.split(".")[2]) for k in sd if k.startswith("R.body.") and ".body." in k[len("R.body."):]}
     blocks = {int(k.split(".")[4]) for k in sd if k.startswith("R.body.0.body.") and ".dgm1." in k}
+    n_feats = int(sd["R.head.0.weight"].shape[0])
+    first = int(sd["E.E.encoder_q.E_pre.backbone.0.weight"].shape[0])
     return dict(
-        n_feats=int(sd["R.head.0.weight"].shape[0]),
-        encoder_first=int(sd["E.E.encoder_q.E_pre.backbone.0.weight"].shape[0]),
+        n_feats=n_feats,
         queue_size=int(sd["E.E.queue"].shape[1]),
         n_groups=len(groups),
         n_blocks=len(blocks),
-    )
+    ) | ({} if first == n_feats else {"encoder_first": first})  # refused by AirNet, naming both widths

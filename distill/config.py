@@ -24,7 +24,7 @@ class DistillConfig:
     Args:
         student: registry name (`d4ir models`) or half (the teacher's architecture at half width; a TorchScript,
             torch.export or factory teacher has no architecture d4ir can halve and needs a registry name).
-        student_kwargs: student constructor overrides, e.g. n_feats=24,encoder_first=24.
+        student_kwargs: student constructor overrides, e.g. n_feats=24.
         data: shards (D4IR), original (the paper's "Data": the teacher's own degraded inputs, no ground
             truth), web (M0: the web degraded images directly), or the GAN baselines dfsr and dfmc (images from
             a generator trained against the student, distill/datafree.py).

@@ -50,7 +50,8 @@ class EpochLoop:
         rng: the run's numpy generator (its state travels with the state file).
         resume: continue after the last finished epoch; without it, an existing state is an error (a fresh
             run would silently mix with the old one's files).
-        upgrade: maps the settings of a resumed state to this version's form before they are compared.
+        upgrade: maps a resumed state (its settings and objects) to this version's form before its settings are
+            compared and its objects restored.
         writer: False on the ranks of a distributed run that only read the state (rank 0 writes).
     """
 
@@ -65,8 +66,8 @@ class EpochLoop:
                              "use another output folder")
         if resume and self.state_path.exists():
             self.state = load_state(self.state_path, schema=STATE_SCHEMA)
-            if upgrade is not None:  # settings an older d4ir recorded otherwise (e.g. a path now known by hash)
-                self.state["settings"] = upgrade(self.state["settings"])
+            if upgrade is not None:  # what an older d4ir recorded otherwise (e.g. a path now known by hash)
+                self.state = upgrade(self.state)
             if changed := changed_settings(self.state.get("settings"), settings):
                 raise StateError(f"cannot resume {self.state_path}: it was written with other settings "
                                  f"({', '.join(changed)}); drop --resume and use another output folder")

@@ -64,8 +64,23 @@ def _airnet_detect(state: State) -> bool:
     return "E.E.queue" in state and "R.head.0.weight" in state
 
 
+def without_encoder_first(kwargs: dict | None) -> dict | None:
+    """AirNet kwargs as this version writes them: the `encoder_first` that configs and states of an older d4ir
+    carry is dropped when it equals n_feats (else kept, for AirNet to refuse); any other kwargs pass as they are."""
+    if not kwargs or "encoder_first" not in kwargs or kwargs["encoder_first"] != kwargs.get("n_feats", 64):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k != "encoder_first"}
+
+
+def settings_without_encoder_first(settings: dict, key: str) -> dict:
+    """Resume settings with the AirNet kwargs under `key` as this version writes them (`without_encoder_first`):
+    what a resume compares, alike for this run and a state of an older d4ir."""
+    return settings | {key: without_encoder_first(settings[key])} if key in settings else settings
+
+
 def _airnet_half(kwargs: dict) -> dict:
-    return {**kwargs, "n_feats": kwargs["n_feats"] // 2, "encoder_first": kwargs["encoder_first"] // 2}
+    """Half the width (E_pre follows it; an encoder_first of older kwargs is dropped)."""
+    return without_encoder_first(kwargs) | {"n_feats": kwargs["n_feats"] // 2}
 
 
 def _restormer_detect(state: State) -> bool:
@@ -109,8 +124,7 @@ def restormer_kwargs_from_state_dict(state: State) -> dict:
 FAMILIES: dict[str, Family] = {
     "airnet": Family(
         AirNet,
-        names={"airnet": dict(n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5),
-               "half-airnet": dict(n_feats=32, encoder_first=32)},
+        names={"airnet": dict(n_feats=64, queue_size=1280, n_groups=5, n_blocks=5), "half-airnet": dict(n_feats=32)},
         detect=_airnet_detect, kwargs_from_state_dict=airnet_kwargs_from_state_dict, half_kwargs=_airnet_half,
         policy=("crop", 16), contrastive_layers=("E.E.encoder_q.E_pre",),
     ),

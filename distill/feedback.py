@@ -15,13 +15,14 @@ moves the synthesized image and so the teacher-student discrepancy. L_cl (Eq. 3)
 degradation-aware: MoCo on two crops of a web degraded image with stage 1's MoCo settings, a momentum key
 encoder (started as a copy of the encoder) and a fresh queue. Every R epochs the real sampler regenerates
 the shards with the updated encoder (`regenerate`), so the improved prompts reach the student through the
-data; those rounds belong to the student (shards.layout).
+data; those rounds belong to the student (shards.layout). `open_loop` loads the SD for it (checked to be the one the
+shards were made by) and builds it.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +33,16 @@ from d4ir.shards.layout import RunLayout
 from d4ir.shards.records import RoundManifest
 from d4ir.shards.writer import read_manifest
 from d4ir.synth.ccd import CCDConfig, feedback_surrogate, prepare_clean
-from d4ir.synth.embed import export_prompts, load_prompt_encoder, prompt_encoder_info
-from d4ir.synth.moco import MoCoConfig, MoCoQueue, moco_step
+from d4ir.synth.embed import EncoderTraining, export_prompts, load_prompt_encoder
+from d4ir.synth.inputs import check_sd
+from d4ir.synth.moco import MoCoQueue, moco_step
 from d4ir.synth.plan import SynthConfig
-from d4ir.synth.sd import SDSource
+from d4ir.synth.sd import SDSource, load_sd_cached
 from d4ir.synth.sd_parts import SDParts
 from d4ir.synth.worker import Distributor, synthesize
 from torch import nn
 
+from .config import DistillConfig
 from .data import random_crop, to_batch
 from .losses import kd_loss
 
@@ -86,15 +89,12 @@ class FeedbackLoop(nn.Module):
         device: str = "cpu", seed: int = 0,
     ) -> None:
         super().__init__()
-        training = prompt_encoder_info(prompts_dir).get("training", {})
-        moco = MoCoConfig(**training.get("moco", {}))
+        self.training = EncoderTraining.read(prompts_dir)  # stage 1's crop, MoCo settings and embedding rule
         self.encoder = load_prompt_encoder(prompts_dir, device=device).train()
         self.key_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
-        self.queue = MoCoQueue(self.encoder.config.get("feat_dim", 256), moco.queue_size,
+        self.queue = MoCoQueue(self.encoder.feat_dim, self.training.moco.queue_size,
                                generator=torch.Generator().manual_seed(seed)).to(device)
-        self.sd, self.ccd, self.moco = sd, ccd, moco
-        self.crop = int(training.get("crop", 64))
-        self.embed_side = int(training.get("embed_side", 256))
+        self.sd, self.ccd = sd, ccd
         self.degraded_paths = scan_images(degraded_dir, min_side=1).paths
         self.clean_paths = scan_images(clean_dir, min_side=1).paths
         if not self.degraded_paths or not self.clean_paths:
@@ -106,9 +106,10 @@ class FeedbackLoop(nn.Module):
     def contrastive_loss(self, rng: np.random.Generator, batch: int, device: str) -> torch.Tensor:
         """L_cl, Eq. (3): query and positive are two crops of one web degraded image."""
         picks = rng.integers(0, len(self._degraded), batch)
-        xq = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
-        xk = to_batch([random_crop(rng, self.crop, self._degraded[i])[0] for i in picks], device)
-        return moco_step(self.encoder, self.key_encoder, self.queue, xq, xk, self.moco)[0]
+        crop = self.training.crop
+        xq = to_batch([random_crop(rng, crop, self._degraded[i])[0] for i in picks], device)
+        xk = to_batch([random_crop(rng, crop, self._degraded[i])[0] for i in picks], device)
+        return moco_step(self.encoder, self.key_encoder, self.queue, xq, xk, self.training.moco)[0]
 
     def feedback_loss(
         self, student: nn.Module, teacher: nn.Module, rng: np.random.Generator, batch: int, weights: dict,
@@ -117,13 +118,19 @@ class FeedbackLoop(nn.Module):
         """L_kd on surrogate images x_hat (differentiable w.r.t. the encoder through the frozen SD)."""
         d = rng.integers(0, len(self._degraded), batch)
         c = rng.integers(0, len(self._clean), batch)
-        side = min(self.embed_side, *(min(self._degraded[i].shape[:2]) for i in d))
+        side = min(self.training.embed_side, *(min(self._degraded[i].shape[:2]) for i in d))
         prompt_src = to_batch([random_crop(rng, side, self._degraded[i])[0] for i in d], device)
         prompt = self.encoder.prompt(prompt_src).to(self.sd.dtype)  # [b, L, D]
         clean = torch.stack([self._clean[i] for i in c]).to(device)
         gens = [torch.Generator(device=self.sd.device).manual_seed(int(s)) for s in rng.integers(0, 2**31, batch)]
         x_hat = feedback_surrogate(self.sd, clean.to(self.sd.dtype), prompt, gens, config=self.ccd).float()
         return kd_loss(student(x_hat), teacher(x_hat), weights)
+
+    def record(self, round_number: int) -> EncoderTraining:
+        """The training record of the encoder as it is now, for round `round_number`: stage 1's, with this run's
+        web degraded images (the prompts are computed from them)."""
+        return replace(self.training, round=round_number, degraded_dir=str(self.degraded_dir.resolve()),
+                       num_images=len(self.degraded_paths))
 
     def regenerate(
         self, layout: RunLayout, round_number: int, student: str, *, distributor: Distributor | None = None,
@@ -133,10 +140,8 @@ class FeedbackLoop(nn.Module):
         then synthesize round 0's plan (exactly its clean photos, checked; its prompt rows, seeds, SD, dtype and
         settings)."""
         prompts_dir = layout.round_prompts(round_number, student)
-        training = {"embed_side": self.embed_side, "round": round_number, "degraded_dir": str(self.degraded_dir),
-                    "crop": self.crop, "moco": asdict(self.moco)}
-        export_prompts(self.encoder, self.degraded_paths, prompts_dir, self.sd, training=training,
-                       embed_side=self.embed_side, device=device)
+        export_prompts(self.encoder, self.degraded_paths, prompts_dir, self.sd, training=self.record(round_number),
+                       device=device)
         base = read_manifest(layout.round_shards(0))
         config = replace(synth_config_of(base), round=round_number)
         result = synthesize(
@@ -153,3 +158,27 @@ class FeedbackLoop(nn.Module):
         )
         return result.round_dir
 
+
+def open_loop(layout: RunLayout, config: DistillConfig, first: tuple[int, RoundManifest] | None, device: str, *,
+              amp: bool, sd_source: SDSource | str | None = None, degraded_dir: Path | None = None,
+              clean_dir: Path | None = None) -> FeedbackLoop | None:
+    """D4IR's side of stage 3 that needs the frozen SD: with `sd_source` (or for the joint phase) the SD is loaded
+    and checked to be the one round `first` (`distill.sources.open_round`) was made by; for the joint phase
+    (`config.joint`) the feedback loop is built on it. None when nothing trains the encoder."""
+    if first is None or (sd_source is None and not config.joint):
+        return None
+    current, manifest = first
+    made = manifest.provenance
+    sd_from = SDSource.of(sd_source or SDSource(made.sd, made.sd_config))
+    # in the dtype the round was made in, so that its regeneration rounds compute as it did
+    sd = load_sd_cached(sd_from, device, manifest.dtype)
+    check_sd(manifest, sd, sd_from, layout.round_shards(current))
+    if not config.joint:
+        return None
+    if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
+        sd = load_sd_cached(sd_from, device, "float32")
+    base = read_manifest(layout.round_shards(0))
+    if config.regenerates:
+        round0_photos(base)  # before any training: a regeneration would fail epochs later
+    return FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd, device=device,
+                        seed=config.seed)

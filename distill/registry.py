@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def build(name: str, **overrides) -> nn.Module:
-    """Build a registered network, e.g. build("half-airnet") or build("airnet", n_feats=16, encoder_first=16).
+    """Build a registered network, e.g. build("half-airnet") or build("airnet", n_feats=16).
 
     Args:
         name: a key of ARCHITECTURES.
@@ -60,7 +60,7 @@ def build(name: str, **overrides) -> nn.Module:
 
 def half_of(info: dict) -> tuple[str, dict]:
     """The architecture and kwargs of a loaded teacher (`load_model`'s info) with feature channels halved by
-    its family's `half_kwargs`: AirNet's n_feats and encoder_first, Restormer's dim (the paper's students),
+    its family's `half_kwargs`: AirNet's n_feats (its E_pre follows), Restormer's dim (the paper's students),
     PReNet's channels."""
     base = _base_of_name(info["arch"])
     kwargs = FAMILIES[base].half_kwargs(dict(info["kwargs"]))

@@ -1,6 +1,7 @@
 """Where stage 3's batches come from: a shard round (D4IR), images in memory (the Data and M0 baselines) or a
 generator trained against the student (DFSR, DFMC); `open_source` picks one from the config, and every source
-gives `next(rng, device) -> [B, 3, crop, crop]` and `set_epoch(epoch)`.
+gives `next(rng, device) -> [B, 3, crop, crop]` and `set_epoch(epoch)`. D4IR's feedback loop, which trains the
+prompt encoder through the frozen SD, is not a batch source: `distill.feedback.open_loop` opens it.
 
 A shard round is checked whole and streamed through webdataset and a DataLoader.
 
@@ -33,15 +34,12 @@ from d4ir.shards.reader import shard_dataset, shard_urls
 from d4ir.shards.records import RoundManifest
 from d4ir.shards.verify import Finding, verify_shards
 from d4ir.shards.writer import check_manifest, read_manifest, read_stats
-from d4ir.synth.sd import SDSource, load_sd_cached
-from d4ir.synth.worker import check_sd
 from torch.utils.data import DataLoader
 
 from .config import DistillConfig
 from .data import random_crop, to_batch
 from .datafree import AdversarialSource
 from .ddp import DistContext
-from .feedback import FeedbackLoop, round0_photos, synth_config_of
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +163,12 @@ class ImageBatches:
 
 @dataclass
 class Opened:
-    """What `open_source` found: the batch source, and for D4IR the feedback loop and the round trained on."""
+    """What `open_source` opened: the batch source, the round it reads (D4IR; None for the baselines) and a line per
+    input folder with skipped files. Training moves `source` and `round` to each regeneration round."""
 
     source: ShardBatches | ImageBatches | AdversarialSource
-    loop: FeedbackLoop | None = None
     round: int | None = None
-    skipped: list[str] = field(default_factory=list)  # a line per input folder with skipped files
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def adversarial(self) -> AdversarialSource | None:
@@ -183,9 +181,11 @@ def round_batches(layout: RunLayout, n: int, name: str, config: DistillConfig, c
     return ShardBatches(folder, config, rank=ctx.rank, world=ctx.world, skip_damaged=config.skip_damaged_shards)
 
 
-def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, RoundManifest]:
-    """The round training starts on (the pinned one, else round 0) and its manifest, checked to be finished and
-    made with the prompts of this run."""
+def open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, RoundManifest] | None:
+    """The round D4IR starts on (the pinned one, else round 0) and its manifest, checked to be finished and made
+    with the prompts of this run; None for the baselines, which read no shards."""
+    if config.data != "shards":
+        return None
     start = config.round if config.round is not None else 0
     folder = layout.round_shards(start)
     manifest = read_manifest(folder)  # a round of another format is refused here, naming its manifest
@@ -197,13 +197,13 @@ def _open_round(layout: RunLayout, config: DistillConfig) -> tuple[int, RoundMan
     return start, manifest
 
 
-def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistContext, teacher, *, amp: bool,
-                sd_source=None, degraded_dir=None, clean_dir=None, original_dir=None) -> Opened:
-    """The batch source of `config.data` (and, in D4IR's joint phase, the feedback loop through the frozen SD)."""
-    device = ctx.device
+def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistContext, teacher, *,
+                first_round: int | None = None, degraded_dir=None, original_dir=None) -> Opened:
+    """The batch source of `config.data`: round `first_round` (D4IR: from `open_round`), the teacher's own degraded
+    inputs or web degraded images (Data, M0), or a generator against the student (DFSR, DFMC)."""
     if config.data in ("dfsr", "dfmc"):
         datafree = replace(config.datafree, method=config.data, loss=config.loss, seed=config.seed)
-        return Opened(AdversarialSource(config.crop, config.batch_size, datafree, device, teacher=teacher,
+        return Opened(AdversarialSource(config.crop, config.batch_size, datafree, ctx.device, teacher=teacher,
                                         rank=ctx.rank))
     if config.data in ("original", "web"):
         # "original" trains on the degraded side only: the folder's files are what is read and counted
@@ -213,20 +213,6 @@ def open_source(layout: RunLayout, config: DistillConfig, name: str, ctx: DistCo
         for line in skipped:
             log.warning("%s", line)
         return Opened(ImageBatches(images, batch_size=config.batch_size, crop=config.crop), skipped=skipped)
-    current, manifest = _open_round(layout, config)
-    loop = None
-    if sd_source is not None or config.joint:
-        made = manifest.provenance
-        sd_from = SDSource.of(sd_source or SDSource(made.sd, made.sd_config))
-        # in the dtype the round was made in, so that its regeneration rounds compute as it did
-        sd = load_sd_cached(sd_from, device, manifest.dtype)
-        check_sd(manifest, sd, sd_from, layout.round_shards(current))
-        if config.joint:
-            if not amp and sd.dtype != torch.float32:  # the surrogate runs in fp32 without autocast
-                sd = load_sd_cached(sd_from, device, "float32")
-            base = read_manifest(layout.round_shards(0))
-            if config.regenerates:
-                round0_photos(base)  # before any training: a regeneration would fail epochs later
-            loop = FeedbackLoop(layout.prompts, sd, degraded_dir, clean_dir, synth_config_of(base).ccd,
-                                device=device, seed=config.seed)
-    return Opened(round_batches(layout, current, name, config, ctx), loop, current)
+    if first_round is None:
+        raise ValueError("data 'shards' trains on a round: open it first (open_round)")
+    return Opened(round_batches(layout, first_round, name, config, ctx), first_round)

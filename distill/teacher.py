@@ -21,6 +21,7 @@ from .airnet import AirNet
 from .data import load_pairs, random_crop, to_batch
 from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model
+from .families import settings_without_encoder_first
 from .registry import build, count_parameters, save_model
 
 
@@ -96,9 +97,11 @@ def train_supervised(
     model = build(config.arch, **(config.arch_kwargs or {})).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
     rng = np.random.default_rng(config.seed)
-    settings = asdict(config)
+    settings = settings_without_encoder_first(asdict(config), "arch_kwargs")
     settings.pop("epochs")  # a resumed run may train for more epochs: nothing else depends on the count
-    loop = EpochLoop(out_dir, epochs=config.epochs, settings=settings, rng=rng, resume=resume)
+    loop = EpochLoop(out_dir, epochs=config.epochs, settings=settings, rng=rng, resume=resume,
+                     upgrade=lambda old: old | {"settings": settings_without_encoder_first(old["settings"],
+                                                                                           "arch_kwargs")})
     loop.restore(model=model, optimizer=opt)
     metrics = loop.resumed.get("metrics", {})
     is_airnet = isinstance(model, AirNet)

@@ -15,30 +15,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from d4ir.shards.io import atomic_write_json, save_weights, sha256_file
+from d4ir.shards.io import atomic_write_json, save_weights
 from d4ir.shards.layout import (
     CONFIG_FILE,
     EVAL_FILE,
     PROMPT_ENCODER_STEM,
-    STATE_FILE,
     STUDENT_STEM,
     RunLayout,
-    parse_round,
 )
-from d4ir.shards.state import StateError, check_schema
-from d4ir.shards.writer import read_manifest
+from d4ir.shards.state import check_schema
+from d4ir.synth.embed import encoder_record
 from d4ir.synth.sd import SDSource
 from d4ir.synth.worker import Distributor
+from torch import nn
 
 from .config import DistillConfig
 from .data import load_pairs
 from .ddp import DistContext, average_gradients
 from .epochs import EpochLoop, halved_lr
 from .evaluate import evaluate_model, write_eval
+from .feedback import FeedbackLoop, open_loop
 from .losses import kd_loss
 from .registry import build, count_parameters, save_model
-from .sources import ShardBatches, open_source, round_batches
-from .teachers import TeacherInfo, check_gradients, load_teacher, spec_file, student_of
+from .resume import check_own_rounds, run_settings, upgrade_state
+from .sources import Opened, ShardBatches, open_round, open_source, round_batches
+from .teachers import TeacherInfo, check_gradients, load_teacher, student_of
 
 
 @dataclass
@@ -55,8 +56,10 @@ def student_name(student: str) -> str:
     return "half-teacher" if student == "half" else student
 
 
-def check_inputs(config: DistillConfig, degraded_dir, clean_dir, original_dir) -> None:
-    """Every input error that can be found before any work starts, in one line each."""
+def check_inputs(config: DistillConfig, *, degraded_dir: Path | None, clean_dir: Path | None,
+                 original_dir: Path | None) -> None:
+    """Every error of the input folders `config` needs that can be found before any work starts (the input-check
+    contract: docs/architecture.md)."""
     if config.joint and (degraded_dir is None or clean_dir is None):
         raise ValueError("the joint phase needs the web folders (--degraded, --clean); or set --joint-epochs 0, "
                          "or pin --round to train on an existing round only")
@@ -66,62 +69,6 @@ def check_inputs(config: DistillConfig, degraded_dir, clean_dir, original_dir) -
         raise ValueError("data 'original' needs the teacher's paired set (--original)")
     if config.data in ("dfsr", "dfmc") and config.iters_per_epoch is None:
         raise ValueError(f"data {config.data!r} has no dataset to count an epoch by: give --iters-per-epoch")
-
-
-def check_own_rounds(layout: RunLayout, name: str, config: DistillConfig) -> None:
-    """A fresh run that will regenerate refuses a student folder holding rounds of an earlier run of that name.
-
-    They were made with the earlier run's prompt encoder, so this run's regeneration would find them unlike its
-    own plan and fail after a whole epoch (`shards ... do not match this run ... encoder_sha256`). With a
-    state.pt there the epoch loop decides instead (resume it, or refuse and name --resume).
-    """
-    if (layout.student(name) / STATE_FILE).exists():
-        return
-    if not config.regenerates:
-        return
-    root = layout.shards_root(name)
-    left = sorted(p.name for p in root.iterdir() if parse_round(p.name) is not None and any(p.iterdir())) \
-        if root.is_dir() else []
-    if not left:
-        return
-    # the manifest names the prompts a round was made with, and so the student that made it (a copied round)
-    owners = {r: RunLayout.prompts_owner(_prompts_dir_of(root / r)) or name for r in left}
-    foreign = {r: o for r, o in owners.items() if o != name}
-    if foreign:
-        made = ", ".join(f"{r} made by student {o!r}" for r, o in foreign.items())
-        raise StateError(f"{root} holds {made} (copied here?), not by a run of {name!r}: this fresh run cannot "
-                         f"use them; use another --name, or remove {root}")
-    raise StateError(f"{root} holds {', '.join(left)} of an earlier run of student {name!r}, made with another "
-                     f"prompt encoder than this fresh run's: continue that run with --resume (it needs its "
-                     f"{STATE_FILE}), use another --name, or remove {root}")
-
-
-def teacher_settings(t_info: TeacherInfo) -> dict:
-    """What a resumed run must match of its teacher: its content (the file's sha256, a factory's weights'), and a
-    foreign teacher's kind and factory name; never its path, so that a moved or copied run folder resumes."""
-    ident = t_info.identity
-    if ident is None:  # a registry network: its checkpoint file (ours may be named by its stem or its .json)
-        path = spec_file(t_info.spec)
-        return {"teacher_sha256": sha256_file(path if path.is_file() else path.with_suffix(".safetensors"))}
-    return {"teacher_sha256": ident["sha256"], "teacher_kind": ident["kind"],
-            **({"teacher_factory": ident["factory"]} if "factory" in ident else {})}
-
-
-def _teacher_by_hash(old: dict) -> dict:
-    """A state written before the teacher was recorded by content named it by path: its hash, if still there."""
-    if "teacher" not in old or "teacher_sha256" in old:
-        return old
-    path = Path(str(old["teacher"]))
-    return {k: v for k, v in old.items() if k != "teacher"} | {
-        "teacher_sha256": sha256_file(path) if path.is_file() else f"{path} (missing)"}
-
-
-def _prompts_dir_of(folder: Path) -> str | None:
-    """The prompts a round was made with, as its manifest records them; None for an unreadable manifest."""
-    try:
-        return read_manifest(folder).prompts_dir
-    except (OSError, ValueError):
-        return None
 
 
 def distill(
@@ -156,138 +103,187 @@ def distill(
         name: the student's folder under RUN/students (default: the student name, or half-teacher).
         teacher_key: the entry of an official teacher .pth holding its weights (default: params_ema first).
     """
-    check_inputs(config, degraded_dir, clean_dir, original_dir)
+    check_inputs(config, degraded_dir=degraded_dir, clean_dir=clean_dir, original_dir=original_dir)
     val = load_pairs(val_dir) if val_dir else None  # read now: a bad pair is counted before any epoch runs
     run_ = _Training.start(RunLayout(run), teacher_path, config, name, resume=resume, device=device,
                            sd_source=sd_source, degraded_dir=degraded_dir, clean_dir=clean_dir,
                            original_dir=original_dir, teacher_key=teacher_key)
-    for epoch in range(run_.epochs.start, config.epochs):
+    for epoch in range(run_.epoch_loop.start, config.epochs):
         run_.move_to_round(config.round_for_epoch(epoch), distributor, progress)
         record = run_.train_epoch(epoch, progress)
         run_.end_epoch(epoch, record, val, progress)
     return run_.finish(val, val_dir)
 
 
+@dataclass
+class Networks:
+    """The frozen teacher (on the device, eval mode) with what identifies it, and the student: `student` the bare
+    network (saved, evaluated), `model` the same network as trained (wrapped by DDP under torchrun)."""
+
+    teacher: nn.Module
+    teacher_info: TeacherInfo
+    student: nn.Module
+    model: nn.Module
+
+
+@dataclass
+class Optimizers:
+    """Adam for the student and, with D4IR's feedback loop, for the prompt encoder (None otherwise)."""
+
+    student: torch.optim.Adam
+    encoder: torch.optim.Adam | None
+
+
+@dataclass
 class _Training:
-    """The state of one distillation: networks, batch source, optimizers, the epoch loop."""
+    """The state of one distillation, in named parts that `start` builds in this order.
+
+    name, out: the student's name and folder (RUN/students/NAME); ctx, rng, amp: the torchrun context, the run's
+    generator and whether the steps autocast; nets: teacher and student; data: the batch source and the round it
+    reads (`distill.sources.Opened`); feedback: D4IR's feedback loop (None for the baselines and a pinned round);
+    optim: the optimizers; epoch_loop: resume, log and state (`distill.epochs.EpochLoop`); settings: what a resume
+    must match; metrics: the last validation's; iters: steps per epoch.
+    """
+
+    layout: RunLayout
+    config: DistillConfig
+    name: str
+    out: Path
+    ctx: DistContext
+    rng: np.random.Generator
+    amp: bool
+    nets: Networks
+    data: Opened
+    feedback: FeedbackLoop | None
+    optim: Optimizers
+    epoch_loop: EpochLoop
+    settings: dict
+    metrics: dict = field(default_factory=dict)
+    iters: int = 0
+
+    @property
+    def device(self) -> str:
+        return self.ctx.device
 
     @classmethod
     def start(cls, layout: RunLayout, teacher_path: Path | str, config: DistillConfig, name: str | None, *,
-              resume: bool, device: str, teacher_key: str | None = None, **data) -> _Training:
-        self = cls()
-        self.name = name or student_name(config.student)
-        check_own_rounds(layout, self.name, config)  # before anything is loaded or trained
-        self.ctx = ctx = DistContext.start(device)
-        self.layout, self.config, self.device = layout, config, ctx.device
+              resume: bool, device: str, teacher_key: str | None = None, sd_source=None, degraded_dir=None,
+              clean_dir=None, original_dir=None) -> _Training:
+        name = name or student_name(config.student)
+        check_own_rounds(layout, name, config)  # before anything is loaded or trained
+        ctx = DistContext.start(device)
         torch.manual_seed(config.seed + ctx.rank)
-        self.rng = np.random.default_rng([config.seed, ctx.rank])
-        self.amp = self.device.startswith("cuda") if config.amp is None else config.amp
+        rng = np.random.default_rng([config.seed, ctx.rank])
+        amp = ctx.device.startswith("cuda") if config.amp is None else config.amp
 
         # the frozen teacher and the student
         teacher, t_info = load_teacher(teacher_path, weights_key=teacher_key)
         arch, kwargs = student_of(t_info, config.student)
         check_gradients(t_info, config)
-        self.teacher, self.t_info = teacher.to(self.device).eval().requires_grad_(False), t_info
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # the student's init from the seed alone, whatever ran before
             torch.manual_seed(config.seed + ctx.rank)
             student = build(arch, **{**kwargs, **(config.student_kwargs or {})})
-        self.student = student.to(self.device).train()
-        self.out = layout.student(self.name)
+        student = student.to(ctx.device).train()
 
-        # the batches (and for D4IR the feedback loop), the optimizers, and a resumed state
-        opened = open_source(layout, config, self.name, ctx, self.teacher, amp=self.amp, **data)
-        self.source, self.loop, self.round, self.adversarial = opened.source, opened.loop, opened.round, \
-            opened.adversarial
-        self.skipped = opened.skipped
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=config.lr, betas=(0.9, 0.999))
-        self.enc_opt = None if self.loop is None else torch.optim.Adam(self.loop.encoder.parameters(),
-                                                                       lr=config.encoder_lr, betas=(0.9, 0.999))
-        self.model = ctx.wrap(self.student)
-        # the teacher by content, not by path: a moved or copied run folder (its default teacher inside) resumes;
-        # a foreign teacher adds its kind (and factory), config.json names where it was
-        self.settings = asdict(config) | {"name": self.name, **teacher_settings(t_info)}
-        if teacher_key is not None:
-            self.settings["teacher_key"] = teacher_key
-        self.settings.pop("epochs")  # a resumed run may train longer: the schedule does not depend on the count
-        self.epochs = EpochLoop(self.out, epochs=config.epochs, settings=self.settings, rng=self.rng,
-                                resume=resume, writer=ctx.rank == 0, upgrade=_teacher_by_hash)
-        self.epochs.restore(**self._objects())
-        self.metrics = self.epochs.resumed.get("metrics", {})
-        if self.epochs.resumed.get("round") not in (None, self.round):
-            check_schema(self.epochs.state_path, self.epochs.resumed, {"round": int}, "extra.")
-            self.round = self.epochs.resumed["round"]
-            self.source = round_batches(layout, self.round, self.name, config, ctx)
-        self.iters = config.iters_per_epoch or self.source.iters_per_epoch()
+        # D4IR's first round, its SD and feedback loop; the batches; the optimizers
+        first = open_round(layout, config)
+        feedback = open_loop(layout, config, first, ctx.device, amp=amp, sd_source=sd_source,
+                             degraded_dir=degraded_dir, clean_dir=clean_dir)
+        data = open_source(layout, config, name, ctx, teacher, first_round=None if first is None else first[0],
+                           degraded_dir=degraded_dir, original_dir=original_dir)
+        optim = Optimizers(
+            torch.optim.Adam(student.parameters(), lr=config.lr, betas=(0.9, 0.999)),
+            None if feedback is None else torch.optim.Adam(feedback.encoder.parameters(), lr=config.encoder_lr,
+                                                           betas=(0.9, 0.999)))
+        nets = Networks(teacher, t_info, student, ctx.wrap(student))
+
+        # what a resume must match, and the resumed state
+        settings = run_settings(config, name, t_info, teacher_key)
+        epoch_loop = EpochLoop(layout.student(name), epochs=config.epochs, settings=settings, rng=rng,
+                               resume=resume, writer=ctx.rank == 0, upgrade=upgrade_state)
+        self = cls(layout, config, name, layout.student(name), ctx, rng, amp, nets, data, feedback, optim,
+                   epoch_loop, settings)
+        epoch_loop.restore(**self._objects())
+        self.metrics = epoch_loop.resumed.get("metrics", {})
+        if epoch_loop.resumed.get("round") not in (None, data.round):
+            check_schema(epoch_loop.state_path, epoch_loop.resumed, {"round": int}, "extra.")
+            data.round = epoch_loop.resumed["round"]
+            data.source = round_batches(layout, data.round, name, config, ctx)
+        self.iters = config.iters_per_epoch or data.source.iters_per_epoch()
         return self
 
     def _objects(self) -> dict:
-        return dict(student=self.student, optimizer=self.opt, loop=self.loop, encoder_optimizer=self.enc_opt,
-                    generator=self.adversarial)
+        """The objects whose state dicts the resumable state holds, by their key in it."""
+        return dict(student=self.nets.student, optimizer=self.optim.student, loop=self.feedback,
+                    encoder_optimizer=self.optim.encoder, adversarial=self.data.adversarial)
 
     def move_to_round(self, due: int, distributor: Distributor | None, progress: bool) -> None:
         """A regeneration round is due: rank 0 writes it with the current encoder, every rank moves to it."""
-        if self.loop is None or due <= self.round:
+        if self.feedback is None or due <= self.data.round:
             return
         if self.ctx.rank == 0:
-            self.loop.regenerate(self.layout, due, self.name, distributor=distributor, device=self.device,
-                                 progress=progress)
+            self.feedback.regenerate(self.layout, due, self.name, distributor=distributor, device=self.device,
+                                     progress=progress)
         self.ctx.barrier()
-        self.round = due
-        self.source = round_batches(self.layout, due, self.name, self.config, self.ctx)
+        self.data.round = due
+        self.data.source = round_batches(self.layout, due, self.name, self.config, self.ctx)
 
     def train_epoch(self, epoch: int, progress: bool) -> dict:
         """`iters` KD steps (plus, in the joint phase, the encoder's feedback and L_cl; for DFSR/DFMC, the
         generator's turns); returns the epoch's log record."""
         from d4ir.shards.progress import progress_bar
 
-        config, loop, adversarial, device = self.config, self.loop, self.adversarial, self.device
+        config, nets, optim, source, loop, device = (self.config, self.nets, self.optim, self.data.source,
+                                                     self.feedback, self.device)
+        adversarial = self.data.adversarial
         joint = loop is not None and epoch < config.joint_epochs
         lr = halved_lr(config.lr, epoch, config.lr_halve_every)
-        for g in self.opt.param_groups:
+        for g in optim.student.param_groups:
             g["lr"] = lr
-        for g in self.enc_opt.param_groups if self.enc_opt is not None else []:
+        for g in optim.encoder.param_groups if optim.encoder is not None else []:
             g["lr"] = halved_lr(config.encoder_lr, epoch, config.lr_halve_every)
-        self.source.set_epoch(epoch)
-        errors_before = getattr(self.source, "decode_errors", 0)
+        source.set_epoch(epoch)
+        errors_before = getattr(source, "decode_errors", 0)
         t0, sums = time.perf_counter(), {"kd": 0.0, "fb": 0.0, "cl": 0.0, "gen": 0.0}
         bar = progress_bar(range(self.iters), desc=f"distill {self.name} {epoch + 1}/{config.epochs}",
                            enabled=progress and not self.ctx.rank, leave=False)
         for i in bar:
-            x = self.source.next(self.rng, device)  # [B, 3, crop, crop]
+            x = source.next(self.rng, device)  # [B, 3, crop, crop]
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 with torch.no_grad():
-                    target = self.teacher(x)
-                student_out = self.model(x)
+                    target = nets.teacher(x)
+                student_out = nets.model(x)
                 loss = l_kd = kd_loss(student_out, target, config.loss) if adversarial is None else \
                     adversarial.student_loss(student_out, target, x)
                 if joint:
-                    l_fb = (loop.feedback_loss(self.model, self.teacher, self.rng, config.feedback_batch,
+                    l_fb = (loop.feedback_loss(nets.model, nets.teacher, self.rng, config.feedback_batch,
                                                config.loss, device)
                             if config.feedback_batch else torch.zeros((), device=device))
                     l_cl = loop.contrastive_loss(self.rng, config.batch_size, device) if config.gamma else l_fb * 0
                     loss = l_kd + l_fb + config.gamma * l_cl
                     sums["fb"] += float(l_fb.detach())
                     sums["cl"] += float(l_cl.detach())
-            self.opt.zero_grad(set_to_none=True)
-            if self.enc_opt is not None:
-                self.enc_opt.zero_grad(set_to_none=True)
+            optim.student.zero_grad(set_to_none=True)
+            if optim.encoder is not None:
+                optim.encoder.zero_grad(set_to_none=True)
             loss.backward()
             if joint:
                 average_gradients(loop.encoder, self.ctx)
-            self.opt.step()
+            optim.student.step()
             if joint:
-                self.enc_opt.step()
+                optim.encoder.step()
             if adversarial is not None and adversarial.due(epoch * self.iters + i):  # DFSR's min-max: G's turn
                 sync = (lambda g: average_gradients(g, self.ctx)) if self.ctx.world > 1 else None
-                sums["gen"] += adversarial.generator_step(self.student, self.teacher, amp=self.amp,
+                sums["gen"] += adversarial.generator_step(nets.student, nets.teacher, amp=self.amp,
                                                           sync_grads=sync)["generator_loss"]
             sums["kd"] += float(l_kd.detach())
             bar.set_postfix(kd=f"{float(l_kd.detach()):.5f}")
-        record = {"round": self.round, "lr": lr, "joint": joint, "seconds": time.perf_counter() - t0,
+        record = {"round": self.data.round, "lr": lr, "joint": joint, "seconds": time.perf_counter() - t0,
                   **{f"loss_{k}": v / self.iters for k, v in sums.items()}}
-        if isinstance(self.source, ShardBatches):
-            record |= {"decode_errors": self.source.decode_errors - errors_before,
-                       "skipped_shards": self.source.skipped}
+        if isinstance(source, ShardBatches):
+            record |= {"decode_errors": source.decode_errors - errors_before,
+                       "skipped_shards": source.skipped}
         return record
 
     def end_epoch(self, epoch: int, record: dict, val, progress: bool) -> None:
@@ -295,18 +291,18 @@ class _Training:
         if self.ctx.rank:
             return
         if val:
-            self.metrics = evaluate_model(self.student, val, device=self.device, reference=self.teacher,
+            self.metrics = evaluate_model(self.nets.student, val, device=self.device, reference=self.nets.teacher,
                                           progress=False)["mean"]
             record.update({f"val_{k}": v for k, v in self.metrics.items()})
 
         def save() -> None:
-            save_model(self.out / STUDENT_STEM, self.student, self.name)
-            if self.loop is not None:
-                save_weights(self.out / PROMPT_ENCODER_STEM, self.loop.encoder.state_dict(),
-                             {"arch": "PromptEncoder", "encoder": self.loop.encoder.config})
+            save_model(self.out / STUDENT_STEM, self.nets.student, self.name)
+            if self.feedback is not None:
+                save_weights(self.out / PROMPT_ENCODER_STEM, self.feedback.encoder.state_dict(),
+                             encoder_record(self.feedback.encoder, self.feedback.record(self.data.round)))
 
-        self.epochs.end_epoch(epoch, record, save, extra={"round": self.round, "metrics": self.metrics},
-                              **self._objects())
+        self.epoch_loop.end_epoch(epoch, record, save, extra={"round": self.data.round, "metrics": self.metrics},
+                                  **self._objects())
         if progress:
             from d4ir.shards.progress import report
 
@@ -318,14 +314,15 @@ class _Training:
 
     def finish(self, val, val_dir: Path | None) -> DistillResult:
         """The final evaluation (eval.json) and what made this student (config.json)."""
-        params = count_parameters(self.student)
+        nets, last = self.nets, self.data.round
+        params = count_parameters(nets.student)
         if self.ctx.rank == 0 and val:
-            final = evaluate_model(self.student, val, device=self.device, reference=self.teacher, progress=False)
+            final = evaluate_model(nets.student, val, device=self.device, reference=nets.teacher, progress=False)
             write_eval(self.out / EVAL_FILE, final, model=str(self.layout.student_weights(self.name)),
-                       pairs=str(val_dir), reference=self.t_info.record(), data=self.config.data, round=self.round)
+                       pairs=str(val_dir), reference=nets.teacher_info.record(), data=self.config.data, round=last)
         if self.ctx.rank == 0:
             atomic_write_json(self.out / CONFIG_FILE, {**asdict(self.config), **self.settings, "params": params,
-                                                       "round": self.round, "teacher": self.t_info.record()})
+                                                       "round": last, "teacher": nets.teacher_info.record()})
         self.ctx.barrier()
-        skipped = ([val.summary()] if val and val.skipped else []) + self.skipped
-        return DistillResult(self.out, params, self.round, self.metrics, skipped)
+        skipped = ([val.summary()] if val and val.skipped else []) + self.data.skipped
+        return DistillResult(self.out, params, last, self.metrics, skipped)

@@ -25,8 +25,9 @@ from d4ir.shards.layout import MANIFEST_FILE, shard_name
 SHARD_FORMAT = 2
 
 
-def _need(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    """d[key] checked to be of `kind` (a bool is no int here); absent reads as None."""
+def need(d: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """d[key] checked to be of `kind` (a bool is no int here; absent reads as None), else one ValueError naming
+    `where` and the field: the field check of every record's `from_json`."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     value = d.get(key)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
@@ -65,10 +66,10 @@ class Provenance:
 
     @classmethod
     def from_json(cls, d: dict, where: str) -> Provenance:
-        return cls(sd=_need(d, "sd", str, where), sd_config=_need(d, "sd_config", (str, type(None)), where),
-                   sd_fingerprint=_need(d, "sd_fingerprint", str, where),
-                   encoder_sha256=_need(d, "encoder_sha256", (str, type(None)), where),
-                   prompt_encoder_file_sha256=_need(d, "prompt_encoder_file_sha256", (str, type(None)), where))
+        return cls(sd=need(d, "sd", str, where), sd_config=need(d, "sd_config", (str, type(None)), where),
+                   sd_fingerprint=need(d, "sd_fingerprint", str, where),
+                   encoder_sha256=need(d, "encoder_sha256", (str, type(None)), where),
+                   prompt_encoder_file_sha256=need(d, "prompt_encoder_file_sha256", (str, type(None)), where))
 
 
 class PlannedSample(NamedTuple):
@@ -135,18 +136,18 @@ class RoundManifest:
             raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if (why := format_problem(d)) is not None:
             raise ValueError(f"{where}: {why}")
-        shards = _need(d, "shards", dict, where)
+        shards = need(d, "shards", dict, where)
         if not all(isinstance(n, int) and not isinstance(n, bool) for n in shards.values()):
             raise ValueError(f"{where}: field 'shards' must map shard names to sample counts")
-        return cls(config=_need(d, "config", dict, where), config_hash=_need(d, "config_hash", str, where),
-                   plan_hash=_need(d, "plan_hash", str, where), shards=dict(shards),
-                   clean_dir=_need(d, "clean_dir", str, where),
-                   prompts_dir=_need(d, "prompts_dir", (str, type(None)), where),
-                   clean_scan=_need(d, "clean_scan", dict, where),
-                   clean_files=_need(d, "clean_files", (list, type(None)), where),
-                   provenance=Provenance.from_json(d, where), dtype=_need(d, "dtype", str, where),
-                   cpu_threads=_need(d, "cpu_threads", (int, type(None)), where),
-                   complete=d.get("complete") is True, images=_need(d, "images", (int, type(None)), where))
+        return cls(config=need(d, "config", dict, where), config_hash=need(d, "config_hash", str, where),
+                   plan_hash=need(d, "plan_hash", str, where), shards=dict(shards),
+                   clean_dir=need(d, "clean_dir", str, where),
+                   prompts_dir=need(d, "prompts_dir", (str, type(None)), where),
+                   clean_scan=need(d, "clean_scan", dict, where),
+                   clean_files=need(d, "clean_files", (list, type(None)), where),
+                   provenance=Provenance.from_json(d, where), dtype=need(d, "dtype", str, where),
+                   cpu_threads=need(d, "cpu_threads", (int, type(None)), where),
+                   complete=d.get("complete") is True, images=need(d, "images", (int, type(None)), where))
 
     @classmethod
     def read(cls, directory: str | Path) -> RoundManifest:
@@ -197,10 +198,10 @@ class ShardStats:
         where = str(where)
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        failures = _need(d, "failures", list, where)
-        return cls(shard=_need(d, "shard", str, where), index=_need(d, "index", int, where),
-                   count=_need(d, "count", int, where), failures=tuple(failures),
-                   sha256=_need(d, "sha256", str, where), bytes=_need(d, "bytes", int, where),
+        failures = need(d, "failures", list, where)
+        return cls(shard=need(d, "shard", str, where), index=need(d, "index", int, where),
+                   count=need(d, "count", int, where), failures=tuple(failures),
+                   sha256=need(d, "sha256", str, where), bytes=need(d, "bytes", int, where),
                    extra={k: v for k, v in d.items() if k not in cls.CORE})
 
 

@@ -84,9 +84,10 @@ def _scheduler(parts: SDParts, config: CCDConfig, device: torch.device) -> tuple
     return sched, sched.timesteps[start:]
 
 
-def _check_inputs(
-    parts: SDParts, clean: torch.Tensor, prompt_embeds: torch.Tensor, config: CCDConfig
-) -> tuple[int, torch.Tensor]:
+def _check_inputs(config: CCDConfig, *, parts: SDParts, clean: torch.Tensor, prompt_embeds: torch.Tensor
+                  ) -> torch.Tensor:
+    """The sampler's batch checked (the input-check contract: docs/architecture.md): clean [B,3,size,size] in [0, 1]
+    and prompts [1 or B, L, D]; returns the prompts as [B, L, D]."""
     if clean.ndim != 4 or clean.shape[1] != 3 or not clean.is_floating_point():
         raise ValueError(f"clean must be a float tensor [B,3,H,W], got {tuple(clean.shape)} {clean.dtype}")
     b, _, h, w = clean.shape
@@ -102,7 +103,7 @@ def _check_inputs(
         )
     if prompt_embeds.shape[0] not in (1, b):
         raise ValueError(f"prompt_embeds batch {prompt_embeds.shape[0]} does not match {b} clean images")
-    return b, prompt_embeds.expand(b, -1, -1)
+    return prompt_embeds.expand(b, -1, -1)
 
 
 def _check_generators(generators: object, b: int) -> list[torch.Generator]:
@@ -166,7 +167,8 @@ def ccd_sample(
     Returns:
         [B,3,size,size] float32 in [0,1] on parts.device.
     """
-    b, cond = _check_inputs(parts, clean, prompt_embeds, config)
+    cond = _check_inputs(config, parts=parts, clean=clean, prompt_embeds=prompt_embeds)  # [B, L, D]
+    b = len(cond)
     generators = _check_generators(generators, b)
     device, dtype = parts.device, parts.dtype
     sched, timesteps = _scheduler(parts, config, device)
@@ -230,7 +232,8 @@ def feedback_surrogate(
     Returns:
         [B,3,H,W] in [0,1] (the dtype of the SD weights), differentiable w.r.t. prompt_embeds.
     """
-    b, cond = _check_inputs(parts, clean, prompt_embeds, config)
+    cond = _check_inputs(config, parts=parts, clean=clean, prompt_embeds=prompt_embeds)  # [B, L, D]
+    b = len(cond)
     if isinstance(generator, (list, tuple)):
         generator = _check_generators(generator, b)
     device, dtype = parts.device, parts.dtype

@@ -9,7 +9,7 @@ more of the image).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,91 @@ from d4ir.shards.embeddings import save_embeddings
 from d4ir.shards.images import read_rgb, to_tensor
 from d4ir.shards.io import load_weights, save_weights, sha256_file, state_dict_sha256
 from d4ir.shards.layout import PROMPT_ENCODER_STEM, weights_file
+from d4ir.shards.records import need
 
+from .moco import MoCoConfig
 from .prompt_encoder import PromptEncoder
+
+# Version of prompt_encoder.json's "training" record; a record without one was written before it was typed
+# (stage 1's then also held the encoder's architecture, a regeneration round's only crop, embed_side, moco,
+# degraded_dir and round): both read.
+ENCODER_TRAINING_FORMAT = 1
+_OPTIONAL_INT, _OPTIONAL_NUMBER, _OPTIONAL_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
+
+
+@dataclass(frozen=True)
+class EncoderTraining:
+    """How a prompt encoder was trained: prompt_encoder.json's "training", and the settings stage 3 reuses.
+
+    Stage 1 writes it for round 0; each regeneration round of stage 3 writes stage 1's record with its own round,
+    degraded folder and image count (`FeedbackLoop.record`: the encoder trained further by the joint phase with
+    the same crop, MoCo settings and embedding rule). The encoder's architecture is not repeated here: it is the
+    file's "encoder".
+
+    Args:
+        crop: side of the contrastive crops (stage 1's MoCo and the joint phase's L_cl).
+        embed_side: largest central square a prompt is computed from (synth.embed).
+        moco: the contrastive loss's settings.
+        degraded_dir: the web degraded folder (absolute) the prompts were computed from.
+        num_images: the images of it that were used (None in records of rounds written before it was kept).
+        round: 0 for stage 1, N for a student's regeneration round N.
+        steps, batch_size, lr, seed: stage 1's optimisation; base: "empty-text" or "zeros", the prompt the
+            encoder's residual adds to, base_sha256 its hash; prompt_strength: the residual gain stage 1 set
+            (all None in records of regeneration rounds written before stage 1's record was carried into them).
+    """
+
+    crop: int
+    embed_side: int
+    moco: MoCoConfig
+    degraded_dir: str
+    num_images: int | None = None
+    round: int = 0
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    base: str | None = None
+    base_sha256: str | None = None
+    prompt_strength: float | None = None
+    format_version: int = ENCODER_TRAINING_FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"moco": asdict(self.moco)}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str | Path) -> EncoderTraining:
+        """The record of file `where`; another format version, or a missing or ill-typed field, is one ValueError
+        naming the file and the field."""
+        where = str(where)
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: the training record must be a JSON object, got {type(d).__name__}")
+        version = d.get("format_version")
+        if version is not None and (version != ENCODER_TRAINING_FORMAT or isinstance(version, bool)):
+            raise ValueError(f"{where}: a training record of format version {version!r}; this d4ir reads version "
+                             f"{ENCODER_TRAINING_FORMAT}: run `d4ir prompts` again")
+        moco = need(d, "moco", dict, where)
+        try:
+            moco = MoCoConfig(**moco)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: field 'moco' is not a MoCo config ({err})") from err
+        return cls(crop=need(d, "crop", int, where), embed_side=need(d, "embed_side", int, where), moco=moco,
+                   degraded_dir=need(d, "degraded_dir", str, where),
+                   num_images=need(d, "num_images", _OPTIONAL_INT, where),
+                   round=need(d, "round", int, where) if "round" in d else 0,  # stage 1's record had none
+                   steps=need(d, "steps", _OPTIONAL_INT, where),
+                   batch_size=need(d, "batch_size", _OPTIONAL_INT, where),
+                   lr=need(d, "lr", _OPTIONAL_NUMBER, where), seed=need(d, "seed", _OPTIONAL_INT, where),
+                   base=need(d, "base", _OPTIONAL_STR, where), base_sha256=need(d, "base_sha256", _OPTIONAL_STR, where),
+                   prompt_strength=need(d, "prompt_strength", _OPTIONAL_NUMBER, where))
+
+    @classmethod
+    def read(cls, path: str | Path) -> EncoderTraining:
+        """The training record of the prompt encoder at `path` (a prompts folder or its file)."""
+        file = prompt_encoder_file(path).with_suffix(".json")
+        info = prompt_encoder_info(path)
+        if "training" not in info:
+            raise ValueError(f"{file} has no training record (not written by `d4ir prompts`): run it again")
+        return cls.from_json(info["training"], file)
 
 
 @dataclass(frozen=True)
@@ -65,8 +148,7 @@ def export_prompts(
     out_dir: Path,
     sd: Any,
     *,
-    training: dict,
-    embed_side: int,
+    training: EncoderTraining,
     batch_size: int = 32,
     device: str = "cpu",
 ) -> ExportedPrompts:
@@ -77,8 +159,8 @@ def export_prompts(
         paths: the web degraded images, one prompt each (row i is paths[i]).
         out_dir: a prompts folder (RUN/prompts, or a student's round folder).
         sd: the loaded SD the prompts condition (`model_id` and `fingerprint` are recorded).
-        training: how the encoder was trained (recorded in prompt_encoder.json).
-        embed_side: largest central square each prompt is computed from.
+        training: how the encoder was trained (recorded in prompt_encoder.json; its embed_side is the largest
+            central square each prompt is computed from).
     """
     was_training = encoder.training
     encoder.eval()
@@ -88,10 +170,10 @@ def export_prompts(
     enc_path = save_weights(
         Path(out_dir) / PROMPT_ENCODER_STEM,
         state,
-        {"arch": "PromptEncoder", "encoder": encoder.config, "training": training, "sd": sd_info},
+        encoder_record(encoder, training) | {"sd": sd_info},
         metadata={"sd_model_id": sd_info["model_id"], "sd_fingerprint": sd_info["fingerprint"]},
     )
-    prompts = embed_images(encoder, paths, side=embed_side, batch_size=batch_size, device=device)  # [N, L, D]
+    prompts = embed_images(encoder, paths, side=training.embed_side, batch_size=batch_size, device=device)  # [N, L, D]
     sources = [{"path": str(p), "sha256": sha256_file(p)} for p in paths]
     emb_path = save_embeddings(
         out_dir,
@@ -103,12 +185,18 @@ def export_prompts(
             "encoder_sha256": enc_sha,
             "sd_model_id": sd_info["model_id"],
             "sd_fingerprint": sd_info["fingerprint"],
-            "prompt_strength": training.get("prompt_strength", ""),
-            "embed_rule": f"central square min(H, W, {embed_side}), native scale",
+            "prompt_strength": "" if training.prompt_strength is None else training.prompt_strength,
+            "embed_rule": f"central square min(H, W, {training.embed_side}), native scale",
         },
     )
     encoder.train(was_training)
     return ExportedPrompts(enc_path, emb_path, enc_sha)
+
+
+def encoder_record(encoder: PromptEncoder, training: EncoderTraining) -> dict[str, Any]:
+    """The JSON saved beside a prompt encoder's weights (its architecture and training record): what
+    `load_prompt_encoder` rebuilds it from and `EncoderTraining.read` reads."""
+    return {"arch": "PromptEncoder", "encoder": encoder.config, "training": training.to_json()}
 
 
 def prompt_encoder_file(path: str | Path) -> Path:

@@ -33,7 +33,7 @@ from d4ir.shards.progress import progress_bar
 from d4ir.shards.state import StateError, changed_settings, load_state, restoring, save_state, trim_log
 from d4ir.shards.tracking import track_record
 
-from .embed import export_prompts, prompt_encoder_info
+from .embed import EncoderTraining, export_prompts, prompt_encoder_info
 from .moco import MoCoConfig, MoCoQueue, moco_step
 from .prompt_encoder import DEFAULT_PROMPT_TOKENS, PromptEncoder
 from .sd_parts import SDParts
@@ -155,13 +155,27 @@ def _warn_about_base(sd: SDParts, base: torch.Tensor | None, tokens: int) -> Non
     if base is None:
         msg = (f"SD {sd.model_id!r} has no text encoder: the prompt encoder's base prompt is zeros, not the empty-text "
                "embedding, so a fresh encoder is not SD's unconditional context (see synth/prompt_encoder.py)")
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=4)
         return
     length = int(getattr(getattr(sd, "tokenizer", None), "model_max_length", tokens))
     if tokens < length:
         msg = (f"prompt_tokens={tokens} < the text encoder's {length} tokens: the base prompt is the empty text cut "
                f"to {tokens} tokens, which is not SD's unconditional context (see synth/prompt_encoder.py)")
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=4)
+
+
+def check_inputs(config: PromptsConfig, *, sd: SDParts) -> torch.Tensor | None:
+    """The SD's base prompt checked (the input-check contract: docs/architecture.md): its empty-text prompt
+    [1, L, D] in float32 on the CPU, or None (with a warning) when it has no text encoder."""
+    base = sd.empty_prompt(num_tokens=config.prompt_tokens)
+    _warn_about_base(sd, base, config.prompt_tokens)
+    if base is None:
+        return None
+    base, dim = base.detach().float().cpu(), int(sd.cross_attention_dim)
+    if base.ndim != 3 or base.shape[0] != 1 or base.shape[1] != config.prompt_tokens:
+        raise ValueError(f"SD empty prompt has shape {tuple(base.shape)}, expected [1, {config.prompt_tokens}, {dim}]")
+    _check_width(f"the empty prompt of SD {sd.model_id!r}", int(base.shape[2]), dim)
+    return base
 
 
 def train_prompts(
@@ -191,15 +205,7 @@ def train_prompts(
         if not hasattr(sd, attr):
             raise TypeError(f"sd must be a loaded SD (synth.sd.load_sd); {type(sd).__name__} has no {attr}")
     dim = int(sd.cross_attention_dim)
-    base = sd.empty_prompt(num_tokens=config.prompt_tokens)
-    _warn_about_base(sd, base, config.prompt_tokens)
-    if base is not None:
-        base = base.detach().float().cpu()
-        if base.ndim != 3 or base.shape[0] != 1 or base.shape[1] != config.prompt_tokens:
-            raise ValueError(
-                f"SD empty prompt has shape {tuple(base.shape)}, expected [1, {config.prompt_tokens}, {dim}]"
-            )
-        _check_width(f"the empty prompt of SD {sd.model_id!r}", int(base.shape[2]), dim)
+    base = check_inputs(config, sd=sd)
     state_path, log_path = out_dir / STATE_FILE, out_dir / LOG_FILE
     state = None
     if resume:
@@ -293,16 +299,13 @@ def train_prompts(
     encoder = query_enc.eval()
     if encoder.has_base:
         encoder.set_prompt_strength(config.prompt_strength)
-    training = {k: v for k, v in args.items() if k != "images"} | {
-        "base": "zeros" if base is None else "empty-text",
-        "steps": config.steps,
-        "prompt_strength": config.prompt_strength,
-        "embed_side": config.embed_side,
-        "num_images": len(paths),
-        "degraded_dir": str(degraded_dir.resolve()),
-    }
-    exported = export_prompts(encoder, paths, out_dir, sd, training=training, embed_side=config.embed_side,
-                              batch_size=config.batch_size, device=device)
+    training = EncoderTraining(
+        crop=config.crop, embed_side=config.embed_side, moco=config.moco, degraded_dir=str(degraded_dir.resolve()),
+        num_images=len(paths), round=0, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+        seed=config.seed, base="zeros" if base is None else "empty-text", base_sha256=args["base_sha256"],
+        prompt_strength=config.prompt_strength)
+    exported = export_prompts(encoder, paths, out_dir, sd, training=training, batch_size=config.batch_size,
+                              device=device)
     log.info("wrote %d prompts [%d x %d] to %s", len(paths), config.prompt_tokens, dim, exported.embeddings_path)
     return PromptsResult(
         out_dir=out_dir,

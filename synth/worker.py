@@ -22,7 +22,7 @@ from d4ir.shards.embeddings import load_embeddings
 from d4ir.shards.errors import StageFailedError
 from d4ir.shards.folders import check_files, file_records, scan_images
 from d4ir.shards.images import encode_png, read_rgb
-from d4ir.shards.io import OutputFolderError, folder_lock, sha256_file
+from d4ir.shards.io import OutputFolderError, folder_lock
 from d4ir.shards.layout import (
     EMBEDDINGS_FILE,
     LOCK_FILE,
@@ -35,7 +35,7 @@ from d4ir.shards.layout import (
     weights_file,
 )
 from d4ir.shards.reader import iter_raw_metas, iter_samples
-from d4ir.shards.records import PlannedSample, Provenance, RoundManifest, ShardStats
+from d4ir.shards.records import PlannedSample, RoundManifest, ShardStats
 from d4ir.shards.tracking import track_images, tracking_dir
 from d4ir.shards.writer import (
     DEGRADED_FIELD,
@@ -48,7 +48,8 @@ from d4ir.shards.writer import (
 )
 
 from .ccd import ccd_sample, prepare_clean
-from .embed import load_prompt_encoder, prompt_encoder_file
+from .embed import load_prompt_encoder
+from .inputs import check_inputs, check_sd
 from .plan import ShardJob, SynthConfig, config_hash, plan_hash, plan_jobs
 from .sd import SDSource, default_dtype, load_sd_cached
 from .sd_parts import SDParts
@@ -223,14 +224,6 @@ class SynthResult:
     clean: str = ""  # the clean photos used and skipped ("8 usable, skipped: 1 zero bytes")
 
 
-def check_sd(manifest: RoundManifest, sd: SDParts, source: SDSource, folder: Path) -> None:
-    """The round in `folder` was synthesized by the SD this run loaded (by fingerprint, whatever its path)."""
-    made = manifest.provenance
-    if made.sd_fingerprint != sd.fingerprint:
-        raise ValueError(f"{folder} was synthesized by SD {made.sd!r} (fingerprint {made.sd_fingerprint[:12]}), "
-                         f"but this run loads {source} (fingerprint {sd.fingerprint[:12]})")
-
-
 def _adopt(out_dir: Path, manifest: RoundManifest, jobs: list[ShardJob], sd: SDParts, source: SDSource,
            threads: int) -> int:
     """Resume only what this plan made: shards there without a manifest, or a manifest or samples that disagree
@@ -256,37 +249,6 @@ def _adopt(out_dir: Path, manifest: RoundManifest, jobs: list[ShardJob], sd: SDP
                                  "(made by another run?); delete the round or use another one")
     # A resumed CPU round keeps the thread count its first shards were computed with (see ShardJob.threads).
     return int(old.cpu_threads or threads) if threads else 0
-
-
-def check_inputs(config: SynthConfig, sd: SDParts, source: SDSource,
-                 prompts_dir: Path | None) -> tuple[int, Provenance]:
-    """Every error a shard job would hit, found once in the parent before any shard starts.
-
-    Returns (number of prompt rows, the provenance recorded in the manifest and every sample).
-    """
-    made = Provenance(source.spec, source.config, sd.fingerprint)
-    if config.prompt_mode == "text" and (sd.text_encoder is None or sd.tokenizer is None):
-        raise ValueError(f"prompt mode 'text' needs an SD with a text encoder; {source} has none")
-    if config.prompt_mode not in ("encoder", "content"):
-        return 1, made
-    if prompts_dir is None:
-        raise ValueError(f"prompt mode {config.prompt_mode!r} needs the prompts folder of `d4ir prompts`")
-    if config.prompt_mode == "content":
-        return 1, replace(made, prompt_encoder_file_sha256=sha256_file(prompt_encoder_file(prompts_dir)))
-    emb = load_embeddings(prompts_dir)
-    n, _, width = emb.prompt_embeds.shape
-    if n == 0:
-        raise ValueError(f"{prompts_dir}: the prompt table is empty (0 rows); rerun `d4ir prompts`")
-    made_for = emb.metadata.get("sd_fingerprint", "")  # the models first: a width names neither
-    if made_for and made_for != sd.fingerprint:
-        widths = f", {width} wide vs {sd.cross_attention_dim}" if width != sd.cross_attention_dim else ""
-        raise ValueError(f"{prompts_dir}: the prompts were made for SD {emb.metadata.get('sd_model_id')!r} "
-                         f"(fingerprint {made_for[:12]}), but this run loads SD {source} (fingerprint "
-                         f"{sd.fingerprint[:12]}{widths}): make the prompts with this SD or load theirs")
-    if width != sd.cross_attention_dim:
-        raise ValueError(f"{prompts_dir}: prompts are {width} wide, but SD {source} takes {sd.cross_attention_dim} "
-                         "(cross_attention_dim): make the prompts with this SD")
-    return n, replace(made, encoder_sha256=emb.metadata.get("encoder_sha256", ""))
 
 
 def synthesize(
@@ -326,7 +288,7 @@ def synthesize(
     # run loads the SD where its shards will use it (the cache keeps it); a cluster's parent only checks it.
     local = distributor is None or distributor is local_distributor
     sd = load_sd_cached(source, device if local else "cpu", dtype)
-    num_prompts, provenance = check_inputs(config, sd, source, prompts_dir)
+    inputs = check_inputs(config, sd=sd, source=source, prompts_dir=prompts_dir)
     # absolute, as the manifest records it: every round names a photo alike (a regeneration round reads the
     # manifest's clean_dir; round 0 from `--clean data/x` named it relatively, and no sample matched across rounds)
     clean_dir = Path(clean_dir).resolve()
@@ -339,14 +301,14 @@ def synthesize(
                             "a round drawn from a recorded plan needs them as they were")
         clean_scan = {"usable": len(paths)}
         clean_summary = f"{len(paths)} usable (the recorded plan's)"
-    jobs = plan_jobs(paths, num_prompts, config, round_dir=out_dir, sd_source=source, prompts_dir=prompts_dir,
-                     device=device, dtype=dtype, provenance=provenance.to_json())
+    jobs = plan_jobs(paths, inputs.num_prompts, config, round_dir=out_dir, sd_source=source, prompts_dir=prompts_dir,
+                     device=device, dtype=dtype, provenance=inputs.provenance.to_json())
     threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 0
     manifest = RoundManifest(
         config=asdict(config), config_hash=config_hash(config), plan_hash=plan_hash(jobs),
         shards={shard_name(j.index): len(j.items) for j in jobs},  # samples planned per shard
         clean_dir=str(clean_dir), prompts_dir=str(Path(prompts_dir).resolve()) if prompts_dir else None,
-        clean_scan=clean_scan, clean_files=clean_files, provenance=provenance, dtype=dtype)
+        clean_scan=clean_scan, clean_files=clean_files, provenance=inputs.provenance, dtype=dtype)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

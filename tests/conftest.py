@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 SIDE = 32  # every drawn photo is SIDE x SIDE (the synth size: no resizing)
-TEACHER_KWARGS = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=16)
+TEACHER_KWARGS = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=16)
 SYNTH = dict(num_samples=8, shard_size=4, batch_size=4, steps=4, strength=0.5, size=32)
 CCD_KEYS = ("steps", "strength", "size", "guidance_scale", "z0", "eta")
 

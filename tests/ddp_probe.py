@@ -2,9 +2,9 @@
 
 The test puts a `sitecustomize.py` on the workers' PYTHONPATH that calls `install` when D4IR_DDP_DUMP names a
 folder and torchrun's RANK is set. `install` wraps (never changes) what `distill.trainer.distill` builds (the
-student) and opens through `distill.sources` (the shard batches of each epoch and the feedback loop); at exit
-the rank writes what it ended with to D4IR_DDP_DUMP/rank<RANK>.pt (plain tensors and lists: read back with
-weights_only=True).
+student) and opens through `distill.sources` (the shard batches of each epoch) and `distill.feedback` (the feedback
+loop); at exit the rank writes what it ended with to D4IR_DDP_DUMP/rank<RANK>.pt (plain tensors and lists: read
+back with weights_only=True).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from pathlib import Path
 
 
 def install(out: str) -> None:
+    import d4ir.distill.feedback as feedback_mod
     import d4ir.distill.sources as sources_mod
     import d4ir.distill.trainer as trainer_mod
     import torch
 
     seen: dict = {"shards": [], "student": None, "loop": None}
-    real_build, real_batches, real_loop = trainer_mod.build, sources_mod.ShardBatches, sources_mod.FeedbackLoop
+    real_build, real_batches, real_loop = trainer_mod.build, sources_mod.ShardBatches, feedback_mod.FeedbackLoop
 
     def build(*args, **kwargs):
         seen["student"] = real_build(*args, **kwargs)
@@ -37,7 +38,7 @@ def install(out: str) -> None:
             seen["loop"] = self
 
     trainer_mod.build = build
-    sources_mod.ShardBatches, sources_mod.FeedbackLoop = Batches, Loop
+    sources_mod.ShardBatches, feedback_mod.FeedbackLoop = Batches, Loop
 
     def dump() -> None:
         student, loop = seen["student"], seen["loop"]

@@ -18,7 +18,7 @@ def _tiny(arch: str) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if arch == "airnet":
-            return AirNet(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=5).eval()
+            return AirNet(n_feats=8, n_groups=1, n_blocks=1, queue_size=5).eval()
         return Restormer(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 2, 4]).eval()
 
 

@@ -14,7 +14,7 @@ from d4ir.distill.registry import build
 
 CROP = 16
 SMALL = dict(widths=(16, 8))  # tiny generator widths for the CPU
-AIRNET = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=16)
+AIRNET = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=16)
 RESTORMER = dict(num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 1, 1))
 
 
@@ -23,7 +23,7 @@ def _pair(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     if arch == "airnet":
         teacher = build("airnet", **AIRNET)
-        student = build("airnet", **{**AIRNET, "n_feats": 4, "encoder_first": 4})
+        student = build("airnet", **{**AIRNET, "n_feats": 4})
     else:
         teacher = build("restormer", dim=8, **RESTORMER)
         student = build("restormer", dim=4, **RESTORMER)
@@ -233,6 +233,7 @@ def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, t
     (its loss is logged), and a run resumed after epoch 1 ends bit-equal to a straight one."""
     from d4ir.distill.trainer import DistillConfig, distill
     from d4ir.shards.io import load_weights, read_jsonl
+    from d4ir.shards.state import load_state, save_state
 
     datafree = DataFreeConfig(widths=(16, 8), student_steps_per_generator_step=2)
     cfg = DistillConfig(student="half", data=method, epochs=2, joint_epochs=0, iters_per_epoch=4, batch_size=2,
@@ -247,6 +248,17 @@ def test_the_trainer_runs_the_gan_baselines_and_resumes_them_exactly(tiny_run, t
     a, _ = load_weights(straight.root / "students" / "s" / "student")
     b, _ = load_weights(resumed.root / "students" / "s" / "student")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if method == "dfsr":  # the source is saved as 'adversarial'; a state of an older d4ir has it as 'generator'
+        old = tiny_run.copy_to(tmp_path / "old")
+        distill(old.root, old.teacher, replace(cfg, epochs=1), name="s", progress=False)
+        state_path = old.root / "students" / "s" / "state.pt"
+        state = load_state(state_path)
+        assert "adversarial" in state["objects"] and "generator" not in state["objects"]
+        objects = {("generator" if k == "adversarial" else k): v for k, v in state["objects"].items()}
+        save_state(state_path, state | {"objects": objects})
+        distill(old.root, old.teacher, cfg, name="s", resume=True, progress=False)
+        c, _ = load_weights(old.root / "students" / "s" / "student")
+        assert all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(ValueError, match="give --iters-per-epoch"):
         distill(straight.root, straight.teacher, replace(cfg, iters_per_epoch=None), name="t", progress=False)
     if method == "dfmc":  # DFMC's contrastive term is on by default and changes what the student learns

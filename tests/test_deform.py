@@ -141,13 +141,13 @@ def test_switch_validation_and_bad_inputs():
     with pytest.raises(ValueError, match="x must be"):
         deform.deform_conv3x3(x[0], off, w, m)
     with pytest.raises(ValueError, match="AirNet deform"):
-        AirNet(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4, deform="mmcv")
+        AirNet(n_feats=8, n_groups=1, n_blocks=1, queue_size=4, deform="mmcv")
     assert deform.get_config() == deform.DeformConfig()  # nothing above changed the process default
 
 
 def _tiny_airnet(seed: int = 0) -> AirNet:
     torch.manual_seed(seed)
-    model = AirNet(n_feats=8, encoder_first=8, n_groups=1, n_blocks=2, queue_size=4)
+    model = AirNet(n_feats=8, n_groups=1, n_blocks=2, queue_size=4)
     for m in model.modules():  # non-zero offsets and masks (the official init is zero)
         if isinstance(m, DCNLayer):
             torch.nn.init.normal_(m.conv_offset_mask.weight, std=0.2)

@@ -81,7 +81,7 @@ def test_detect_and_kwargs_recognise_each_family_and_width(family, width):
     cls(**module.kwargs_from_state_dict(state)).load_state_dict(state, strict=True)
     other = FAMILIES["ldnet" if family == "gcanet" else "gcanet"][1]().state_dict()
     assert not module.detect(other)
-    assert not module.detect(AirNet(n_feats=8, encoder_first=8, queue_size=4, n_groups=1, n_blocks=1).state_dict())
+    assert not module.detect(AirNet(n_feats=8, queue_size=4, n_groups=1, n_blocks=1).state_dict())
     with pytest.raises(KeyError, match="not a"):
         module.kwargs_from_state_dict(other)
 

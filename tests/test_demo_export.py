@@ -16,8 +16,8 @@ from d4ir.distill.registry import build, count_parameters, save_model  # noqa: E
 from d4ir.pipelines.demo_export import LATENCY_FILE, export_and_time, latency_lines  # noqa: E402
 from d4ir.shards.layout import RunLayout  # noqa: E402
 
-WIDE = dict(n_feats=16, encoder_first=16, n_groups=1, n_blocks=1, queue_size=4)
-HALF = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4)
+WIDE = dict(n_feats=16, n_groups=1, n_blocks=1, queue_size=4)
+HALF = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=4)
 
 
 def _checkpoints(tmp_path):

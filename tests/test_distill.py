@@ -17,12 +17,13 @@ from d4ir.distill.evaluate import evaluate_model
 from d4ir.distill.feedback import FeedbackLoop, synth_config_of
 from d4ir.distill.losses import parse_weights
 from d4ir.distill.registry import build, half_of, load_model
+from d4ir.distill.resume import upgrade_state
 from d4ir.distill.teachers import load_teacher
 from d4ir.distill.trainer import DistillConfig, DistillResult, distill
 from d4ir.shards.io import load_weights, read_jsonl, sha256_file, state_dict_sha256
 from d4ir.shards.pairs import find_pairs
 from d4ir.shards.writer import read_manifest
-from d4ir.synth.embed import load_prompt_encoder
+from d4ir.synth.embed import EncoderTraining, load_prompt_encoder
 from d4ir.synth.sd import build_tiny_sd, load_sd_cached, save_sd
 
 # Tiny steps everywhere: 16x16 crops, batches of 2, one feedback image per step.
@@ -53,9 +54,25 @@ def test_schedule_helpers():
     assert _cfg(epochs=6, joint_epochs=4, round_every=0).round_for_epoch(5) == 0
     assert _cfg(data="web", round_every=1).round_for_epoch(5) == 0
     assert DistillConfig().lr_halve_every == 15
-    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == (
-        "airnet", {"n_feats": 32, "encoder_first": 32})
+    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64}}) == ("airnet", {"n_feats": 32})
+    # kwargs of a checkpoint written when AirNet took encoder_first: dropped, E_pre follows n_feats
+    assert half_of({"arch": "airnet", "kwargs": {"n_feats": 64, "encoder_first": 64}}) == ("airnet", {"n_feats": 32})
     assert half_of({"arch": "restormer", "kwargs": {"dim": 48}}) == ("restormer", {"dim": 24})
+
+
+def test_older_states_in_this_versions_form(tmp_path):
+    """What an older d4ir wrote in a stage-3 state: the adversarial source under 'generator', an AirNet student's
+    encoder_first in student_kwargs, the teacher by path; `upgrade_state` gives this version's form."""
+    teacher = tmp_path / "teacher.pth"
+    teacher.write_bytes(b"weights")
+    old = {"settings": {"student_kwargs": {"n_feats": 8, "encoder_first": 8}, "teacher": str(teacher)},
+           "objects": {"student": {}, "generator": {"epoch": 1}}, "epoch": 1}
+    new = upgrade_state(old)
+    assert new["objects"] == {"student": {}, "adversarial": {"epoch": 1}} and new["epoch"] == 1
+    assert new["settings"] == {"student_kwargs": {"n_feats": 8}, "teacher_sha256": sha256_file(teacher)}
+    assert upgrade_state(new) == new
+    odd = {"settings": {"student_kwargs": {"n_feats": 8, "encoder_first": 4}}, "objects": {}}
+    assert upgrade_state(odd)["settings"] == odd["settings"]  # kept: AirNet refuses it, naming both widths
 
 
 # ------------------------------------------------------------------------------------ 1. gradient path
@@ -66,7 +83,7 @@ def test_feedback_loss_reaches_encoder_not_sd(tiny_run):
     parts = load_sd_cached("tiny", "cpu", "float32")
     ccd = synth_config_of(read_manifest(r.root / "shards" / "round-000")).ccd
     loop = FeedbackLoop(r.root / "prompts", parts, r.degraded, r.clean, ccd)
-    assert loop.crop == 16 and loop.moco.queue_size == 4  # stage 1's crop and MoCo settings
+    assert loop.training.crop == 16 and loop.training.moco.queue_size == 4  # stage 1's crop and MoCo settings
     teacher, info = load_model(r.teacher)
     teacher.requires_grad_(False)
     arch, kwargs = half_of(info)
@@ -122,7 +139,7 @@ def test_second_students_reuse_shards_untouched(run_copy, monkeypatch):
 
     monkeypatch.setattr(worker_mod, "synthesize", no_synth)
     monkeypatch.setattr(feedback_mod, "synthesize", no_synth)
-    narrow = dict(n_feats=6, encoder_first=6, n_groups=1, n_blocks=1, queue_size=16)
+    narrow = dict(n_feats=6, n_groups=1, n_blocks=1, queue_size=16)
     res = _run(r, _cfg(student="airnet", student_kwargs=narrow, round=0, epochs=1), "narrow")
     assert res.round == 0
     # the joint phase on without a round pinned, but no regeneration due: the encoder trains, no synthesis
@@ -238,6 +255,12 @@ def test_regeneration_rounds(straight):
         assert m.provenance.encoder_sha256 == state_dict_sha256(enc)  # the KD-updated encoder of that round
         hashes.append(m.provenance.encoder_sha256)
     assert len(set(hashes)) == 3, "each round must be made by a different (further trained) encoder"
+    # every prompt encoder's training record has one shape: stage 1's, with the round that wrote it
+    stage1 = json.loads((r.root / "prompts" / "prompt_encoder.json").read_text())["training"]
+    for n, folder in ((1, student / "prompts" / "round-001"), (2, student / "prompts" / "round-002"), (2, student)):
+        record = json.loads((folder / "prompt_encoder.json").read_text())["training"]
+        assert record == stage1 | {"round": n}
+        assert EncoderTraining.read(folder) == dataclasses.replace(EncoderTraining.read(r.root / "prompts"), round=n)
     # the joint phase ends with epoch 2, so the final encoder is the one that made round 2
     assert state_dict_sha256(load_weights(r.root / "students" / "s" / "prompt_encoder")[0]) == hashes[2]
     log = read_jsonl(r.root / "students" / "s" / "train.jsonl")

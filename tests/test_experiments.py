@@ -177,7 +177,7 @@ def test_a_factory_teacher_runs_its_rows_with_the_named_student(tmp_path, monkey
     data["tables"] = {"1": {"rows": ["Teacher", "Student", "Data"], "tests": ["Rain100L"]}}
     with pytest.raises(ValueError, match="tasks.derain.teacher: a factory teacher cannot be halved"):
         run_experiments(load_config(_write(tmp_path, data)), progress=False, log=lambda _: None)
-    derain["teacher"] |= {"student": "airnet", "student_kwargs": dict(TEACHER_KWARGS, n_feats=4, encoder_first=4)}
+    derain["teacher"] |= {"student": "airnet", "student_kwargs": dict(TEACHER_KWARGS, n_feats=4)}
     run_experiments(load_config(_write(tmp_path, data)), progress=False, log=lambda _: None)
     out = tmp_path / "exp" / "derain"
     identity = {"kind": "factory", "factory": "tinynet:make", "weights": str(weights), "sha256": sha256_file(weights)}
@@ -185,7 +185,7 @@ def test_a_factory_teacher_runs_its_rows_with_the_named_student(tmp_path, monkey
         assert json.loads((out / "rows/main" / row / "done.json").read_text())["settings"]["teacher"] == identity
     for student in ("main-student", "main-data"):
         kwargs = json.loads((out / "students" / student / "student.json").read_text())["kwargs"]
-        assert (kwargs["n_feats"], kwargs["encoder_first"]) == (4, 4)
+        assert kwargs["n_feats"] == 4 and "encoder_first" not in kwargs  # derived from n_feats, not recorded
     teacher_eval = json.loads((out / "rows/main/Teacher/Rain100L/eval.json").read_text())
     assert teacher_eval["model"] == identity and teacher_eval["params"] == 8 * 3 * 9 + 8 + 3 * 8 * 9 + 3
     assert "every student is airnet" in (tmp_path / "exp" / "report.md").read_text()

@@ -15,7 +15,7 @@ from d4ir.distill.airnet import DCNLayer  # noqa: E402
 from d4ir.distill.registry import build, count_parameters, save_model  # noqa: E402
 
 TINY = {
-    "airnet": dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4),
+    "airnet": dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=4),
     "restormer": dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 2, 4, 8]),
 }
 

@@ -15,7 +15,7 @@ from torch import nn
 def tiny_airnet() -> AirNet:
     # one group of one block: receptive-field radius 8, within the tile window's dead margin at overlap 32
     torch.manual_seed(0)
-    return AirNet(n_feats=8, encoder_first=8, queue_size=16, n_groups=1, n_blocks=1).eval()
+    return AirNet(n_feats=8, queue_size=16, n_groups=1, n_blocks=1).eval()
 
 
 @pytest.fixture(scope="module")

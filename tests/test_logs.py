@@ -12,7 +12,7 @@ from cli_helpers import cli
 from conftest import make_brightened_pairs
 from d4ir.distill.teacher import SupervisedConfig, train_supervised
 
-TINY = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=8)
+TINY = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=8)
 FLAGS = ["--epochs", "2", "--iters-per-epoch", "2", "--batch-size", "2", "--crop", "16", "--device", "cpu",
          "--arch-kwargs", ",".join(f"{k}={v}" for k, v in TINY.items()), "--preset", "demo"]
 

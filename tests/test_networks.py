@@ -62,7 +62,7 @@ def test_airnet_official_keys_load_strictly(airnet):
         assert torch.equal(loaded[k], sd[k])
     assert loaded["E.E.queue_ptr"].dtype == torch.long and loaded["E.E.queue"].shape == (256, 1280)
     assert airnet_kwargs_from_state_dict(sd) == dict(
-        n_feats=64, encoder_first=64, queue_size=1280, n_groups=5, n_blocks=5
+        n_feats=64, queue_size=1280, n_groups=5, n_blocks=5
     )
 
 
@@ -85,9 +85,29 @@ def test_parameter_counts(airnet, restormer):
 
 def test_airnet_width_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="encoder_first == n_feats"):
-        build("airnet", n_feats=32)
+        build("airnet", n_feats=32, encoder_first=64)  # a config of an older d4ir that disagrees with itself
     with pytest.raises(KeyError, match="unknown architecture"):
         build("unet")
+
+
+def test_airnet_encoder_width_is_derived_and_old_configs_still_load(tmp_path):
+    """E_pre's width follows n_feats (no encoder_first to pass); a checkpoint whose JSON still carries it loads, and
+    an official state dict whose E_pre width differs is refused naming both widths."""
+    model = AirNet(n_feats=8, queue_size=4, n_groups=1, n_blocks=1)
+    assert model.state_dict()["E.E.encoder_q.E_pre.backbone.0.weight"].shape[0] == 8
+    assert model.config == dict(n_feats=8, queue_size=4, n_groups=1, n_blocks=1)
+    stem = tmp_path / "old"
+    save_model(stem, model, "airnet")
+    config = json.loads(stem.with_suffix(".json").read_text())
+    config["kwargs"]["encoder_first"] = 8  # as d4ir wrote it before the width was derived
+    stem.with_suffix(".json").write_text(json.dumps(config))
+    loaded, info = load_model(stem.with_suffix(".safetensors"))
+    assert _same_state(loaded, model) and info["kwargs"] == model.config
+    wide = AirNet(n_feats=8, queue_size=4, n_groups=1, n_blocks=1).state_dict()
+    wide["R.head.0.weight"] = torch.zeros(16, 3, 3, 3)
+    torch.save(wide, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="encoder_first=8, n_feats=16"):
+        load_model(tmp_path / "odd.pth")
 
 
 def test_forward_shapes_for_every_registry_entry():
@@ -98,14 +118,14 @@ def test_forward_shapes_for_every_registry_entry():
         with torch.no_grad():
             y = model(x)
         assert y.shape == (1, 3, 8, 8) and torch.isfinite(y).all(), name
-    small = build("airnet", n_feats=16, encoder_first=16, n_groups=2, n_blocks=2)
+    small = build("airnet", n_feats=16, n_groups=2, n_blocks=2)
     assert small.eval()(torch.rand(2, 3, 20, 28)).shape == (2, 3, 20, 28)  # AirNet takes any size
     with pytest.raises(ValueError, match="multiples of 8"):
         build("restormer-12")(torch.rand(1, 3, 30, 32))
 
 
 def _tiny_airnet(queue_size: int = 5) -> AirNet:
-    return AirNet(n_feats=8, encoder_first=8, queue_size=queue_size, n_groups=1, n_blocks=2)
+    return AirNet(n_feats=8, queue_size=queue_size, n_groups=1, n_blocks=2)
 
 
 def test_airnet_train_forward_moco_terms_and_gradients():
@@ -190,7 +210,7 @@ def test_official_pth_files_load(tmp_path):
     torch.save(src.state_dict(), tmp_path / "Derain.pth")
     model, info = load_model(tmp_path / "Derain.pth")
     assert isinstance(model, AirNet) and info["arch"] == "airnet" and info["source"] == "official"
-    assert model.config == dict(n_feats=64, encoder_first=64, queue_size=256, n_groups=5, n_blocks=5)
+    assert model.config == dict(n_feats=64, queue_size=256, n_groups=5, n_blocks=5)
     assert _same_state(model, src) and not model.training
     # Restormer: BasicSR {'params': sd}; a DataParallel `module.` prefix is stripped
     for kwargs in (dict(dim=12), dict(dim=24, layernorm_type="BiasFree")):

@@ -150,7 +150,7 @@ def test_a_tiny_pipeline_on_the_real_layout(stored, photos, kind, tmp_path):
     from d4ir.distill.registry import build
 
     loop = FeedbackLoop(layout.prompts, sd, photos["degraded"], photos["clean"], CCD)
-    small = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4)
+    small = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=4)
     student, teacher = build("airnet", **small), build("airnet", **small).eval()
     loss = loop.feedback_loss(student, teacher, np.random.default_rng(0), 1, {"l2": 1.0}, "cpu")
     loss.backward()

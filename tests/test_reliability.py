@@ -56,7 +56,7 @@ def test_crafted_pickles_in_every_resumable_file_never_run(tiny_run, tmp_path):
         "teacher": (r.root / "teacher" / "state.pt",
                     ["teacher", "--pairs", pairs, "--run-dir", r.root, "--resume", "--epochs", "1", "--crop", "16",
                      "--batch-size", "2", "--arch-kwargs",
-                     "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,queue_size=8"]),
+                     "n_feats=8,n_groups=1,n_blocks=1,queue_size=8"]),
         "prompts": (r.root / "prompts" / "state.pt",
                     ["prompts", "--run-dir", r.root, "--degraded", r.degraded, "--sd", "tiny", "--resume", "--steps",
                      "1", "--batch-size", "4", "--crop", "16", "--prompt-tokens", "4", "--feat-dim", "8", "--widths",
@@ -302,7 +302,7 @@ def test_a_kill_between_log_and_state_leaves_one_record_per_epoch(tiny_run, tmp_
             raise KeyboardInterrupt  # after epoch 2's log record, before its state
         return real(path, state)
 
-    kwargs = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=8)
+    kwargs = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=8)
     config = SupervisedConfig(arch_kwargs=kwargs, epochs=3, iters_per_epoch=1, batch_size=2, crop=16)
 
     def run(resume):

@@ -62,7 +62,7 @@ def test_bad_links_in_a_paired_set_are_counted_skips_shown_by_every_command(tiny
     assert (written["count"], written["skipped"]) == (2, SKIPPED)
 
     result = cli("teacher", "--pairs", val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
-                  "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,"
+                  "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,n_groups=1,n_blocks=1,"
                   "queue_size=8")
     assert result.exit_code == 0 and shown in result.output, result.output
 
@@ -116,7 +116,7 @@ def test_a_malformed_prompts_or_teacher_state_is_one_line_naming_the_file_and_th
     one_line_error(cli(*prompts), str(state), "'query' cannot be restored")
 
     teacher = ["teacher", "--pairs", r.val, "--out", tmp_path / "t", "--epochs", "1", "--crop", "16", "--batch-size",
-               "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,encoder_first=8,n_groups=1,n_blocks=1,"
+               "2", "--iters-per-epoch", "1", "--arch-kwargs", "n_feats=8,n_groups=1,n_blocks=1,"
                "queue_size=8"]
     assert cli(*teacher).exit_code == 0
     _edit_state(tmp_path / "t" / "state.pt", lambda s: s["objects"].pop("optimizer"))

@@ -10,7 +10,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import d4ir.distill.sources as sources_mod
+import d4ir.distill.feedback as feedback_mod
 import d4ir.synth.sd as sd_mod
 import pytest
 import torch
@@ -31,7 +31,7 @@ CCD = CCDConfig(steps=4, strength=0.5, size=64)
 PROMPTS = PromptsConfig(feat_dim=8, widths=(4, 8, 8), token_rank=4, steps=2, batch_size=4, crop=16,
                         moco=MoCoConfig(queue_size=4), embed_side=32)
 SYNTH = SynthConfig(num_samples=2, shard_size=1, batch_size=1, ccd=CCD)
-TEACHER = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=4)
+TEACHER = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=4)
 DISTILL = DistillConfig(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0,
                         epochs=2, joint_epochs=1, round_every=1)
 HUB_ID = "d4ir-test/sd15-narrow"
@@ -94,7 +94,7 @@ def test_folder_file_and_hub_id_give_byte_identical_rounds_and_students(sd15, tm
 
 def test_the_student_does_not_depend_on_the_global_rng_after_loading(tmp_path, run_copy, monkeypatch):
     """A library that draws from (or reseeds) torch's global RNG while the SD loads leaves the student as it was."""
-    original = sources_mod.load_sd_cached
+    original = feedback_mod.load_sd_cached
     students = []
     for i, disturb in enumerate((lambda: None, lambda: torch.randn(1234), lambda: torch.manual_seed(999))):
         def loading(*args, _disturb=disturb, **kw):
@@ -102,7 +102,7 @@ def test_the_student_does_not_depend_on_the_global_rng_after_loading(tmp_path, r
             _disturb()
             return parts
 
-        monkeypatch.setattr(sources_mod, "load_sd_cached", loading)
+        monkeypatch.setattr(feedback_mod, "load_sd_cached", loading)
         r = run_copy
         distill(r.root, r.teacher, DISTILL, degraded_dir=r.degraded, clean_dir=r.clean, name=f"s{i}",
                 progress=False)

@@ -12,6 +12,7 @@ from d4ir.distill.evaluate import evaluate_model
 from d4ir.distill.registry import load_model
 from d4ir.distill.teacher import SupervisedConfig, train_supervised
 from d4ir.shards.pairs import find_pairs
+from d4ir.shards.state import load_state, save_state
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def pairs(tmp_path_factory) -> Path:
 
 
 def _config(epochs: int) -> SupervisedConfig:
-    kwargs = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=8)
+    kwargs = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=8)
     return SupervisedConfig(arch="airnet", arch_kwargs=kwargs, epochs=epochs, iters_per_epoch=3, batch_size=2,
                             crop=16, lr=1e-3, seed=0)
 
@@ -43,6 +44,21 @@ def test_training_writes_files_and_resume_is_exact(pairs: Path, tmp_path: Path):
     b, _ = load_model(resumed / "teacher.safetensors")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("written_with", [{"encoder_first": 8}, {}], ids=["config-passes-it", "config-without-it"])
+def test_states_with_airnets_encoder_first_resume(pairs: Path, tmp_path: Path, written_with: dict):
+    """AirNet's encoder_first is derived from n_feats now: a state whose settings carry it (an older d4ir) resumes
+    with a config without it, and a config that still passes it resumes its own state."""
+    config = _config(1)
+    train_supervised(pairs, tmp_path, replace(config, arch_kwargs={**config.arch_kwargs, "encoder_first": 8}),
+                     progress=False)
+    state = load_state(tmp_path / "state.pt")
+    save_state(tmp_path / "state.pt", state | {"settings": state["settings"] | {
+        "arch_kwargs": {**config.arch_kwargs, "encoder_first": 8}}})
+    again = replace(config, epochs=2, arch_kwargs={**config.arch_kwargs, **written_with})
+    train_supervised(pairs, tmp_path, again, resume=True, progress=False)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "train.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_resume_refuses_another_config(pairs: Path, tmp_path: Path):

@@ -24,7 +24,7 @@ from teacher_fixtures import write_factory
 TINY = dict(batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0, epochs=1, joint_epochs=1,
             round_every=0)
 # the registry student for a foreign teacher: tests/conftest.py's teacher at half width
-STUDENT_KWARGS = dict(n_feats=4, encoder_first=4, n_groups=1, n_blocks=1, queue_size=16)
+STUDENT_KWARGS = dict(n_feats=4, n_groups=1, n_blocks=1, queue_size=16)
 STUDENT_ARGS = ("--student", "airnet", "--student-kwargs",
                 ",".join(f"{k}={v}" for k, v in STUDENT_KWARGS.items()))
 CLI_TINY = ("--epochs", 1, "--joint-epochs", 1, "--round-every", 0, "--iters-per-epoch", 2, "--batch-size", 2,

@@ -22,7 +22,7 @@ from PIL import Image
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-TINY = dict(n_feats=8, encoder_first=8, n_groups=1, n_blocks=1, queue_size=8)
+TINY = dict(n_feats=8, n_groups=1, n_blocks=1, queue_size=8)
 DISTILL = DistillConfig(student="half", batch_size=2, crop=16, iters_per_epoch=2, feedback_batch=1, num_workers=0,
                         epochs=2, joint_epochs=1, round_every=1)
 
