@@ -84,3 +84,13 @@ def test_procedural_images_are_the_renderer_on_the_web_clean_photos(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no usable web clean photo"):
         render_folder(tmp_path / "empty", tmp_path / "d", weather="derain", count=1, size=32, seed=0)
+
+
+def test_the_real_table_shows_the_papers_closest_table_by_task():
+    from d4ir.pipelines.experiments.published import PUBLISHED, published
+
+    assert published("real", "D4IR", "derain") == PUBLISHED["1"]["D4IR"]  # Table 1's, not Table 3's
+    assert published("real", "M3", "derain") == PUBLISHED["3"]["M3"]
+    assert published("real", "Teacher", "dehaze") == PUBLISHED["2"]["Teacher"]
+    assert published("real", "Procedural", "derain") is None  # this project's row: the paper has none
+    assert published("real", "D4IR") is None and published("1", "D4IR") == PUBLISHED["1"]["D4IR"]

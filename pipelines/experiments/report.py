@@ -22,7 +22,7 @@ from d4ir.shards.layout import DONE_FILE, LOG_FILE, ExperimentLayout
 from ..figures import curves_png
 from ..grid import sample_grid
 from .inputs import slug
-from .published import NOT_PUBLISHED, published
+from .published import CONTEXT_NOTE, NOT_PUBLISHED, published
 from .rows import row_dir
 from .runner import PlannedTable
 from .steps import Context, teacher_seconds
@@ -94,7 +94,7 @@ def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
             if ref:
                 cells += [f"{m['ref_psnr']:.2f}", f"{m['ref_ssim']:.3f}"] if "ref_psnr" in m else ["-", "-"]
         if paper:
-            p = published(table.name, key)
+            p = published(table.name, key, table.task)
             cells += [f"{p[0]:.2f}", f"{p[1]:.3f}", f"{p[2]:.2f}" if p[2] else "-"] if p else ["-"] * 3
         cells.append(f"{_seconds(ctx, table, key, record):.0f}" if record else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -161,6 +161,8 @@ def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
     parts += [_teacher_line(ctx, table), ""]
     if table.name in NOT_PUBLISHED:
         parts += [f"Published numbers: {NOT_PUBLISHED[table.name]}.", ""]
+    if table.name == "real":
+        parts += [CONTEXT_NOTE.format(tables="1 (and 3 for M0-M5)" if table.task == "derain" else "2"), ""]
     for test in table.tests:
         count = next((s["count"] for k in table.rows if (s := _scores(_record(ctx, table, k), test))), None)
         parts += [f"### {test}" + (f" ({count} images)" if count else ""), "", results_table(ctx, table, test), ""]
