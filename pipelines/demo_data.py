@@ -1,7 +1,10 @@
 """The embedded demo data: weather images made offline from the photos that ship with scikit-image.
 
-``build_demo_data`` cuts random crops from the sample photos in scikit-image's wheel (no download),
-splits them by PHOTO into four disjoint groups, and degrades them with ``pipelines.weather``:
+``build_demo_data`` cuts crops from the sample photos in scikit-image's wheel (no download) and degrades them
+with ``pipelines.weather``. The teacher's pairs and the test pairs come from their own photos; the two web sets
+come from ONE pool of other photos, as the paper draws both from one collection (Rain1400's two sides, shuffled
+to be unpaired): every pool photo is cut into non-overlapping tiles, the tiles are shuffled, and the first ones
+become web degraded images, the next ones web clean images (disjoint pixels, no pairs):
 
     out/<task>/original/{degraded,clean}/*.png   paired: the teacher's private training data
     out/<task>/test/{degraded,clean}/*.png       paired: the test set
@@ -31,9 +34,10 @@ from d4ir.shards.images import save_png
 from d4ir.shards.progress import progress_bar
 from PIL import Image
 
-BUILD_VERSION = 1  # bump when the recipe changes, so existing folders are rebuilt
+BUILD_VERSION = 2  # bump when the recipe changes, so existing folders are rebuilt
 TASK_IDS = {"derain": 0, "dehaze": 1, "desnow": 2}  # fixed, so a subset of tasks gives the same images
 SPLIT_IDS = {"original": 0, "test": 1, "web_degraded": 2, "web_clean": 3}
+WEB_SPLITS = ("web_degraded", "web_clean")
 
 # scikit-image sample photos (all in the wheel) with their licences, from the skimage.data docstrings
 PHOTOS: dict[str, str] = {
@@ -53,13 +57,14 @@ PHOTOS: dict[str, str] = {
     "clock": "public domain (Stefan van der Walt)",
     "cell": "CC0 (Guck lab)",
 }
-# disjoint by photo: no crop of one group shares a photo with another group
+# disjoint by photo: the teacher's pairs, the test pairs and the web pool share no photo (the test photos are also
+# the weather LDM's held-out ones); both web sets are tiles of the pool's photos (`web_tiles`)
 SPLITS: dict[str, tuple[str, ...]] = {
     "original": ("astronaut", "coffee", "immunohistochemistry", "grass", "coins"),
     "test": ("chelsea", "camera", "brick"),
-    "web_degraded": ("hubble_deep_field", "retina", "gravel", "text"),
-    "web_clean": ("rocket", "clock", "cell"),
+    "web": ("hubble_deep_field", "retina", "gravel", "text", "rocket", "clock", "cell"),
 }
+WEB_TILES_PER_SIDE = 6  # a pool photo's tile side: max(size, shorter side / 6)
 MAX_CROP_FRACTION = 0.6  # crop side drawn in [size, 0.6 * shorter photo side], then resized to size
 MIN_CROP_STD = 0.05  # redraw (up to 10 times) crops flatter than this: black borders, empty sky
 WEB_HAZE_BETA = (0.02, 0.3)  # wider than HAZE_BETA: the web mixes thin and thick haze
@@ -109,6 +114,36 @@ def _cut_crops(
             ({"stem": f"{name}_{k:03d}", "photo": name, "box": [y, x, side], "flip": flip}, arr)
         )
     return crops
+
+
+def web_tiles(photos: dict[str, np.ndarray], size: int, counts: tuple[int, int], rng: np.random.Generator
+              ) -> dict[str, list[tuple[dict, np.ndarray]]]:
+    """The two web sets from one pool: every pool photo cut into a grid of non-overlapping square tiles (side
+    max(size, shorter side / WEB_TILES_PER_SIDE); tiles flatter than MIN_CROP_STD dropped), all tiles shuffled,
+    the first counts[0] resized to [size, size, 3] uint8 as web degraded sources, the next counts[1] as web
+    clean photos; each randomly flipped. Records: stem, photo, box [y, x, side], flip."""
+    tiles = []
+    for name in SPLITS["web"]:
+        h, w = photos[name].shape[:2]
+        side = max(size, min(h, w) // WEB_TILES_PER_SIDE)
+        for y in range(0, h - side + 1, side):
+            for x in range(0, w - side + 1, side):
+                if photos[name][y : y + side, x : x + side].mean(axis=2).std() / 255.0 >= MIN_CROP_STD:
+                    tiles.append((name, y, x, side))
+    if sum(counts) > len(tiles):
+        raise ValueError(f"the web pool has {len(tiles)} tiles; n_web_degraded + n_web_clean = {sum(counts)}")
+    order = rng.permutation(len(tiles))
+    out: dict[str, list[tuple[dict, np.ndarray]]] = {split: [] for split in WEB_SPLITS}
+    for k, i in enumerate(order[: sum(counts)]):
+        split = WEB_SPLITS[0] if k < counts[0] else WEB_SPLITS[1]
+        name, y, x, side = tiles[i]
+        patch = photos[name][y : y + side, x : x + side]
+        arr = np.asarray(Image.fromarray(patch).resize((size, size), Image.LANCZOS))
+        flip = bool(rng.random() < 0.5)
+        n = len(out[split])
+        out[split].append(({"stem": f"{name}_{n:03d}", "photo": name, "box": [y, x, side], "flip": flip},
+                           np.ascontiguousarray(arr[:, ::-1] if flip else arr)))
+    return out
 
 
 def _options(task: str, split: str, k: int, rng: np.random.Generator) -> dict:
@@ -206,10 +241,9 @@ def build_demo_data(
             old.unlink()
 
     photos = {name: _load_photo(name) for names in SPLITS.values() for name in names}
-    crops = {
-        split: _cut_crops(photos, SPLITS[split], n, size, np.random.default_rng([seed, 100, SPLIT_IDS[split]]))
-        for split, n in counts.items()
-    }
+    crops = {split: _cut_crops(photos, SPLITS[split], counts[split], size,
+                               np.random.default_rng([seed, 100, SPLIT_IDS[split]])) for split in ("original", "test")}
+    crops |= web_tiles(photos, size, (n_web_degraded, n_web_clean), np.random.default_rng([seed, 100, 2]))
     options: dict[str, dict[str, list[dict]]] = {}
     bar = progress_bar(total=len(tasks) * sum(counts.values()), desc="demo data", enabled=progress)
     for task in tasks:
@@ -263,9 +297,15 @@ that ship inside scikit-image; nothing was downloaded. Parameters: `{json.dumps(
 
 ## Photos and splits
 
-Each group uses its own photos, so no two groups share a source:
+The teacher's pairs, the test pairs and the web pool use their own photos (no two share a source):
 
 {photo_lines}
+
+Both web sets come from the `web` pool, as the paper draws its web clean and web degraded images from one
+collection: each pool photo is cut into a grid of non-overlapping square tiles (side max({params["size"]}, shorter
+side / {WEB_TILES_PER_SIDE}), tiles flatter than {MIN_CROP_STD} dropped), the tiles of all pool photos are
+shuffled (`np.random.default_rng([seed, 100, 2])`), the first {counts["web_degraded"]} become web degraded
+images and the next {counts["web_clean"]} web clean photos: disjoint pixels, no pairs.
 
 Per task: `original/` {counts["original"]} pairs (the teacher's private training data), `test/`
 {counts["test"]} pairs, `web_degraded/` {counts["web_degraded"]} and `web_clean/` {counts["web_clean"]}
@@ -273,8 +313,9 @@ unpaired images. Paired sets share stems between `degraded/` and `clean/`; stems
 
 ## Crops
 
-Crop i of a group comes from photo i mod (photos in the group): a square of side drawn uniformly in
-[{params["size"]}, {MAX_CROP_FRACTION} x shorter photo side] at a uniform position (redrawn up to 10 times while
+Crop i of the teacher's or the test group comes from photo i mod (photos in the group): a square of side
+drawn uniformly in [{params["size"]}, {MAX_CROP_FRACTION} x shorter photo side] at a uniform position (redrawn up to 10
+times while
 its gray-level std is below {MIN_CROP_STD}), resized to {params["size"]}x{params["size"]} with Lanczos,
 flipped left-right with probability 0.5. Gray photos are replicated to RGB. Crop generator:
 `np.random.default_rng([seed, 100, split_id])`; every degraded image has its own generator

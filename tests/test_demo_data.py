@@ -59,24 +59,46 @@ def test_paired_sets_share_stems(demo):
 
 
 def test_groups_have_disjoint_source_photos(demo):
+    """Teacher's pairs, test pairs and the web pool share no photo; both web sets come from the one pool, as
+    tiles whose boxes never overlap (no web clean photo is a web degraded image's source)."""
     manifest = json.loads((demo / "manifest.json").read_text())
     task = demo / "derain"
     sources = {
         "original": {photo_of(s) for s in stems(task / "original" / "clean")},
         "test": {photo_of(s) for s in stems(task / "test" / "clean")},
-        "web_degraded": {photo_of(s) for s in stems(task / "web_degraded")},
-        "web_clean": {photo_of(s) for s in stems(task / "web_clean")},
+        "web": {photo_of(s) for s in stems(task / "web_degraded") | stems(task / "web_clean")},
     }
-    assert not sources["web_clean"] & sources["web_degraded"]
     names = list(sources)
     for i, a in enumerate(names):
         assert sources[a] <= set(SPLITS[a])
-        assert {r["photo"] for r in manifest["crops"][a]} == sources[a]
         for b in names[i + 1 :]:
             assert not sources[a] & sources[b], (a, b)
+    for split in ("original", "test"):
+        assert {r["photo"] for r in manifest["crops"][split]} == sources[split]
+    web = manifest["crops"]["web_degraded"] + manifest["crops"]["web_clean"]
+    assert {r["photo"] for r in web} == sources["web"]
+    boxes = {(r["photo"], *r["box"]) for r in web}
+    assert len(boxes) == len(web)  # no tile twice
+    for p, y, x, side in boxes:
+        for q, y2, x2, side2 in boxes:
+            if p == q and (y, x) != (y2, x2):
+                assert y + side <= y2 or y2 + side2 <= y or x + side <= x2 or x2 + side2 <= x  # disjoint pixels
     # and no web clean image is byte-equal to a clean image of the teacher's pairs
     web_clean = {p.read_bytes() for p in (task / "web_clean").glob("*.png")}
     assert not web_clean & {p.read_bytes() for p in (task / "original" / "clean").glob("*.png")}
+
+
+def test_web_sets_share_the_pool_shuffled():
+    """The full-size demo's web clean and web degraded sets both draw from most pool photos (not one set of
+    subjects each, which gave the generator other colours than the web rain)."""
+    import d4ir.pipelines.demo_data as dd
+
+    photos = {n: dd._load_photo(n) for n in SPLITS["web"]}
+    sets = dd.web_tiles(photos, 96, (48, 48), np.random.default_rng([0, 100, 2]))
+    degraded, clean = ({r["photo"] for r, _ in sets[k]} for k in ("web_degraded", "web_clean"))
+    assert len(degraded & clean) >= 5
+    with pytest.raises(ValueError, match="tiles"):
+        dd.web_tiles(photos, 96, (500, 500), np.random.default_rng(0))
 
 
 def test_degraded_images_are_plausible(demo):
