@@ -69,8 +69,8 @@ distill: data  ## stage 3: distill STUDENT from TEACHER (with regeneration round
 eval: $(STAMP)  ## evaluate RUN's STUDENT on the demo test pairs (against ground truth and the teacher)
 	$(D4IR) eval --run-dir $(RUN) --student $(STUDENT) --pairs $(DEMO)/$(TASK)/test $(if $(TEACHER),--reference $(TEACHER))
 
-demo: $(STAMP)  ## the whole pipeline on the embedded demo, ending in runs/demo/report.md
-	$(D4IR) demo --data $(DEMO) --run-dir runs/demo $(ARGS)
+demo: $(STAMP)  ## the embedded demo (configs/demo.json: shipped teacher, every row), ending in runs/demo/report.md
+	$(D4IR) demo --out runs/demo $(ARGS)
 
 clean:  ## remove runs and demo data (keeps .venv)
 	rm -rf runs $(DEMO)

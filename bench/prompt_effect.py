@@ -3,8 +3,8 @@ move them further? Measured on the demo's data of one task (default derain) with
 
 Runs (or reuses, everything resumes) the demo's steps up to the D4IR student: teacher, stage 1 (prompt
 encoder on the web degraded images), stage 2 round 0, stage 3 with its joint phase and regeneration rounds
-(`pipelines.demo`'s presets, so a finished `d4ir demo` run at --run is reused as it is). It also synthesizes
-two reference rounds from the same clean photos with the same per-sample seeds: prompt mode "none" (the
+(the demo preset's stage configs; a run folder of its own, not the `d4ir demo` experiments folder). It also
+synthesizes two reference rounds from the same clean photos with the same per-sample seeds: prompt mode "none" (the
 empty text, the model's unconditional output) and "text" (the task's weather caption). Then for every round
 and every sample, with x the clean source prepared as the synthesis prepares it (`prepare_clean`, 64 px) and
 y the synthesized image, it reports the mean over samples of
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from d4ir.pipelines.demo import SD_SPEC
 from d4ir.pipelines.demo_data import build_demo_data
 from d4ir.pipelines.presets import preset
 from d4ir.pipelines.weather_sd.stats import content_kept, weather_stats
@@ -42,6 +41,7 @@ from d4ir.shards.reader import iter_samples
 from d4ir.synth.ccd import prepare_clean
 from d4ir.synth.plan import WEATHER_TEXT
 
+SD_SPEC = "weather"  # the shipped weather LDM (the demo's generator, configs/demo.json)
 STATS = tuple(STAT_OF_WEATHER.values())
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 from d4ir.shards.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
-from d4ir.synth.plan import WEATHERS
 
 from .experiments.tables import TABLES
 from .options import weights_key_option
@@ -224,7 +223,7 @@ def shards_verify(directory: Path) -> None:
 @click.option("-n", "--num", default=8, show_default=True, help="Samples in the grid.")
 def shards_show(directory: Path, out: Path | None, num: int) -> None:
     """Print counts and write a sample grid: clean source | prompt source | synthesized."""
-    from d4ir.pipelines.report import shard_grid
+    from d4ir.pipelines.rounds import shard_grid
     from d4ir.shards.writer import read_manifest
 
     manifest = read_manifest(directory)
@@ -248,22 +247,20 @@ def report(run: Path, test: Path | None) -> None:
 
 
 @click.command()
-@click.option("--data", type=_path, default=Path("data/demo"), show_default=True, help="Demo data folder.")
-@click.option("--run-dir", "run", type=_path, default=Path("runs/demo"), show_default=True, help="Run folder.")
-@click.option("--task", type=click.Choice(WEATHERS), default="derain", show_default=True,
-              help="The weather the teacher removes and the students learn.")
-@click.option("--seed", default=0, show_default=True,
-              help="Seed of every stage: CPU runs at the same thread count repeat exactly.")
-@_device_option
-def demo(data: Path, run: Path, task: str, seed: int, device: str | None) -> None:
-    """The whole pipeline on the embedded demo data, offline, on the CPU, in minutes.
+@click.option("--out", type=_path, default=Path("runs/demo"), show_default=True, help="The demo's folder.")
+@click.option("--report-only", is_flag=True, help="Rebuild OUT/report.md from the finished rows; train nothing.")
+def demo(out: Path, report_only: bool) -> None:
+    """The embedded demo, offline, on the CPU, in minutes: `d4ir experiments demo` (configs/demo.json).
 
-    demo data -> teacher -> prompts -> synth -> distill (D4IR with regeneration rounds) -> the paper's
-    baselines (Student, Data, M0) -> eval -> RUN/report.md. A rerun resumes: finished steps are skipped.
+    demo data (scikit-image photos) -> the shipped demo teacher -> prompts -> synth -> the rows Input, Teacher,
+    Student, Data, M0, D4IR (with regeneration rounds) -> ONNX export and latency -> OUT/report.md. A rerun
+    resumes: finished rows are skipped.
     """
-    from d4ir.pipelines.demo import run_demo
+    from d4ir.pipelines.experiments import load_config, run_experiments
+    from d4ir.pipelines.experiments.shipped import find_config
 
-    run_demo(data, run, task=task, seed=seed, device=device or "cpu")
+    cfg = load_config(find_config("demo")[0], out, base=Path.cwd())
+    run_experiments(cfg, report_only=report_only, log=click.echo)
 
 
 @click.command("export")
@@ -319,6 +316,7 @@ def experiments(config: str | None, list_: bool, out: Path | None, data: tuple[s
     datasets' source folder (`d4ir experiments cpu-matrix --data ../shared/data` from a clone). See README.md.
     """
     from d4ir.pipelines.experiments import load_config, run_experiments
+    from d4ir.pipelines.experiments.datasets import GENERATED
     from d4ir.pipelines.experiments.shipped import describe, find_config, shipped_configs
 
     if list_:
@@ -329,7 +327,7 @@ def experiments(config: str | None, list_: bool, out: Path | None, data: tuple[s
         raise click.UsageError("give a CONFIG file or the name of a shipped config (d4ir experiments --list)")
     path, shipped = find_config(config)
     cfg = load_config(path, out, base=Path.cwd() if shipped else None, data=data)
-    missing = [f"{name}: {src}" for name, src in cfg.prepare.items() if not src.exists()]
+    missing = [f"{name}: {src}" for name, src in cfg.prepare.items() if not src.exists() and name not in GENERATED]
     if missing and not report_only:
         raise FileNotFoundError(f"the config's datasets have no source folder ({'; '.join(missing)}): give --data DIR "
                                 "(or NAME=DIR), e.g. --data ../shared/data from a clone")

@@ -229,9 +229,18 @@ def test_matrix_writes_every_eval_and_the_report(matrix):
     for name in TABLE_NAMES:
         assert f"## {TABLES[name].title}" in report
         assert (out / "samples" / f"table-{name}.png").stat().st_size > 0
-    t1 = PUBLISHED["1"]["D4IR"]  # Params, PSNR, SSIM, PSNR Y, SSIM Y, vs teacher (2), the paper's 3, time
-    assert re.search(rf"\| KD \| D4IR [^|]*\|( [\d.]+ \|){{7}} {t1[0]:.2f} \| {t1[1]:.3f} \| {t1[2]:.2f} \| \d+ \|",
-                     report)
+    t1 = PUBLISHED["1"]["D4IR"]  # Params, CPU ms, PSNR, SSIM, PSNR Y, SSIM Y, gap, vs teacher (2), the paper's 3, time
+    row = rf"\| KD \| D4IR [^|]*\| [\d.]+ \| [\d.]+ \|( [\d.]+ \|){{4}} [-+][\d.]+ \|( [\d.]+ \|){{2}} "
+    assert re.search(row + rf"{t1[0]:.2f} \| {t1[1]:.3f} \| {t1[2]:.2f} \| \d+ \|", report)
+    # the gap to the teacher is the row's PSNR minus the teacher's, on the same test set
+    d4ir, teacher = (evals[("derain", "main", k, "Rain100L")]["mean"]["psnr"] for k in ("D4IR", "Teacher"))
+    assert f"| {d4ir - teacher:+.2f} |" in report
+    # every architecture's latency was measured once (teacher and student of each teacher), the Input row has none
+    assert len(json.loads((out / "latency.json").read_text())) >= 4 and "| Input | Degraded input | - | - |" in report
+    # the rows that synthesize show their rounds beside their clean sources, with the colour statistics
+    assert "### D4IR: synthesized images of each round" in report and "round 1: synthesized (" in report
+    assert (out / "samples" / "rounds-derain-d4ir.png").stat().st_size > 0 and "### M4: synthesized" in report
+    assert "| web degraded |" in report and "| test degraded |" in report
     assert "no published column" in report and "not run yet" not in report and "## Caveat" in report
     assert (out / "figures" / "curves-derain.png").exists() and "## Time per step" in report
 
@@ -273,7 +282,7 @@ def test_rerun_trains_nothing_and_an_interrupted_row_resumes(matrix, monkeypatch
 
 
 def test_the_caveat_names_what_the_sd_can_say():
-    from d4ir.pipelines.experiments.report import TINY_SD_NOTE, WEATHER_SD_NOTE, sd_caveat
+    from d4ir.pipelines.experiments.report_rows import TINY_SD_NOTE, WEATHER_SD_NOTE, sd_caveat
 
     assert sd_caveat("tiny") == TINY_SD_NOTE and "structured noise" in TINY_SD_NOTE
     assert sd_caveat("weather") == WEATHER_SD_NOTE and "weather LDM" in WEATHER_SD_NOTE

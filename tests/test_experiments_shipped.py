@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_named_configs_are_the_repositorys(monkeypatch, tmp_path):
-    assert set(shipped_configs()) == {p.stem for p in (ROOT / "configs").glob("*.json")} >= {"cpu-matrix"}
+    assert set(shipped_configs()) == {p.stem for p in (ROOT / "configs").glob("*.json")} >= {"cpu-matrix", "demo"}
     listed = cli("experiments", "--list")
     assert listed.exit_code == 0 and listed.output.startswith("cpu-matrix ") and "on the CPU" in listed.output
+    assert "\ndemo " in listed.output
     monkeypatch.chdir(tmp_path)
     path, shipped = find_config("cpu-matrix")
     assert shipped and json.loads(path.read_text())["prepare"] == {"weather-matrix": "../../shared/data"}
@@ -57,7 +58,10 @@ def test_an_installed_package_lists_and_loads_them(tmp_path):
                             src], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     wheel = next((tmp_path / "wheel").glob("d4ir-*.whl"))
-    assert "d4ir/configs/cpu-matrix.json" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "d4ir/configs/cpu-matrix.json" in names and "d4ir/configs/demo.json" in names
+    assert {"d4ir/distill/weights/demo-derain/teacher.safetensors", "d4ir/distill/weights/demo-derain/README.md"} <= \
+        set(names)
     site = tmp_path / "site"
     done = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", site, wheel], capture_output=True,
                           text=True, timeout=300)

@@ -193,6 +193,8 @@ class ExperimentConfig:
         threads: torch CPU threads (default: torch's).
         vs_teacher: also score every row against the teacher's outputs (ref_* metrics in eval.json, a column in
             the report); off by default, as it runs the teacher once more per test image and row.
+        export: after the rows, export each task's teacher and D4IR student to ONNX and time them with
+            onnxruntime (OUT/TASK/export/latency.json, a table in the report; the demo's device check).
         prepare: dataset builders to run, name -> the shared data folder they read (e.g. rain100l-split).
         tasks: name -> `TaskConfig`.
         tables: the tables to run (`TableSpec`), in report order.
@@ -208,6 +210,7 @@ class ExperimentConfig:
     device: str | None = None
     threads: int | None = None
     vs_teacher: bool = False
+    export: bool = False
     prepare: dict[str, Path] = field(default_factory=dict)
     tasks: dict[str, TaskConfig] = field(default_factory=dict)
     tables: tuple[TableSpec, ...] = ()
@@ -218,8 +221,9 @@ class ExperimentConfig:
 
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed: expected an integer, got {self.seed!r}")
-        if not isinstance(self.vs_teacher, bool):
-            raise ValueError(f"vs_teacher: expected true or false, got {self.vs_teacher!r}")
+        for name in ("vs_teacher", "export"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads: expected a positive integer, got {self.threads!r}")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or isinstance(self.eval_limit, bool)

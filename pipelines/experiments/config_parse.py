@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from d4ir.distill.shipped import SHIPPED_PREFIX, shipped_teacher
 from d4ir.distill.teachers import split_factory
 from d4ir.pipelines.options import object_fields
 from d4ir.shards.layout import ExperimentLayout
@@ -25,8 +26,8 @@ from .config import (
 )
 from .tables import TABLES
 
-TOP = ("description", "out", "sd", "sd_config", "scale", "seed", "device", "threads", "vs_teacher", "prepare", "tasks",
-       "tables", "eval_limit")
+TOP = ("description", "out", "sd", "sd_config", "scale", "seed", "device", "threads", "vs_teacher", "export", "prepare",
+       "tasks", "tables", "eval_limit")
 TASK = ("weather", "teacher", "restormer_teacher", "web_degraded", "web_clean", "original", "test", "val", "mix")
 TEACHER = ("checkpoint", "train", "arch", "kwargs", "overrides", "student", "student_kwargs")
 TABLE = ("task", "teacher", "tests", "rows")
@@ -75,7 +76,9 @@ def _checkpoint(value: Any, where: str, paths: _Paths) -> Path | str | None:
     """A teacher file resolved like every path, or `package.module:callable@WEIGHTS` with only WEIGHTS resolved."""
     if value is None:
         return None
-    factory = split_factory(_str(value, where))
+    if _str(value, where).startswith(SHIPPED_PREFIX):  # a teacher shipped inside the package (distill/shipped.py)
+        return shipped_teacher(value)
+    factory = split_factory(value)
     if factory is None or value.startswith(PREPARED) or (paths.base / value).exists():
         return paths.path(value, where)
     if factory[1] is None:
@@ -203,6 +206,6 @@ def parse_config(data: Any, base: Path, out: str | Path | None = None) -> Experi
         scale=ScaleConfig(**object_fields(top.get("scale", {}), "scale", ("preset", "teacher", "prompts", "synth",
                                                                      "distill"))),
         seed=top.get("seed", 0), device=top.get("device"), threads=top.get("threads"),
-        vs_teacher=top.get("vs_teacher", False),
+        vs_teacher=top.get("vs_teacher", False), export=top.get("export", False),
         prepare={name: paths.path(v, f"prepare.{name}") for name, v in prepare.items()},
         tasks=tasks, tables=_tables(top.get("tables", [])), eval_limit=top.get("eval_limit"))

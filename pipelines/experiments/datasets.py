@@ -19,11 +19,17 @@ images are all kept out of one shared web folder, for the whole matrix on the CP
 real-derain, real-dehaze (pipelines/experiments/real_data.py): the real-parts setting, a published teacher's
 test set and real web photos (configs/real-derain.json, configs/real-dehaze.json).
 
-Shared images never go into the repository: a builder refuses an experiments folder inside it.
+demo (pipelines/demo_data.py): the embedded demo's derain task, made from the photos inside scikit-image (no
+source folder is read; its `prepare` value only documents that): original/ and test/ pairs, web_degraded/ and
+web_clean/ from one pool of other photos (configs/demo.json, `make demo`).
+
+Shared images never go into the repository: a builder refuses an experiments folder inside it (the demo's
+generated images may go anywhere).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +90,21 @@ def rain100l_split(data_root: Path, out: Path, seed: int) -> dict:
                         "test_pairs": "51-100", "notes": notes})
 
 
+def demo_data(data_root: Path, out: Path, seed: int) -> dict:
+    """The demo's derain folders under `out` (build_demo_data, reused when built); `data_root` is not read."""
+    from d4ir.pipelines.demo_data import build_demo_data
+
+    params = {"builder": "demo", "source": "scikit-image sample photos", "seed": seed}
+    info = reuse(out, params)
+    if info is not None:
+        return info
+    build_demo_data(out, tasks=("derain",), seed=seed, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    notes = ["demo: 96x96 crops of scikit-image photos; the teacher's pairs, the test pairs and the web pool share "
+             "no photo; web clean and web degraded are shuffled non-overlapping tiles of the pool (out/README.md)."]
+    return finish(out, {**params, "counts": manifest["counts"]["derain"], "excluded": [], "notes": notes})
+
+
 def _weather_matrix(data_root: Path, out: Path, seed: int) -> dict:
     from .matrix_data import weather_matrix
 
@@ -95,12 +116,16 @@ BUILDERS: dict[str, Callable[[Path, Path, int], dict]] = {
     "weather-matrix": _weather_matrix,
     "real-derain": real_derain,
     "real-dehaze": real_dehaze,
+    "demo": demo_data,
 }
+GENERATED = ("demo",)  # builders that read no source folder: their images may be written anywhere
 
 
 def prepare(name: str, data_root: Path, out_root: Path, seed: int) -> dict:
     """Run builder `name` on the shared data under `data_root` into OUT/data/NAME; returns its data.json."""
     out = ExperimentLayout(Path(out_root)).data(name)
+    if name in GENERATED:
+        return BUILDERS[name](Path(data_root), out, seed)
     if out.resolve().is_relative_to(REPO_ROOT):
         raise ValueError(f"{out} is inside the repository; the shared benchmark images must not be copied into "
                          "it: choose an experiments folder outside it")

@@ -58,6 +58,7 @@ NOT_PUBLISHED: dict[str, str] = {
     "desnow": "the main paper gives its desnowing results (Snow100K) only in the supplementary material, "
               "which is not available here: no published column",
     "all": "the main paper publishes no all-in-one table: no published column",
+    "demo": "the demo runs on scikit-image photos, not the paper's data: no published column",
 }
 
 

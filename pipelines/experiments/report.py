@@ -1,13 +1,15 @@
 """OUT/report.md: every table as the paper prints it, with the paper's numbers beside ours.
 
-Per table and test set: Type | Method | Params (M) | PSNR | SSIM (RGB) | PSNR | SSIM (Y, BT.601) | (with
-vs_teacher: PSNR | SSIM against the teacher's outputs) | the paper's PSNR | SSIM | Params | the seconds the row
-took, every number read from the row's eval.json; below it the Y scores in the authors' convention (uint8 as
-the official test script saves, ssim.m on Y*255; distill.evaluate.authors_table); a sample grid (degraded |
-teacher | each row | ground truth on central crops of the first test images, OUT/samples/table-NAME.png); the
-training curves of each task (pipelines/figures.py); the time of every shared step; what was skipped and why;
-the notes of the prepared datasets. The report is rebuilt from the files on disk, so a partial run reports the
-rows it finished and names the others "not run yet".
+The first paragraph places D4IR against M0 and Data (and says what the demo can and cannot show). Per table and
+test set: Type | Method | Params (M) | CPU ms (report_rows.latency_ms) | PSNR | SSIM (RGB) | PSNR | SSIM (Y,
+BT.601) | gap to the teacher | (with vs_teacher: PSNR | SSIM against the teacher's outputs) | the paper's PSNR |
+SSIM | Params | the seconds the row took, every score read from the row's eval.json; below it the Y scores in the
+authors' convention (uint8 as the official test script saves, ssim.m on Y*255; distill.evaluate.authors_table); a
+sample grid (degraded | teacher | each row | ground truth on central crops of the first test images,
+OUT/samples/table-NAME.png); for each row that synthesizes, its rounds grid and colour statistics
+(report_rows.synth_section); the training curves of each task (pipelines/figures.py); the time of every shared
+step; what was skipped and why; the notes of the prepared datasets. The report is rebuilt from the files on disk,
+so a partial run reports the rows it finished and names the others "not run yet".
 """
 
 from __future__ import annotations
@@ -19,41 +21,19 @@ from d4ir.distill.evaluate import AUTHORS_CAPTION, authors_table
 from d4ir.shards.io import atomic_write_json, atomic_write_text
 from d4ir.shards.layout import DONE_FILE, LOG_FILE, ExperimentLayout
 
+from ..demo_export import latency_lines
 from ..figures import curves_png
 from ..grid import sample_grid
 from .inputs import slug
 from .published import CONTEXT_NOTE, NOT_PUBLISHED, published
-from .rows import row_dir
+from .report_rows import DEMO_SCOPE, LATENCY_SIDE, SYNTH_ROWS, d4ir_sentence, latency_ms, sd_caveat, synth_section
+from .rows import row_dir, student_name
 from .runner import PlannedTable
 from .steps import Context, teacher_seconds
 from .tables import ROWS, TEACHER_NAMES
 
 GRID_IMAGES = 3  # test images per sample grid
 GRID_SIDE = 192  # central crop of each, restored by every model
-
-TINY_SD_NOTE = (
-    "The SD here is `tiny`: randomly initialised (no weights are downloaded), so every synthesized image (D4IR, "
-    "M1-M5) is structured noise, not weather. Those rows test the plumbing, the file contracts and the timings; "
-    "they say nothing about the quality the method reaches with a real Stable Diffusion.")
-
-
-WEATHER_SD_NOTE = (
-    "The SD here is the project's embedded weather LDM (`weather`, synth/weights/weather-ldm; its model card "
-    "states what it can do): a 64x64 latent diffusion model trained for 48 minutes on one CPU thread. It keeps "
-    "the clean photo's layout and its rain caption adds rain streaks, but it adds almost no haze or snow and "
-    "washes colour toward grey, so the D4IR and M1-M5 rows measure the method with a weak synthesis model; they "
-    "neither confirm nor refute the paper's ranking, which was measured with Stable Diffusion at 256x256.")
-
-
-def sd_caveat(sd: str) -> str:
-    """What the synthesized rows can say, for the SD the config names."""
-    if sd == "tiny":
-        return TINY_SD_NOTE
-    if sd == "weather":
-        return WEATHER_SD_NOTE
-    return (f"The SD here is `{sd}`; the D4IR and M1-M5 rows carry as far as that model, this data and this "
-            "training budget do.")
-
 
 def _record(ctx: Context, table: PlannedTable, key: str) -> dict | None:
     marker = row_dir(ctx, table.task, table.teacher, key) / DONE_FILE
@@ -75,7 +55,8 @@ def _seconds(ctx: Context, table: PlannedTable, key: str, record: dict) -> float
 def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
     """The markdown table of one test set of a planned table."""
     paper = table.name not in NOT_PUBLISHED
-    head = "| Type | Method | Params (M) | PSNR (dB) | SSIM | PSNR Y (dB) | SSIM Y |"
+    teacher = _scores(_record(ctx, table, "Teacher"), test)
+    head = "| Type | Method | Params (M) | CPU ms | PSNR (dB) | SSIM | PSNR Y (dB) | SSIM Y | gap to teacher (dB) |"
     ref = ctx.config.vs_teacher
     head += " PSNR vs teacher | SSIM vs teacher |" if ref else ""
     head += " paper PSNR | paper SSIM | paper Params (M) |" if paper else ""
@@ -86,11 +67,13 @@ def results_table(ctx: Context, table: PlannedTable, test: str) -> str:
         named = scores and key in ("Teacher", "Student") and scores.get("name")
         cells = [row.type, f"{row.label} ({scores['name']})" if named else row.label]
         if scores is None:
-            cells += ["not run yet"] + ["-"] * (6 if ref else 4)
+            cells += ["not run yet"] + ["-"] * (8 if ref else 6)
         else:
-            m = scores["mean"]
-            cells += [f"{scores['params'] / 1e6:.2f}" if scores.get("params") else "-", f"{m['psnr']:.2f}",
-                      f"{m['ssim']:.3f}", f"{m['psnr_y']:.2f}", f"{m['ssim_y']:.3f}"]
+            m, ms = scores["mean"], latency_ms(ctx.config.out, record["model"])
+            gap = f"{m['psnr'] - teacher['mean']['psnr']:+.2f}" if teacher and key != "Teacher" else "-"
+            cells += [f"{scores['params'] / 1e6:.3f}" if scores.get("params") else "-",
+                      "-" if ms is None else f"{ms:.1f}", f"{m['psnr']:.2f}", f"{m['ssim']:.3f}",
+                      f"{m['psnr_y']:.2f}", f"{m['ssim_y']:.3f}", gap]
             if ref:
                 cells += [f"{m['ref_psnr']:.2f}", f"{m['ref_ssim']:.3f}"] if "ref_psnr" in m else ["-", "-"]
         if paper:
@@ -173,8 +156,26 @@ def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
     parts += [f"- row {k} skipped: {reason}" for k, reason in table.skipped_rows.items()]
     grid = table_grid(ctx, table, ctx.paths.samples / f"table-{slug(table.name)}.png")
     if grid:
-        parts += ["", f"![samples of table {table.name}]({grid.relative_to(ctx.config.out)})"]
+        parts += ["", f"![samples of table {table.name}]({grid.relative_to(ctx.config.out)})", ""]
+    for key in (k for k in table.rows if k in SYNTH_ROWS and _record(ctx, table, k)):
+        run = Path(_record(ctx, table, key)["run"])
+        parts += synth_section(ctx, table, key, run, student_name(table.teacher, key))
     return parts + [""]
+
+
+def summary(ctx: Context, tables: list[PlannedTable]) -> list[str]:
+    """The first paragraph: where D4IR stands against M0 and Data in each table that has the three (and, for the
+    demo, what it can and cannot show)."""
+    parts = []
+    for table in tables:
+        if table.skipped or not table.tests:
+            continue
+        sentence = d4ir_sentence({k: _scores(_record(ctx, table, k), table.tests[0]) for k in table.rows})
+        if sentence:
+            parts.append(f"{table.title} ({table.tests[0]}): {sentence}")
+        if table.name == "demo":
+            parts.append(DEMO_SCOPE)
+    return [" ".join(parts), ""] if parts else []
 
 
 def _steps(ctx: Context, tasks: list[str]) -> list[dict]:
@@ -198,10 +199,12 @@ def _datasets(paths: ExperimentLayout) -> list[str]:
 def build_report(ctx: Context, tables: list[PlannedTable]) -> Path:
     """Write OUT/report.md (and OUT/timings.json) from the finished rows on disk."""
     out, cfg = ctx.config.out, ctx.config
-    parts = [f"# D4IR experiments: `{out}`", "",
+    parts = [f"# D4IR experiments: `{out}`", "", *summary(ctx, tables),
              f"SD `{cfg.sd}`, scale `{cfg.scale.preset}` (with the config's overrides), seed {cfg.seed}, "
              f"device {ctx.device}. PSNR/SSIM on RGB and on Y (BT.601), no border crop; Params count every "
-             "parameter (AirNet's two MoCo encoders included, as its published 8.93M). The paper does not say "
+             "parameter (AirNet's two MoCo encoders included, as its published 8.93M); CPU ms is the model's time per "
+             f"{LATENCY_SIDE}x{LATENCY_SIDE} image (batch 1, one thread, PyTorch, measured once per architecture); the "
+             "gap to the teacher is the row's RGB PSNR minus the teacher's. The paper does not say "
              "whether it scores RGB or Y; its numbers stand beside our RGB columns. A row's time is its own "
              "training and scoring (the Teacher row includes the teacher's training); the steps that rows share "
              "are listed below.", ""]
@@ -230,6 +233,10 @@ def build_report(ctx: Context, tables: list[PlannedTable]) -> Path:
     data_notes = _datasets(ctx.paths)
     if data_notes:
         parts += ["## Data", ""] + data_notes + [""]
+    for task in tasks:
+        exported = latency_lines(ctx.layout(task))
+        if exported:
+            parts += [f"## The {task} student on the device: ONNX and onnxruntime", "", *exported, ""]
     parts += ["## Caveat", "", sd_caveat(cfg.sd), ""]
     path = ctx.paths.report
     atomic_write_text(path, "\n".join(parts))

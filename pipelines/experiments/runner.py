@@ -6,15 +6,18 @@
    set of that name) is skipped with the reason, never silently;
 3. rows: the rows of every table, each (task, teacher, row) once, the teacher first; each writes its eval.json
    per test set and its done marker, so a rerun skips finished rows and resumes an interrupted one;
-4. report: OUT/report.md (pipelines/experiments/report.py).
+4. export (a config with `"export": true`, the demo): each task's teacher and D4IR student to ONNX, timed;
+5. report: OUT/report.md (pipelines/experiments/report.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from d4ir.distill.teachers import FOREIGN, is_foreign, spec_file
+from d4ir.shards.layout import DONE_FILE
 from d4ir.synth.plan import WEATHER_TEXT
 from d4ir.synth.sd import default_device
 
@@ -143,6 +146,24 @@ def _check_teacher(spec: TeacherSpec, where: str) -> None:
                          "architecture in student (and their width in student_kwargs)")
 
 
+def export_task(ctx: Context, task: str, field: str) -> dict:
+    """The device check: the task's teacher and its D4IR student exported to ONNX and timed by onnxruntime into
+    OUT/TASK/export/latency.json (pipelines/demo_export.py); skipped, with the reason logged, without the extra."""
+    from d4ir.shards.layout import RunLayout
+
+    from ..demo_export import export_and_time
+    from .rows import row_dir
+
+    models = {}
+    for label, key in (("teacher", "Teacher"), ("student", "D4IR")):
+        models[label] = Path(json.loads((row_dir(ctx, task, field, key) / DONE_FILE).read_text())["model"])
+    ctx.log(f"== {task}: export (ONNX) and onnxruntime latency")
+    out = export_and_time(RunLayout(ctx.root(task)), models)
+    if "skipped" in out:
+        ctx.log(f"   export skipped: {out['skipped']}")
+    return out
+
+
 def run_experiments(config: ExperimentConfig, *, only: list[str] | None = None, report_only: bool = False,
                     progress: bool = True, log=print) -> Path:
     """Run the config's tables (or only those named in `only`) and write OUT/report.md; returns its path."""
@@ -169,8 +190,12 @@ def run_experiments(config: ExperimentConfig, *, only: list[str] | None = None, 
                 log(f"-- table {t.name} skipped: {t.skipped}")
             for key, reason in t.skipped_rows.items():
                 log(f"-- table {t.name}, row {key} skipped: {reason}")
-        for task, teacher, key, tests in _jobs([t for t in tables if only is None or t.name in only]):
+        jobs = _jobs([t for t in tables if only is None or t.name in only])
+        for task, teacher, key, tests in jobs:
             run_row(ctx, task, teacher, key, tests)
+        if config.export:
+            for task, teacher in dict.fromkeys((j[0], j[1]) for j in jobs if j[2] == "D4IR"):
+                export_task(ctx, task, teacher)
     report = build_report(ctx, tables)
     log(f"report: {report}")
     return report

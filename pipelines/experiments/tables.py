@@ -97,6 +97,9 @@ TABLES: dict[str, TableDef] = {t.name: t for t in (
              ("Teacher", "Student", "Data", "D4IR")),
     TableDef("desnow", "Desnowing (supplement; Snow100K)", "desnow", "teacher", ("Snow100K",), _TABLE1),
     TableDef("all", "All-in-one: one student for rain, haze and snow", "all", "teacher", None, _TABLE1),
+    # the embedded demo (configs/demo.json, `make demo`): the shipped demo teacher, scikit-image photos
+    TableDef("demo", "The demo: the shipped demo teacher, scikit-image photos, the weather LDM", "derain", "teacher",
+             None, ("Input", "Teacher", "Student", "Data", "M0", "D4IR")),
     # the real-parts setting: a published teacher, real web photos, every baseline (configs/real-*.json)
     TableDef("real", "Real parts: a published teacher, its real test set, real web photos", "derain", "teacher",
              None, ("Teacher", "Data", "M0", "Procedural", "DFSR", "DFMC", "M1", "M2", "M3", "M4", "M5", "D4IR")),
