@@ -315,8 +315,7 @@ unpaired images. Paired sets share stems between `degraded/` and `clean/`; stems
 
 Crop i of the teacher's or the test group comes from photo i mod (photos in the group): a square of side
 drawn uniformly in [{params["size"]}, {MAX_CROP_FRACTION} x shorter photo side] at a uniform position (redrawn up to 10
-times while
-its gray-level std is below {MIN_CROP_STD}), resized to {params["size"]}x{params["size"]} with Lanczos,
+times while its gray-level std is below {MIN_CROP_STD}), resized to {params["size"]}x{params["size"]} with Lanczos,
 flipped left-right with probability 0.5. Gray photos are replicated to RGB. Crop generator:
 `np.random.default_rng([seed, 100, split_id])`; every degraded image has its own generator
 `np.random.default_rng([seed, task_id, split_id, index])` (task ids {TASK_IDS}, split ids {SPLIT_IDS}).

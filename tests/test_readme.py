@@ -107,3 +107,12 @@ def test_bench_lines_name_existing_options(line):
     assert done.returncode == 0, done.stderr[-2000:]
     unknown = [w for w in words[2:] if w.startswith("--") and w.split("=")[0] not in done.stdout]
     assert not unknown, f"{line}: {words[1]} has no option(s) {unknown}"
+
+
+def test_the_readme_states_the_demo_scope_in_the_reports_words():
+    """The demo report's first paragraph says what the demo can and cannot show; the README says it in the same
+    words (whitespace aside), so the two cannot drift apart."""
+    from d4ir.pipelines.experiments.report_rows import DEMO_SCOPE
+
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert " ".join(DEMO_SCOPE.split()) in text

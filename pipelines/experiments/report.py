@@ -158,7 +158,7 @@ def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
     if grid:
         parts += ["", f"![samples of table {table.name}]({grid.relative_to(ctx.config.out)})", ""]
     for key in (k for k in table.rows if k in SYNTH_ROWS and _record(ctx, table, k)):
-        run = Path(_record(ctx, table, key)["run"])
+        run = Path(_record(ctx, table, key)["settings"]["run"])
         parts += synth_section(ctx, table, key, run, student_name(table.teacher, key))
     return parts + [""]
 

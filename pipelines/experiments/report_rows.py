@@ -36,18 +36,20 @@ TINY_SD_NOTE = (
 WEATHER_SD_NOTE = (
     "The SD here is the project's embedded weather LDM (`weather`, synth/weights/weather-ldm; its model card "
     "states what it can do): a 64x64 latent diffusion model trained for 48 minutes on one CPU thread. It keeps "
-    "the clean photo's layout and its rain caption adds rain streaks, but it adds almost no haze or snow and "
-    "washes colour toward grey (the colour statistics above measure how much), so the D4IR and M1-M5 rows measure "
+    "the clean photo's layout and its rain caption adds rain streaks, but it adds almost no haze or snow, and its "
+    "VAE pulls colour toward the palette it was trained on (photos with a tint it never saw lose most of their "
+    "saturation: the colour statistics above measure it), so the D4IR and M1-M5 rows measure "
     "the method with a weak synthesis model; they neither confirm nor refute the paper's ranking, which was "
     "measured with Stable Diffusion at 256x256.")
 
 # The demo's scope, quoted word for word by README.md (tests/test_readme.py checks it).
 DEMO_SCOPE = (
     "The demo can show that every stage runs end to end on a CPU, offline, and how the rows compare when a teacher "
-    "that restores is distilled through a weak generator: the teacher is a small PRN shipped with d4ir (trained by "
-    "bench/train_demo_teacher.py), the generator the 64x64 weather LDM. It cannot show the paper's ranking: one "
-    "seed, 16 test images of 96x96, students trained for a minute or two, and a generator that adds faint rain and "
-    "washes colour toward grey, so differences of a few tenths of a dB between rows are within noise.")
+    "that restores (a small PRN shipped with d4ir, trained by bench/train_demo_teacher.py) is distilled into a "
+    "student of a quarter of its parameters through a weak generator (the 64x64 weather LDM, which keeps a photo's "
+    "layout and most of its colour but adds only faint rain). It cannot show the paper's ranking: one seed, 16 test "
+    "images of 96x96 and students trained for a minute or two, so differences of a few tenths of a dB between rows "
+    "are within noise.")
 
 
 def sd_caveat(sd: str) -> str:
@@ -138,7 +140,7 @@ def synth_section(ctx, table, key: str, run: Path, student: str) -> list[str]:
     rounds = student_rounds(run, student)
     if not rounds:
         return []
-    grid = rounds_grid(run, ctx.paths.samples / f"rounds-{slug(table.task)}-{slug(key)}.png", student=student)
+    grid = rounds_grid(run, ctx.paths.samples / f"rounds-{slug(table.task)}-{key.lower()}.png", student=student)
     parts = [f"### {key}: synthesized images of each round", ""]
     if grid:
         parts += [f"![rounds of {key}]({grid.relative_to(ctx.config.out)})", "",
