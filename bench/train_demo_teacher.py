@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores[label] = evaluate(model, test, args.out / f"eval-{label}.json", progress=False)["mean"]
     arch, half = half_of(load_model(result.weights)[1])
     record = {
-        "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": "python " + " ".join(["bench/train_demo_teacher.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "ship")},
         "train_seconds_this_call": seconds, "train_seconds": _train_seconds(args.out / "teacher"),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads, torch "
@@ -100,9 +100,9 @@ def card(r: dict) -> str:
 
 A PRN (distill/prenet.py: PReNet without its ConvLSTM; {c['channels']} channels, {c['stages']} stages,
 {r['params']:,} parameters) trained by this project on the demo's original split, so that `make demo` distils a
-teacher that restores and spends no time training it. Load it with `d4ir.distill.shipped.shipped_teacher("demo-
-derain")` (a path to `teacher.safetensors`) or name it `shipped:demo-derain` in an experiments config
-(configs/demo.json).
+teacher that restores and spends no time training it. Load it with
+`d4ir.distill.shipped.shipped_teacher("demo-derain")` (a path to `teacher.safetensors`) or name it
+`shipped:demo-derain` in an experiments config (configs/demo.json).
 
 ## Training command
 
@@ -110,16 +110,21 @@ derain")` (a path to `teacher.safetensors`) or name it `shipped:demo-derain` in 
 {r['command']}
 ```
 
-{r['train_seconds']} s of training on {r['machine']} (a shared 2-core CPU: other jobs ran beside it). Adam, lr
-{c['lr']}, {c['epochs']} epochs of {c['iters']} batches of {c['batch']} random {c['crop']}x{c['crop']} crops with flips,
-L1 loss, seed {c['seed']}. The script is bench/train_demo_teacher.py; training.json holds the record.
+{r['train_seconds']} s of training (the sum of its epochs in train.jsonl) on {r['machine']}, a 2-core CPU shared
+with other jobs (load average 3-7 while it ran: on a quiet machine the same steps take a fraction of that).
+Adam, lr {c['lr']}, {c['epochs']} epochs of {c['iters']} batches of {c['batch']} random {c['crop']}x{c['crop']}
+crops with flips, L1 loss, seed {c['seed']}. The script is bench/train_demo_teacher.py; training.json holds the
+record. As run: the same command with `--epochs 12` was stopped after epoch 5 (the gain was reached), then the
+command above resumed it, trained nothing more and measured and shipped it; every epoch is seeded, so the
+command above from scratch trains the same five epochs.
 
 ## Data
 
 `pipelines/demo_data.py` (`build_demo_data`, seed 0, 96x96 crops of scikit-image sample photos, light rain of
-pipelines/weather.py): the 48 pairs of `derain/original/` (photos {', '.join(r['data']['photos']['original'])}).
-Measured on the 16 pairs of `derain/test/` (photos {', '.join(r['data']['photos']['test'])}), which are in neither
-the teacher's split nor the demo's web pool. Licences: the photos' own, listed in pipelines/demo_data.py.
+pipelines/weather.py): the 48 pairs of `derain/original/` (photos
+{', '.join(r['data']['photos']['original'])}). Measured on the 16 pairs of `derain/test/` (photos
+{', '.join(r['data']['photos']['test'])}), which are in neither the teacher's split nor the demo's web pool.
+Licences: the photos' own, listed in pipelines/demo_data.py.
 
 ## Measured
 
@@ -128,7 +133,7 @@ the teacher's split nor the demo's web pool. Licences: the photos' own, listed i
 | degraded input | {t['input_psnr']:.2f} | {t['input_ssim']:.3f} |
 | this teacher | {t['teacher_psnr']:.2f} | {t['teacher_ssim']:.3f} |
 
-Gain over its input: **{t['gain_db']:+.2f} dB**. Its half-width student ({r['student']['arch']},
+Gain over its input: **{t['gain_db']:+.2f} dB**. Its half-width student (`{r['student']['arch']}`,
 {r['student']['kwargs']}) has {r['student']['params']:,} parameters, {r['student']['params'] / r['params']:.2f}x the
 teacher's.
 
