@@ -125,6 +125,22 @@ def table_grid(ctx: Context, table: PlannedTable, out: Path) -> Path | None:
     return out
 
 
+def teacher_and_student(ctx: Context, table: PlannedTable, test: str) -> list[str]:
+    """One line: the teacher's gain over its input, and its students' parameter and CPU latency ratios."""
+    recs = {k: _record(ctx, table, k) for k in table.rows}
+    scores = {k: _scores(r, test) for k, r in recs.items()}
+    teacher, words = scores.get("Teacher"), []
+    if teacher and scores.get("Input"):
+        words.append(f"the teacher gains {teacher['mean']['psnr'] - scores['Input']['mean']['psnr']:+.2f} dB over "
+                     "its degraded input")
+    student = next((k for k in table.rows if k not in ("Input", "Teacher") and scores.get(k)), None)
+    if teacher and student and teacher.get("params") and scores[student].get("params"):
+        t_ms, s_ms = (latency_ms(ctx.config.out, recs[k]["model"]) for k in ("Teacher", student))
+        words.append(f"each student has {scores[student]['params'] / teacher['params']:.2f}x its parameters" +
+                     (f" and {s_ms / t_ms:.2f}x its CPU latency" if t_ms and s_ms else ""))
+    return [f"On {test}, " + "; ".join(words) + ".", ""] if words else []
+
+
 def _teacher_line(ctx: Context, table: PlannedTable) -> str:
     spec = getattr(ctx.config.tasks[table.task], table.teacher)
     if spec.checkpoint is not None:
@@ -149,6 +165,7 @@ def _table_section(ctx: Context, table: PlannedTable) -> list[str]:
     for test in table.tests:
         count = next((s["count"] for k in table.rows if (s := _scores(_record(ctx, table, k), test))), None)
         parts += [f"### {test}" + (f" ({count} images)" if count else ""), "", results_table(ctx, table, test), ""]
+        parts += teacher_and_student(ctx, table, test)
         authors = authors_table([(ROWS[k].type, ROWS[k].label, _scores(_record(ctx, table, k), test))
                                  for k in table.rows])
         parts += [AUTHORS_CAPTION, "", authors, ""] if authors else []
