@@ -3,10 +3,10 @@
 
 Used by `d4ir shards show`, `d4ir report RUN` and the experiments report (pipelines/experiments/report_rows.py).
 
-Colour statistics (`colour_stats`), per image set: saturation = the mean over pixels of max - min over R, G, B
-(0 for grey, in [0, 1]), and the mean of each channel. A generator that washes colour toward grey shows as a
-synthesized set whose saturation is well below its clean sources'; a cast shows as channel means that drift apart
-from the sources'.
+Colour statistics (`colour_stats`, per image set; per image pipelines/weather_sd/stats.colour_stats): saturation =
+the mean over pixels of max - min over R, G, B (0 for grey, in [0, 1]), and the mean of each channel. A generator
+that washes colour toward grey shows as a synthesized set whose saturation is well below its clean sources'; a cast
+shows as channel means that drift apart from the sources'.
 """
 
 from __future__ import annotations
@@ -90,17 +90,20 @@ def rounds_grid(run: Path, out: Path, *, student: str = "d4ir", num: int = 4, ce
 
 
 def colour_stats(images: Iterable[np.ndarray]) -> dict:
-    """{"count", "saturation", "r", "g", "b"} of uint8 images [H, W, 3]: the mean over pixels of max - min over
-    RGB, and the channel means, all in [0, 1] (image-weighted: each image counts once)."""
-    sat, means = [], []
+    """{"count", "saturation", "r", "g", "b"} of a set of uint8 images [H, W, 3] (any sizes, each >= 16x16): the
+    per-image statistics of pipelines/weather_sd/stats.colour_stats (mean max-min over RGB, channel means, in
+    [0, 1]) averaged over the set, each image counting once."""
+    import torch
+
+    from .weather_sd.stats import colour_stats as image_colour_stats
+
+    rows = []
     for img in images:
-        x = np.asarray(img, np.float64)[..., :3] / 255.0
-        sat.append(float((x.max(axis=2) - x.min(axis=2)).mean()))
-        means.append(x.reshape(-1, 3).mean(axis=0))
-    if not sat:
+        x = torch.from_numpy(np.ascontiguousarray(img[..., :3])).permute(2, 0, 1)[None].float() / 255.0
+        rows.append({k: float(v[0]) for k, v in image_colour_stats(x).items()})
+    if not rows:
         return {"count": 0}
-    r, g, b = np.mean(means, axis=0)
-    return {"count": len(sat), "saturation": float(np.mean(sat)), "r": float(r), "g": float(g), "b": float(b)}
+    return {"count": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in ("saturation", "r", "g", "b")}}
 
 
 def round_colours(shards: Path) -> tuple[dict, dict]:

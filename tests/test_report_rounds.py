@@ -57,8 +57,8 @@ def test_rounds_grid_matches_rows_by_clean_source(tmp_path: Path):
 
 
 def test_colour_stats_measure_saturation_and_channel_means():
-    grey = np.full((4, 4, 3), 100, np.uint8)
-    pink = np.zeros((4, 4, 3), np.uint8) + np.array([255, 153, 204], np.uint8)
+    grey = np.full((16, 16, 3), 100, np.uint8)
+    pink = np.zeros((24, 16, 3), np.uint8) + np.array([255, 153, 204], np.uint8)
     s = colour_stats([grey, pink])
     assert s["count"] == 2 and s["saturation"] == pytest.approx((0 + 102 / 255) / 2)
     assert s["r"] == pytest.approx((100 + 255) / 2 / 255) and s["g"] == pytest.approx((100 + 153) / 2 / 255)
