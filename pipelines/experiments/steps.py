@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from d4ir.distill.families import without_encoder_first
 from d4ir.pipelines.options import apply_overrides
 from d4ir.shards.io import atomic_write_json
 from d4ir.shards.layout import STATE_FILE, TEACHER_STEM, ExperimentLayout, RunLayout, round_name, weights_file
@@ -40,13 +41,25 @@ def plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+_KWARGS = ("arch_kwargs", "student_kwargs")
+
+
+def current(settings: Any) -> Any:
+    """Settings as this version writes them: AirNet kwargs (under arch_kwargs/student_kwargs, at any depth) without
+    the encoder_first an older d4ir wrote (derived from n_feats now), so a marker written before still matches."""
+    if isinstance(settings, dict):
+        return {k: without_encoder_first(v) if k in _KWARGS and isinstance(v, dict) else current(v)
+                for k, v in settings.items()}
+    return [current(v) for v in settings] if isinstance(settings, list) else settings
+
+
 def marked(marker: Path, settings: dict, fn: Callable[[], dict | None], *, title: str,
            log: Callable[[str], None]) -> dict:
     """Run `fn` unless `marker` says it is done; returns the marker's record (settings, seconds, fn's result)."""
-    settings = plain(settings)
+    settings = current(plain(settings))
     if marker.exists():
         record = json.loads(marker.read_text())
-        if changed := changed_settings(record.get("settings"), settings):
+        if changed := changed_settings(current(record.get("settings")), settings):
             raise ValueError(f"{marker} was written with other settings ({', '.join(changed)}): delete it and "
                              "its outputs to redo the step, or use another experiments folder")
         return record
