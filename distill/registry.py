@@ -68,13 +68,15 @@ def half_of(info: dict) -> tuple[str, dict]:
 
 
 def name_of(base: str, kwargs: dict) -> str:
-    """A registry name that `build` accepts for a `base` family network with these (complete) kwargs: the name whose
-    defaults they equal (e.g. half-gcanet-derain), else the base key when it is a name, else the family's first name
-    (the kwargs override its defaults). A checkpoint records its family's base key, which is not always a registry
-    name (GCANet's is not: its names carry the output rule)."""
+    """A registry name that `build` accepts for a `base` family network with these (complete) kwargs: the base key
+    when it is a name (airnet, prenet, ...), else the name whose defaults they equal (e.g. half-gcanet-derain), else
+    the family's first name (the kwargs override its defaults). A checkpoint records its family's base key, which is
+    not always a registry name (GCANet's is not: its names carry the output rule)."""
     names = FAMILIES[base].names
+    if base in names:
+        return base
     same = [n for n, d in names.items() if all(kwargs.get(k) == v for k, v in d.items())]
-    return same[0] if same else base if base in names else next(iter(names))
+    return same[0] if same else next(iter(names))
 
 
 def count_parameters(model: nn.Module) -> int:
