@@ -102,7 +102,8 @@ TABLES: dict[str, TableDef] = {t.name: t for t in (
              None, ("Input", "Teacher", "Student", "Data", "M0", "D4IR")),
     # the real-parts setting: a published teacher, real web photos, every baseline (configs/real-*.json)
     TableDef("real", "Real parts: a published teacher, its real test set, real web photos", "derain", "teacher",
-             None, ("Teacher", "Data", "M0", "Procedural", "DFSR", "DFMC", "M1", "M2", "M3", "M4", "M5", "D4IR")),
+             None, ("Input", "Teacher", "Data", "M0", "Procedural", "DFSR", "DFMC", "M1", "M2", "M3", "M4", "M5",
+                    "D4IR")),
 )}
 
 TEACHER_FIELDS = ("teacher", "restormer_teacher")
