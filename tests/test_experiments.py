@@ -96,6 +96,8 @@ def _error(tmp_path: Path, change) -> str:
     (lambda d: d["tasks"]["derain"]["teacher"].update(arch="unet"), "tasks.derain.teacher.arch: unknown architecture"),
     (lambda d: d["tasks"]["derain"]["teacher"].update(checkpoint="t.pth"), "tasks.derain.teacher.give a checkpoint"),
     (lambda d: d["tasks"]["desnow"].update(teacher={}), "tasks.desnow.teacher: give a checkpoint, or the pairs"),
+    (lambda d: d["tasks"]["derain"].update(teacher={"checkpoint": "t.pth", "arch": "gcanet-derain"}),
+     "tasks.derain.teacher: arch and kwargs describe a teacher trained here and are not read for a checkpoint"),
     (lambda d: d["tasks"]["derain"].update(val="Rain800"), "tasks.derain.val: 'Rain800' is not one of"),
     (lambda d: d["tasks"]["all"].update(mix=["derain", "nowhere"]), "tasks.all.mix: 'nowhere' is not another"),
     (lambda d: d["tasks"]["derain"].update(web_clean="prepared:x/y"), "names dataset 'x', which `prepare` does not"),

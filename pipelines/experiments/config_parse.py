@@ -91,12 +91,17 @@ def _teacher(value: Any, where: str, paths: _Paths) -> TeacherSpec | None:
         return None
     d = object_fields(value, where, TEACHER)
     try:
-        return TeacherSpec(checkpoint=_checkpoint(d.get("checkpoint"), f"{where}.checkpoint", paths),
+        spec = TeacherSpec(checkpoint=_checkpoint(d.get("checkpoint"), f"{where}.checkpoint", paths),
                            train=paths.folder(d.get("train"), f"{where}.train"), arch=d.get("arch", "airnet"),
                            kwargs=d.get("kwargs"), overrides=d.get("overrides", {}), student=d.get("student"),
                            student_kwargs=d.get("student_kwargs"))
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from err
+    if spec.checkpoint is not None and ("arch" in d or "kwargs" in d):
+        # the rows load a checkpoint by its keys (registry.load_model): a name given here would go unread
+        raise ValueError(f"{where}: arch and kwargs describe a teacher trained here and are not read for a "
+                         "checkpoint (its architecture comes from its keys): remove them")
+    return spec
 
 
 def _task(name: str, value: Any, paths: _Paths) -> TaskConfig:
