@@ -59,7 +59,8 @@ def teacher_settings(t_info: TeacherInfo) -> dict:
             **({"teacher_factory": ident["factory"]} if "factory" in ident else {})}
 
 
-def run_settings(config: DistillConfig, name: str, t_info: TeacherInfo, teacher_key: str | None) -> dict:
+def run_settings(config: DistillConfig, name: str, t_info: TeacherInfo, teacher_key: str | None,
+                 teacher_arch: str | None = None) -> dict:
     """What a resumed run must match: the config but its epoch count (a resumed run may train longer: the schedule
     does not depend on it), the student's name, and the teacher by content, not by path (a moved or copied run
     folder, its default teacher inside, resumes; a foreign teacher adds its kind and factory; config.json names
@@ -68,6 +69,8 @@ def run_settings(config: DistillConfig, name: str, t_info: TeacherInfo, teacher_
     settings |= {"name": name, **teacher_settings(t_info)}
     if teacher_key is not None:
         settings["teacher_key"] = teacher_key
+    if teacher_arch is not None:  # the file is the same, the network is not (GCANet's output rule)
+        settings["teacher_arch"] = teacher_arch
     settings.pop("epochs")
     return settings
 

@@ -87,6 +87,7 @@ def distill(
     distributor: Distributor | None = None,
     progress: bool = True,
     teacher_key: str | None = None,
+    teacher_arch: str | None = None,
 ) -> DistillResult:
     """Distil a student from the teacher into RUN/students/NAME.
 
@@ -102,12 +103,14 @@ def distill(
         val_dir: paired validation set (PSNR/SSIM against the ground truth and the teacher).
         name: the student's folder under RUN/students (default: the student name, or half-teacher).
         teacher_key: the entry of an official teacher .pth holding its weights (default: params_ema first).
+        teacher_arch: the registry name of an official teacher .pth whose keys cannot tell its variant (GCANet's
+            output rule: gcanet-derain); recorded with the run.
     """
     check_inputs(config, degraded_dir=degraded_dir, clean_dir=clean_dir, original_dir=original_dir)
     val = load_pairs(val_dir) if val_dir else None  # read now: a bad pair is counted before any epoch runs
     run_ = _Training.start(RunLayout(run), teacher_path, config, name, resume=resume, device=device,
                            sd_source=sd_source, degraded_dir=degraded_dir, clean_dir=clean_dir,
-                           original_dir=original_dir, teacher_key=teacher_key)
+                           original_dir=original_dir, teacher_key=teacher_key, teacher_arch=teacher_arch)
     for epoch in range(run_.epoch_loop.start, config.epochs):
         run_.move_to_round(config.round_for_epoch(epoch), distributor, progress)
         record = run_.train_epoch(epoch, progress)
@@ -167,7 +170,8 @@ class _Training:
 
     @classmethod
     def start(cls, layout: RunLayout, teacher_path: Path | str, config: DistillConfig, name: str | None, *,
-              resume: bool, device: str, teacher_key: str | None = None, sd_source=None, degraded_dir=None,
+              resume: bool, device: str, teacher_key: str | None = None, teacher_arch: str | None = None,
+              sd_source=None, degraded_dir=None,
               clean_dir=None, original_dir=None) -> _Training:
         name = name or student_name(config.student)
         check_own_rounds(layout, name, config)  # before anything is loaded or trained
@@ -177,7 +181,7 @@ class _Training:
         amp = ctx.device.startswith("cuda") if config.amp is None else config.amp
 
         # the frozen teacher and the student
-        teacher, t_info = load_teacher(teacher_path, weights_key=teacher_key)
+        teacher, t_info = load_teacher(teacher_path, arch=teacher_arch, weights_key=teacher_key)
         arch, kwargs = student_of(t_info, config.student)
         check_gradients(t_info, config)
         teacher = teacher.to(ctx.device).eval().requires_grad_(False)
@@ -199,7 +203,7 @@ class _Training:
         nets = Networks(teacher, t_info, student, ctx.wrap(student))
 
         # what a resume must match, and the resumed state
-        settings = run_settings(config, name, t_info, teacher_key)
+        settings = run_settings(config, name, t_info, teacher_key, teacher_arch)
         epoch_loop = EpochLoop(layout.student(name), epochs=config.epochs, settings=settings, rng=rng,
                                resume=resume, writer=ctx.rank == 0, upgrade=upgrade_state)
         self = cls(layout, config, name, layout.student(name), ctx, rng, amp, nets, data, feedback, optim,

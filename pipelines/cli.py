@@ -257,6 +257,8 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
               help="Teacher: our checkpoint, an official .pth, a TorchScript or torch.export (.pt2) file, or "
                    "package.module:callable@WEIGHTS (a factory on PYTHONPATH with its safetensors/state-dict "
                    "weights); default: RUN/teacher's. A teacher from outside the registry needs --student NAME.")
+@click.option("--teacher-arch", help="Registry name of an official teacher .pth whose keys cannot tell its variant, "
+              "e.g. gcanet-derain (GCANet's files are read as dehazing otherwise, with a warning).")
 @weights_key_option
 @sd_options(None)
 @click.option("--name", help="Student folder name under RUN/students (default: the student name).")
@@ -266,8 +268,8 @@ def synth(run, clean, sd_spec, sd_config, task, dtype, preset, device, scheduler
 @click.option("--val", type=_existing, help="Paired validation set (PSNR/SSIM vs ground truth and vs teacher).")
 @config_options(DistillConfig, exclude=DATAFREE_DERIVED)
 @_with([preset_option, device_option, resume_option, *dask_options])
-def distill_cmd(run, teacher_path, weights_key, sd_spec, sd_config, name, degraded, clean, original, val, preset,
-                device, resume, scheduler, workers, **kwargs) -> None:
+def distill_cmd(run, teacher_path, teacher_arch, weights_key, sd_spec, sd_config, name, degraded, clean, original, val,
+                preset, device, resume, scheduler, workers, **kwargs) -> None:
     """Stage 3: distil a student from the teacher on the synthesized shards (Eq. 8), with the joint phase
     (Eq. 9) and regeneration rounds that close the prompt-encoder feedback loop.
 
@@ -285,7 +287,8 @@ def distill_cmd(run, teacher_path, weights_key, sd_spec, sd_config, name, degrad
         r = distill(run, teacher_path or RunLayout(run).teacher_weights, config,
                     sd_source=_sd_source(sd_spec, sd_config), degraded_dir=degraded, clean_dir=clean,
                     original_dir=original, val_dir=val, name=name, resume=resume, device=_device(device),
-                    distributor=make_distributor(scheduler, workers), teacher_key=weights_key)
+                    distributor=make_distributor(scheduler, workers), teacher_key=weights_key,
+                    teacher_arch=teacher_arch)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     for line in r.skipped:
         _say(f"skipped: {line}")

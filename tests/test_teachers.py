@@ -203,3 +203,26 @@ def test_factory_weights_as_a_state_dict(tmp_path, factory):
     torch.save({"a.weight": torch.zeros(1), "extra": Path("x")}, pickled)  # a Python object: needs unpickling
     with pytest.raises(ValueError, match="pickled.pth: refused"):
         load_teacher(f"tinynet:make@{pickled}")
+
+
+def test_an_official_gcanet_deraining_file_is_distilled_as_deraining(tiny_run, tmp_path):
+    """GCANet's official files share one key layout; only the name says the output rule (deraining: the network's
+    output itself; dehazing: output + input). Stage 3 takes the name with --teacher-arch, builds the matching
+    half student and records the name with the run; without it the file is read as dehazing, as `d4ir eval`."""
+    from d4ir.distill.registry import build
+
+    teacher = tmp_path / "wacv_gcanet_derain.pth"
+    torch.save(build("gcanet-derain", channels=8).state_dict(), teacher)  # an official file: a bare state dict
+    r = tiny_run.copy_to(tmp_path / "run")
+    args = ("--teacher", teacher, "--data", "original", "--original", r.original, "--epochs", 1, "--joint-epochs", 0,
+            "--iters-per-epoch", 1, "--batch-size", 2, "--crop", 16, "--device", "cpu")
+    result = cli("distill", "--run-dir", r.root, "--teacher-arch", "gcanet-derain", "--name", "derain", *args)
+    assert result.exit_code == 0, result.output
+    student = json.loads((r.root / "students" / "derain" / "student.json").read_text())
+    assert student["kwargs"] == {"channels": 4, "residual": False}
+    state = torch.load(r.root / "students" / "derain" / "state.pt", weights_only=True)
+    assert state["settings"]["teacher_arch"] == "gcanet-derain"
+    result = cli("distill", "--run-dir", r.root, "--name", "dehaze", *args)
+    assert result.exit_code == 0, result.output
+    student = json.loads((r.root / "students" / "dehaze" / "student.json").read_text())
+    assert student["kwargs"] == {"channels": 4, "residual": True}
