@@ -5,8 +5,8 @@ official state_dict and read the variant from the keys, its half-width student, 
 size policy and output quantisation of its official test script, and DFMC's default teacher layers.
 `registry.py` (names, loading), `inference.py` (size policy), `evaluate.py` (authors' metrics) and
 `dfmc.py` (feature layers) read this table only. Adding an architecture is one `Family(...)` entry in
-`FAMILIES`; its module provides the class (keyword constructor, `self.config` = its kwargs) and the three
-functions `detect(state)`, `kwargs_from_state_dict(state)`, `half_kwargs(kwargs)`.
+`FAMILIES`; its module provides the class (keyword constructor, `self.config` = its kwargs) and the two
+functions `detect(state)` and `kwargs_from_state_dict(state)`; its half-width student is `halved(width kwarg)`.
 """
 
 from __future__ import annotations
@@ -78,17 +78,24 @@ def settings_without_encoder_first(settings: dict, key: str) -> dict:
     return settings | {key: without_encoder_first(settings[key])} if key in settings else settings
 
 
+def halved(key: str, default: int) -> Callable[[dict], dict]:
+    """A family's `half_kwargs`: the same kwargs with its feature width `key` (`default` when they omit it) halved;
+    a width under 2 cannot be halved."""
+    def half(kwargs: dict) -> dict:
+        width = int(kwargs.get(key, default))
+        if width < 2:
+            raise ValueError(f"cannot halve {key}={width}")
+        return {**kwargs, key: width // 2}
+    return half
+
+
 def _airnet_half(kwargs: dict) -> dict:
     """Half the width (E_pre follows it; an encoder_first of older kwargs is dropped)."""
-    return without_encoder_first(kwargs) | {"n_feats": kwargs["n_feats"] // 2}
+    return halved("n_feats", 64)(without_encoder_first(kwargs))
 
 
 def _restormer_detect(state: State) -> bool:
     return "patch_embed.proj.weight" in state and "output.weight" in state
-
-
-def _restormer_half(kwargs: dict) -> dict:
-    return {**kwargs, "dim": kwargs["dim"] // 2}
 
 
 def restormer_kwargs_from_state_dict(state: State) -> dict:
@@ -132,7 +139,7 @@ FAMILIES: dict[str, Family] = {
         Restormer,
         names={"restormer": dict(dim=48), "restormer-24": dict(dim=24), "restormer-12": dict(dim=12)},
         detect=_restormer_detect, kwargs_from_state_dict=restormer_kwargs_from_state_dict,
-        half_kwargs=_restormer_half, policy=("pad", 8), needs_multiple=True,
+        half_kwargs=halved("dim", 48), policy=("pad", 8), needs_multiple=True,
         contrastive_layers=("encoder_level1", "encoder_level2"),
     ),
     "prenet": Family(
@@ -140,7 +147,7 @@ FAMILIES: dict[str, Family] = {
         names={"prenet": dict(channels=32, stages=6, recurrent=True, recursive=False),
                "prenet-r": dict(recursive=True), "prn": dict(recurrent=False),
                "prn-r": dict(recurrent=False, recursive=True), "half-prenet": dict(channels=16)},
-        detect=prenet.detect, kwargs_from_state_dict=prenet.kwargs_from_state_dict, half_kwargs=prenet.half_kwargs,
+        detect=prenet.detect, kwargs_from_state_dict=prenet.kwargs_from_state_dict, half_kwargs=halved("channels", 32),
         quantize="truncate", contrastive_layers=("res_conv1",),
     ),
     # GCANet's dehaze and derain files have the same keys: the output rule (residual or not) is the name's
@@ -149,14 +156,14 @@ FAMILIES: dict[str, Family] = {
         names={"gcanet-dehaze": dict(channels=64, residual=True), "gcanet-derain": dict(channels=64, residual=False),
                "half-gcanet-dehaze": dict(channels=32, residual=True),
                "half-gcanet-derain": dict(channels=32, residual=False)},
-        detect=gcanet.detect, kwargs_from_state_dict=gcanet.kwargs_from_state_dict, half_kwargs=gcanet.half_kwargs,
+        detect=gcanet.detect, kwargs_from_state_dict=gcanet.kwargs_from_state_dict, half_kwargs=halved("channels", 64),
         contrastive_layers=("res3", "res6"),
         unread="the output rule: taken as dehazing (net + input); a deraining file needs --arch gcanet-derain",
     ),
     "ldnet": Family(
         LightDehazeNet,
         names={"ldnet": dict(width=8), "half-ldnet": dict(width=4)},
-        detect=ldnet.detect, kwargs_from_state_dict=ldnet.kwargs_from_state_dict, half_kwargs=ldnet.half_kwargs,
+        detect=ldnet.detect, kwargs_from_state_dict=ldnet.kwargs_from_state_dict, half_kwargs=halved("width", 8),
         contrastive_layers=("e_conv_layer4", "e_conv_layer7"),
     ),
 }

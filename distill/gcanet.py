@@ -207,11 +207,3 @@ def kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
     if not detect(state):
         raise KeyError(f"not a GCANet state_dict: needs {list(_REQUIRED)} with conv1 [C,4,3,3] and gate [3,3C,3,3]")
     return dict(channels=int(state["conv1.weight"].shape[0]))
-
-
-def half_kwargs(kwargs: dict) -> dict:
-    """The half-width student of a GCANet teacher: the same kwargs with `channels` halved (64 -> 32)."""
-    channels = int(kwargs.get("channels", 64))
-    if channels < 2:
-        raise ValueError(f"cannot halve GCANet channels={channels}")
-    return {**kwargs, "channels": channels // 2}

@@ -84,11 +84,3 @@ def kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
         raise KeyError("not a Light-DehazeNet state_dict: needs e_conv_layer1..8 weights and biases, "
                        "e_conv_layer1 [w,3,1,1] and e_conv_layer8 [3,7w,3,3]")
     return dict(width=int(state["e_conv_layer1.weight"].shape[0]))
-
-
-def half_kwargs(kwargs: dict) -> dict:
-    """The half-width student of a Light-DehazeNet teacher: the same kwargs with `width` halved (8 -> 4)."""
-    width = int(kwargs.get("width", 8))
-    if width < 2:
-        raise ValueError(f"cannot halve LightDehazeNet width={width}")
-    return {**kwargs, "width": width // 2}

@@ -183,8 +183,3 @@ def kwargs_from_state_dict(state: dict[str, torch.Tensor]) -> dict:
         raise KeyError(f"not a PReNet state_dict: missing {missing}")
     return dict(channels=int(state["conv0.0.weight"].shape[0]), stages=6,
                 recurrent="conv_i.0.weight" in state, recursive="res_conv2.0.weight" not in state)
-
-
-def half_kwargs(kwargs: dict) -> dict:
-    """The half-width student: channels halved (32 -> 16), the rest kept."""
-    return {**kwargs, "channels": kwargs.get("channels", 32) // 2}

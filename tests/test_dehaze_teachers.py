@@ -18,6 +18,7 @@ from d4ir.distill import gcanet, ldnet
 from d4ir.distill.airnet import AirNet
 from d4ir.distill.gcanet import GCANet, edge_map, official_quantize
 from d4ir.distill.ldnet import LightDehazeNet
+from d4ir.distill.registry import FAMILIES as REGISTRY_FAMILIES
 from d4ir.distill.registry import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,16 +57,17 @@ FAMILIES = {"gcanet": (gcanet, GCANet), "ldnet": (ldnet, LightDehazeNet)}
 def test_parameter_counts_match_the_official_files_and_the_half_students():
     assert count_parameters(GCANet()) == 702_818
     assert count_parameters(LightDehazeNet()) == 30_187
-    assert count_parameters(GCANet(**gcanet.half_kwargs(GCANet().config))) == 178_530
-    assert count_parameters(LightDehazeNet(**ldnet.half_kwargs(LightDehazeNet().config))) == 7_959
+    assert count_parameters(GCANet(**REGISTRY_FAMILIES["gcanet"].half_kwargs(GCANet().config))) == 178_530
+    assert count_parameters(LightDehazeNet(**REGISTRY_FAMILIES["ldnet"].half_kwargs(LightDehazeNet().config))) == 7_959
 
 
 def test_half_kwargs_halve_the_width_and_keep_the_rest():
-    assert gcanet.half_kwargs({"channels": 64, "residual": False}) == {"channels": 32, "residual": False}
-    assert ldnet.half_kwargs({"width": 8}) == {"width": 4}
+    half_gcanet = REGISTRY_FAMILIES["gcanet"].half_kwargs
+    assert half_gcanet({"channels": 64, "residual": False}) == {"channels": 32, "residual": False}
+    assert REGISTRY_FAMILIES["ldnet"].half_kwargs({"width": 8}) == {"width": 4}
     assert GCANet(channels=16).config == {"channels": 16, "residual": True}  # any width by keyword
     with pytest.raises(ValueError, match="cannot halve"):
-        gcanet.half_kwargs({"channels": 1})
+        REGISTRY_FAMILIES["gcanet"].half_kwargs({"channels": 1})
     with pytest.raises(ValueError, match="width must be >= 1"):
         LightDehazeNet(width=0)
 
